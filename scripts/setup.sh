@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs so8t with everything the train command and the tests need.
+# torch is pinned to the CPU build first: an unpinned torch would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -r requirements/ci-cpu.txt
+# --no-build-isolation: build against the torch installed above, never a fresh CUDA one (csrc/).
+.venv/bin/python -m pip install --quiet --no-build-isolation -e ".[train,test,serve]"
+.venv/bin/python -m pip show torch | grep -E '^(Name|Version)'

@@ -1,0 +1,16 @@
+"""so8t_kernels: the ops of so8t.
+
+- ``so8_exp(theta) -> (R, residual)``: SO(8) rotations from 28 so(8) parameters per block, and ‖RᵀR − I‖_F.
+- ``so8_rotate(x, R, alpha, stats=None) -> y``: gated block rotation y = x + σ(α)(Rx − x) per 8-wide chunk.
+- ``logit_stats(logits) -> [mean, std, min, max, non-finite count]`` in one pass.
+
+Backends: Triton (CUDA tensors), the C++ extension from csrc/ (CPU tensors), and the PyTorch
+reference (everywhere); chosen per call, see ``SO8T_BACKEND`` and ``python -m so8t_kernels.info``.
+"""
+
+from ._backend import BACKENDS
+from .expm import so8_exp
+from .rotate import so8_rotate
+from .stats import logit_stats
+
+__all__ = ["BACKENDS", "so8_exp", "so8_rotate", "logit_stats"]

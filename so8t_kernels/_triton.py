@@ -1,0 +1,21 @@
+"""Triton, or a stand-in that lets the kernel modules import where Triton is not installed.
+
+The kernels are defined at import time under ``@triton.jit``; without Triton (macOS, Windows, a
+CPU-only install) the stand-in keeps them as plain functions that no backend ever launches, so the
+reference and C++ backends still work. ``TRITON_INTERPRET=1`` must be set before this module is
+first imported: ``triton.jit`` reads it when a kernel is decorated.
+"""
+
+import types
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON_IMPORT_ERROR = None
+except ImportError as error:
+    TRITON_IMPORT_ERROR = f"triton is not importable ({error})"
+    triton = types.SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
+    tl = types.SimpleNamespace(constexpr=object)
+
+__all__ = ["triton", "tl", "TRITON_IMPORT_ERROR"]

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# GPU check (DESIGN §5) for a lent machine with no network, in a copy of the repository:
+#   OUT=/some/dir bash benchmarks/device_check.sh
+# Installs nothing. Uses the machine's python (override with PYTHON=...), which must already have
+# torch with CUDA and triton. Runs the op tests on CUDA tensors with compiled Triton, then
+# benchmarks/run.py --device cuda; everything lands under $OUT. Finishes in under 8 minutes:
+# 3 for the tests, 4 for the benchmark, the rest for start-up.
+# Exit status: 0 when tests and benchmark both pass, 1 when either fails or times out, 2 when the
+# machine lacks what the check needs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/out/device}"
+PYTHON="${PYTHON:-python}"
+mkdir -p "$OUT"
+# so8t_kernels from this copy, uninstalled; Triton compiled, never interpreted.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+echo "== environment" | tee "$OUT/environment.txt"
+if ! "$PYTHON" - <<'EOF' 2>&1 | tee -a "$OUT/environment.txt"; then
+import sys
+try:
+    import torch, triton
+except ImportError as error:
+    sys.exit(f"MISSING: {error}. This check installs nothing; it needs a python with torch (CUDA) and triton.")
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}")
+if not torch.cuda.is_available():
+    sys.exit("MISSING: torch sees no CUDA device.")
+print(f"device: {torch.cuda.get_device_name(0)}")
+EOF
+    echo "device check: the machine lacks what it needs (see above); nothing was run." | tee -a "$OUT/environment.txt"
+    exit 2
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/environment.txt" 2>&1
+"$PYTHON" -m so8t_kernels.info >>"$OUT/environment.txt" 2>&1
+
+status=0
+echo "== op tests on CUDA (SO8T_TEST_DEVICE=cuda)"
+if "$PYTHON" -c "import pytest" 2>/dev/null; then
+    SO8T_TEST_DEVICE=cuda timeout 180 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_*.py \
+        2>&1 | tee "$OUT/pytest.txt" | tail -n 40
+    test_status=${PIPESTATUS[0]}
+    [ "$test_status" -eq 124 ] && printf '\nop tests: timed out after 180 s\n' | tee -a "$OUT/pytest.txt"
+    [ "$test_status" -ne 0 ] && status=1
+else
+    echo "op tests: MISSING pytest on this machine; tests not run" | tee "$OUT/pytest.txt"
+    status=1
+fi
+
+echo "== benchmark"
+timeout 240 "$PYTHON" benchmarks/run.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/benchmark.txt"
+bench_status=${PIPESTATUS[0]}
+[ "$bench_status" -eq 124 ] && printf '\nbenchmark: timed out after 240 s\n' | tee -a "$OUT/benchmark.txt"
+[ "$bench_status" -ne 0 ] && status=1
+
+echo "== device check done: tests $([ "${test_status:-1}" -eq 0 ] && echo passed || echo FAILED)," \
+     "benchmark $([ "$bench_status" -eq 0 ] && echo ok || echo FAILED); files in $OUT" | tee "$OUT/summary.txt"
+exit "$status"

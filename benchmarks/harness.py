@@ -39,7 +39,7 @@ class Timing:
     median_ms: float
     q25_ms: float
     q75_ms: float
-    samples: int  # CPU: timed calls; GPU: do_bench's repetitions are its own, reported as 0
+    samples: int  # timed calls
 
     @property
     def iqr_ms(self) -> float:
@@ -48,8 +48,9 @@ class Timing:
 
 @dataclass(frozen=True)
 class TimingPlan:
-    """How long to time one thing. CPU: warm-up calls, then timed calls until the budget is spent
-    (at least ``min_samples``, so a 0.4 s baseline costs ~4 calls, a 1 ms op ~1000).
+    """How long to time one thing. CPU: warm-up calls, then timed calls until the budget is spent,
+    between ``cpu_min_samples`` and ``cpu_max_samples`` of them: the 0.4 s dense baseline gets 3, a
+    20 ms op ~75.
     GPU: ``triton.testing.do_bench`` with its warm-up and repetition times in ms."""
 
     cpu_warmup_calls: int
@@ -66,9 +67,19 @@ QUICK_PLAN = TimingPlan(cpu_warmup_calls=1, cpu_budget_s=0.1, cpu_min_samples=3,
                         gpu_warmup_ms=5, gpu_rep_ms=20)
 
 
+def summarize(samples_ms: list[float]) -> Timing:
+    if len(samples_ms) == 1:  # do_bench times a call slower than its repetition time once
+        return Timing(samples_ms[0], samples_ms[0], samples_ms[0], 1)
+    q25, median, q75 = statistics.quantiles(samples_ms, n=4, method="inclusive")
+    return Timing(median, q25, q75, len(samples_ms))
+
+
 def time_on_cpu(fn: Callable[[], object], plan: TimingPlan) -> Timing:
+    warmup_started = time.perf_counter()
     for _ in range(plan.cpu_warmup_calls):
         fn()
+        if time.perf_counter() - warmup_started > plan.cpu_budget_s:
+            break  # a call this slow is warm after one run; more would only lengthen the benchmark
     samples_ms = []
     started = time.perf_counter()
     while len(samples_ms) < plan.cpu_min_samples or (
@@ -77,23 +88,21 @@ def time_on_cpu(fn: Callable[[], object], plan: TimingPlan) -> Timing:
         call_started = time.perf_counter()
         fn()
         samples_ms.append((time.perf_counter() - call_started) * 1e3)
-    q25, median, q75 = statistics.quantiles(samples_ms, n=4, method="inclusive")
-    return Timing(median, q25, q75, len(samples_ms))
+    return summarize(samples_ms)
 
 
 def time_on_gpu(fn: Callable[[], object], plan: TimingPlan) -> Timing:
+    """CUDA-event times of each call, with the L2 cache flushed before each (do_bench's own doing)."""
     import triton.testing
 
-    q25, median, q75 = triton.testing.do_bench(
-        fn, warmup=plan.gpu_warmup_ms, rep=plan.gpu_rep_ms, quantiles=[0.25, 0.5, 0.75]
-    )
-    return Timing(median, q25, q75, 0)
+    samples_ms = triton.testing.do_bench(fn, warmup=plan.gpu_warmup_ms, rep=plan.gpu_rep_ms, return_mode="all")
+    return summarize(samples_ms)
 
 
 # ---------------------------------------------------------------------------------------------
 # Rows
 # ---------------------------------------------------------------------------------------------
-KINDS = ("reference", "baseline", "kernel")  # clone/sum · obvious torch code · so8t_kernels backends
+KINDS = ("reference", "baseline", "so8t")  # clone/sum · the obvious torch code · so8t's own code
 
 
 @dataclass
@@ -101,7 +110,7 @@ class Row:
     suite: str
     op: str
     pass_: str  # "fwd", "fwd+bwd", "fwd+stats", "-" for references that have no pass, "step", …
-    impl: str  # a backend for kernel rows, else the reference/baseline name ("clone", "einsum", …)
+    impl: str  # a backend for so8t_kernels rows, else the reference/baseline name ("clone", "einsum", …)
     kind: str
     shape: str
     dtype: str
@@ -155,7 +164,7 @@ class Context:
     def time(self, fn: Callable[[], object]) -> Timing:
         return time_on_gpu(fn, self.plan) if self.device.type == "cuda" else time_on_cpu(fn, self.plan)
 
-    def row(self, op, pass_, impl, shape, dtype, timing, *, kind="kernel", bytes_moved=None, references=()):
+    def row(self, op, pass_, impl, shape, dtype, timing, *, kind="so8t", bytes_moved=None, references=()):
         """A row whose ratios are against ``references`` (rows of this run); the one named "clone"
         also gives the copy bandwidth for % of copy bandwidth."""
         ratios = {ref.impl: timing.median_ms / ref.timing.median_ms for ref in references}
@@ -259,7 +268,7 @@ class Target:
     metric: TimesReference | SpeedupOver | PercentOfCopyBandwidth | Microseconds
     goal: str  # LOWER_IS_BETTER or HIGHER_IS_BETTER
     bound: float
-    impls: tuple[str, ...] = ()  # the kernel backends it is about; () = the best one measured
+    impls: tuple[str, ...] = ()  # the so8t rows it is about, by impl; () = the best one measured
 
     def describe(self) -> str:
         return f"{self.op} {self.pass_} {self.metric.label} {self.goal} {self.bound:g}"
@@ -276,7 +285,7 @@ def register_targets(*targets: Target) -> None:
 class TargetResult:
     target: Target
     dtype: str
-    impl: str | None  # the kernel row the value came from; None = not measured in this run
+    impl: str | None  # the so8t row the value came from; None = not measured in this run
     value: float | None
 
     @property
@@ -294,7 +303,7 @@ def evaluate_targets(rows: list[Row], device: str) -> list[TargetResult]:
     for target in (t for t in TARGETS if t.device == device):
         candidates = [
             row for row in rows
-            if row.kind == "kernel" and row.op == target.op and row.pass_ == target.pass_
+            if row.kind == "so8t" and row.op == target.op and row.pass_ == target.pass_
             and (not target.impls or row.impl in target.impls) and target.metric.value(row) is not None
         ]
         if not candidates:

@@ -132,7 +132,7 @@ def table_cells(row: Row) -> tuple[str, ...]:
     baselines = " ".join(f"{impl} {number(ratio)}" for impl, ratio in row.ratios.items() if impl not in ("clone", "sum"))
     return (
         row.op, row.pass_, row.impl, row.shape, row.dtype, number(row.timing.median_ms), number(row.timing.iqr_ms),
-        str(row.timing.samples or "do_bench"), number(row.gbps),
+        str(row.timing.samples), number(row.gbps),
         "" if row.pct_copy is None else f"{row.pct_copy:.0f}",
         number(row.ratios.get("clone")), number(row.ratios.get("sum")), baselines,
     )
@@ -178,7 +178,7 @@ def legend(device: torch.device) -> str:
 
 def reading_order(rows: list[Row]) -> list[Row]:
     """Grouped by suite, op and dtype (in the order measured); in a group by pass, then reference,
-    baseline, kernel."""
+    baseline, so8t."""
     groups: dict[tuple, int] = {}
     for row in rows:
         groups.setdefault((row.suite, row.op, row.dtype), len(groups))

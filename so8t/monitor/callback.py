@@ -1,0 +1,146 @@
+"""SO8TMonitorCallback: the HF Trainer side of the monitor.
+
+Per sampled optimizer step: the probe is armed at step begin, reads gradients before the optimizer
+step, and at step end its flat tensor is reduced across processes and copied to the host once; rank 0
+records it (files, alerts), every rank keeps the latest values for the Trainer's logs.
+"""
+
+import atexit
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from transformers import TrainerCallback
+
+from ..placement import find_so8t_handle
+from .alerts import AlertThresholds
+from .config import MonitorConfig
+from .probe import SampleProbe, trainable_groups
+from .recorder import Recorder
+from .reduce import CrossProcessReducer, world_size
+from .schema import EPOCH, STEP, TIME, RunInfo
+
+NONFINITE_COUNTS = ("logit_nonfinite", "act_nonfinite", "param_nonfinite", "lora_param_nonfinite", "grad_nonfinite")
+
+
+class SO8TMonitorCallback(TrainerCallback):
+    """Records what the SO(8) gates do while training; see ``MonitorConfig`` for the options, which can
+    also be given as keywords: ``SO8TMonitorCallback(interval=1)``."""
+
+    def __init__(self, config: MonitorConfig | None = None, **options):
+        self.config = replace(config or MonitorConfig(), **options)
+        self.recorder: Recorder | None = None
+        self.latest: dict | None = None
+        self._probe: SampleProbe | None = None
+        self._reducer: CrossProcessReducer | None = None
+        self._sampling = False
+
+    def add_to(self, trainer) -> "SO8TMonitorCallback":
+        """Registers the monitor ahead of the reporting callbacks (TensorBoard, W&B, ...) so that the
+        ``so8t/*`` scalars it adds to the logs reach them; ``Trainer(callbacks=[...])`` puts it after."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    def directory(self, args) -> Path:
+        return Path(self.config.directory or Path(args.output_dir) / "monitoring")
+
+    def sampled(self, step: int) -> bool:
+        return step == 1 or step % self.config.interval == 0
+
+    # -- Trainer events -------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.close()  # a previous train() in this process that ended in an exception
+        handle = find_so8t_handle(model)
+        if handle is None:
+            raise ValueError("SO8TMonitorCallback: the model has no SO(8) gates; attach them with attach_so8t first")
+        groups = trainable_groups(model, handle)
+        self._probe = SampleProbe(model, handle, groups)
+        self._reducer = CrossProcessReducer(self._probe.reductions())
+        self.latest = None
+        if state.is_world_process_zero:
+            annealing = handle.config
+            info = RunInfo(
+                layers=tuple(handle.layer_indices), lora_groups=tuple(groups), interval=self.config.interval,
+                warmup_steps=annealing.warmup_steps, gate_target=annealing.alpha_target,
+                residual_threshold=self.config.residual_threshold, world_size=world_size(),
+            )
+            thresholds = AlertThresholds(
+                self.config.residual_threshold, self.config.dead_gradient_samples, self.config.gate_saturation
+            )
+            self.recorder = Recorder(
+                self.directory(args), info, self.config.buffer_size, self.config.flush_every, thresholds,
+                self.config.plots,
+            )
+            self.recorder.start(state.global_step)
+            # An exception out of trainer.train() skips on_train_end: the files are finished at exit.
+            atexit.register(self.close)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._sampling = self._probe is not None and self.sampled(state.global_step + 1)
+        if self._sampling:
+            self._probe.begin()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._sampling:
+            self._probe.capture()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not self._sampling:
+            return
+        self._sampling = False
+        values = self._reducer(self._probe.vector()).cpu().numpy()  # the sample's one host sync
+        sample = {STEP: state.global_step, EPOCH: state.epoch, TIME: time.time(), **self._probe.to_sample(values)}
+        self.latest = sample
+        if self.recorder is not None:
+            self.recorder.add(sample)
+        if self.config.stop_on_nonfinite and any(np.any(sample[name] > 0) for name in NONFINITE_COUNTS):
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.latest is None or logs is None:
+            return
+        scalars = compact_scalars(self.latest)
+        logs.update(scalars)
+        # The Trainer appends a copy of `logs` to its history before callbacks see them.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(scalars)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.recorder is not None:
+            self.recorder.flush()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self) -> None:
+        """Finishes the files (fsync, time series, plots, summary.json); safe to call more than once."""
+        if self._probe is not None:
+            self._probe.release()
+        if self.recorder is not None:
+            recorder, self.recorder = self.recorder, None
+            atexit.unregister(self.close)
+            recorder.finish()
+
+
+def compact_scalars(sample: dict) -> dict[str, float]:
+    """The few numbers that go to the Trainer's logs (TensorBoard, W&B, trainer_state.json); values
+    that are not finite (a frozen α's gradient, say) are left out."""
+    scalars = {
+        "so8t/alpha_mean": _over_finite(np.mean, sample["alpha"]),
+        "so8t/gate_max": _over_finite(np.max, sample["gate"]),
+        "so8t/ortho_max": _over_finite(np.max, sample["ortho_residual_max"]),
+        "so8t/theta_norm_max": _over_finite(np.max, sample["theta_norm_max"]),
+        "so8t/act_rms_max": _over_finite(np.max, sample["act_rms"]),
+        "so8t/logit_mean": sample["logit_mean"],
+        "so8t/logit_std": sample["logit_std"],
+        "so8t/grad_theta_max": _over_finite(np.max, sample["grad_theta"]),
+        "so8t/grad_lora_min": _over_finite(np.min, sample["grad_lora"]),
+    }
+    return {key: float(value) for key, value in scalars.items() if math.isfinite(value)}
+
+
+def _over_finite(reduce, values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return reduce(finite) if finite.size else math.nan

@@ -1,4 +1,46 @@
+import glob
+import os
+
 from setuptools import find_packages, setup
+
+CPP_SWITCH = "SO8T_BUILD_CPP"
+
+
+def cpp_extension_options() -> dict:
+    """setup() arguments that build csrc/ into so8t_kernels._C, or none: installing never fails over it.
+
+    Built against the torch already installed (``pip install --no-build-isolation``; with isolation
+    torch is absent from the build environment and the extension is skipped). ``SO8T_BUILD_CPP=0``
+    skips it; without it so8t runs the PyTorch reference on CPU tensors.
+    """
+    if os.environ.get(CPP_SWITCH, "1") == "0":
+        print(f"so8t: {CPP_SWITCH}=0, skipping the C++ CPU extension (csrc/)")
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as error:
+        print(f"so8t: torch is not importable at build time ({error}); skipping the C++ CPU extension "
+              "(install with --no-build-isolation to build it)")
+        return {}
+
+    class OptionalBuildExtension(BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as error:  # a missing or failing compiler must not fail the install
+                print(f"so8t: building the C++ CPU extension failed, installing without it: {error}")
+
+    extension = CppExtension(
+        "so8t_kernels._C",
+        sorted(glob.glob("csrc/*.cpp")),
+        # -O3 without -march: kernel variants per CPU come from target_clones (csrc/simd.h).
+        # -fopenmp: at::parallel_for is inline and threads only under OpenMP; it links the libgomp
+        # that torch already loaded. -ffp-contract=fast: fuse a * b + c into FMAs where the CPU has them.
+        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast"],
+        extra_link_args=["-fopenmp"],
+    )
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": OptionalBuildExtension}}
+
 
 setup(
     name="so8t",
@@ -19,4 +61,5 @@ setup(
         "serve": ["fastapi", "uvicorn", "httpx"],
     },
     entry_points={"console_scripts": ["so8t=so8t.cli:main"]},
+    **cpp_extension_options(),
 )

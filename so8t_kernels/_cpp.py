@@ -1,16 +1,51 @@
-"""The compiled C++ CPU backend (``csrc/``), if it was built; see csrc/README.md."""
+"""The compiled C++ CPU backend (``csrc/``), if it was built; see csrc/README.md.
+
+Importing ``so8t_kernels._C`` registers its kernels as ``torch.ops.so8t_cpp.*``. The extension is
+built by ``pip install --no-build-isolation -e .`` against the torch installed then; an extension
+built against another torch release is refused rather than risked (a C++ ABI mismatch can crash).
+"""
 
 import importlib
 
+import torch
+
+EXTENSION = "so8t_kernels._C"
+REBUILD_HINT = "rebuild with `pip install --no-build-isolation -e .` (csrc/README.md)"
 _status: dict[str, str | None] = {}
+
+
+def _release(version: str) -> str:
+    """'2.13.0+cpu' → '2.13.0': CPU and CUDA builds of one release share the C++ ABI the kernels use."""
+    return version.split("+")[0]
+
+
+def _load() -> str | None:
+    try:
+        module = importlib.import_module(EXTENSION)
+    except ModuleNotFoundError as error:
+        if error.name != EXTENSION:
+            return f"the C++ extension {EXTENSION} failed to import ({error})"
+        return f"the C++ extension {EXTENSION} is not built: {REBUILD_HINT}, or SO8T_BACKEND=torch"
+    except ImportError as error:
+        # An undefined C++ symbol is the usual sign of an extension built against another torch.
+        return f"the C++ extension {EXTENSION} failed to import ({error}): {REBUILD_HINT}"
+    built_with, running = module.TORCH_VERSION, _release(torch.__version__)
+    if built_with != running:
+        return f"the C++ extension was built against torch {built_with}, this is torch {running}: {REBUILD_HINT}"
+    return None
 
 
 def why_unavailable() -> str | None:
     """None if the extension is loaded and its ops are registered, else why not."""
     if "why" not in _status:
-        try:
-            importlib.import_module("so8t_kernels._C")
-            _status["why"] = None
-        except ImportError as error:
-            _status["why"] = f"the C++ extension so8t_kernels._C is not built ({error})"
+        _status["why"] = _load()
     return _status["why"]
+
+
+def describe() -> str:
+    """One line for ``python -m so8t_kernels.info``: active (and which CPU kernel variant), or why not."""
+    why = why_unavailable()
+    if why is not None:
+        return f"inactive: {why}"
+    module = importlib.import_module(EXTENSION)
+    return f"active: built against torch {module.TORCH_VERSION}, {module.KERNEL_VARIANT} kernels"

@@ -57,7 +57,8 @@ def rotate_backward_reference(grad_y, x, rotation, alpha, need_x: bool, need_par
     gate = torch.sigmoid(alpha.to(dtype))
     rotation_c = rotation.to(dtype)
     grad_blocks = grad_y.to(dtype).unflatten(-1, (-1, BLOCK_SIZE))
-    grad_x = grad_rotation = grad_alpha = x.new_empty(0)
+    # Distinct empty tensors for the parts not asked for: a custom op's outputs may not alias each other.
+    grad_x, grad_rotation, grad_alpha = x.new_empty(0), x.new_empty(0), x.new_empty(0)
     if need_x:
         mixing = mixing_matrices(rotation_c, gate)
         grad_x = torch.einsum("...bi,bij->...bj", grad_blocks, mixing).flatten(-2).to(x.dtype).contiguous()
@@ -207,7 +208,7 @@ def rotate_backward_triton(grad_y, x, rotation, alpha, need_x: bool, need_params
             num_tokens, num_blocks, grad_rows.stride(0), rows.stride(0), tiles_per_program,
             TOKENS=TOKENS_PER_TILE, BLOCKS=BLOCKS_PER_TILE, NEED_X=need_x, NEED_PARAMS=need_params,
         )
-    grad_rotation = grad_alpha = x.new_empty(0)
+    grad_rotation, grad_alpha = x.new_empty(0), x.new_empty(0)
     if need_params:
         gate = torch.sigmoid(alpha.to(torch.float32))
         outer = outer_partial.sum(0)

@@ -8,6 +8,7 @@ its final name and renamed, so a reader never sees half a file.
 
 import importlib.util
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,11 @@ import numpy as np
 from .series import Series
 
 HAS_PARQUET = importlib.util.find_spec("pyarrow") is not None
+
+
+def partial_name(name: str) -> str:
+    """A name for the file being written, unique per process and thread (two writers never collide)."""
+    return f".{name}.{os.getpid()}-{threading.get_ident()}.partial"
 
 
 def write_timeseries(series: Series, directory: Path) -> list[Path]:
@@ -25,7 +31,7 @@ def write_timeseries(series: Series, directory: Path) -> list[Path]:
 
     def replace(name: str, write) -> None:
         final = directory / name
-        partial = directory / f".{name}.partial"
+        partial = directory / partial_name(name)
         write(partial)
         os.replace(partial, final)
         written.append(final)

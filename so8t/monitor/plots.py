@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .export import partial_name
 from .series import Series
 
 RESIDUAL_FLOOR = 1e-12  # log scale: an exactly orthogonal fp32 R has residual 0
@@ -41,8 +42,8 @@ def draw_plots(series: Series, directory: Path) -> list[Path]:
         draw(series, axes)
         axes[-1].set_xlabel("optimizer step")
         path = directory / f"{name}.png"
-        partial = directory / f".{name}.partial.png"
-        figure.savefig(partial, dpi=100)
+        partial = directory / partial_name(f"{name}.png")
+        figure.savefig(partial, dpi=100, format="png")
         partial.replace(path)
         drawn.append(path)
     return drawn

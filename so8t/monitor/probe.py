@@ -133,7 +133,7 @@ class SampleProbe:
         grad_nonfinite = (~torch.isfinite(torch.cat(trainable_norms))).sum(dtype=torch.float32)
         param_nonfinite = (~torch.isfinite(theta)).sum(dim=(1, 2)) + (~torch.isfinite(alpha))
         self._captured = {
-            "alpha": alpha.detach(), "gate": torch.sigmoid(alpha),
+            "alpha": alpha.detach().clone(), "gate": torch.sigmoid(alpha),  # the optimizer updates α in place
             **self._rotation_stats(nan), **self._activation_stats(nan),
             "param_nonfinite": param_nonfinite.float(),
             "grad_theta": grad_theta, "grad_alpha": grad_alpha, "grad_lora": grad_lora,

@@ -12,7 +12,7 @@ from pathlib import Path
 from .alerts import AlertChecker, AlertThresholds
 from .exporter import Exporter
 from .metrics_log import MetricsLog
-from .records import ALERT, SAMPLE, decode_sample, encode_alert, encode_meta, encode_sample
+from .records import ALERT, SAMPLE, decode_alert, decode_sample, encode_alert, encode_meta, encode_sample
 from .ring import RingBuffer
 from .schema import RunInfo
 from .summary import RunningExtremes, build_summary, write_summary
@@ -56,7 +56,7 @@ class Recorder:
             self.ring.push(sample)
             self.extremes.add(sample)
         elif kind == ALERT:
-            self.alerts.append({key: value for key, value in record.items() if key != "type"})
+            self.alerts.append(decode_alert(record))
             self.checker.raised.add(record["kind"])
 
     def add(self, sample: dict) -> list[dict]:

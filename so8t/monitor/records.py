@@ -57,6 +57,10 @@ def decode_sample(record: dict) -> dict:
     return sample
 
 
+def decode_alert(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key != "type"}
+
+
 def _nan_if_none(value) -> float:
     return math.nan if value is None else float(value)
 
@@ -92,7 +96,7 @@ def read_metrics(path: Path) -> tuple[RunInfo, list[dict], list[dict]]:
             elif kind == SAMPLE:
                 samples.append(decode_sample(record))
             elif kind == ALERT:
-                alerts.append(record)
+                alerts.append(decode_alert(record))
     except (KeyError, TypeError, ValueError) as error:
         if isinstance(error, MetricsFileError):
             raise

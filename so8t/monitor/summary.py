@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .export import partial_name
 from .schema import METRICS, SCALAR, STEP, RunInfo
 
 
@@ -64,6 +65,6 @@ def _json_number(value) -> float | None:
 
 
 def write_summary(path: Path, summary: dict) -> None:
-    partial = Path(str(path) + ".partial")
+    partial = Path(path).with_name(partial_name(Path(path).name))
     partial.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     os.replace(partial, path)

@@ -39,6 +39,7 @@ class Timing:
     median_ms: float
     q25_ms: float
     q75_ms: float
+    min_ms: float  # in the files only: the least disturbed call, for a machine shared with other work
     samples: int  # timed calls
 
     @property
@@ -69,9 +70,9 @@ QUICK_PLAN = TimingPlan(cpu_warmup_calls=1, cpu_budget_s=0.1, cpu_min_samples=3,
 
 def summarize(samples_ms: list[float]) -> Timing:
     if len(samples_ms) == 1:  # do_bench times a call slower than its repetition time once
-        return Timing(samples_ms[0], samples_ms[0], samples_ms[0], 1)
+        return Timing(*samples_ms * 4, 1)
     q25, median, q75 = statistics.quantiles(samples_ms, n=4, method="inclusive")
-    return Timing(median, q25, q75, len(samples_ms))
+    return Timing(median, q25, q75, min(samples_ms), len(samples_ms))
 
 
 def time_on_cpu(fn: Callable[[], object], plan: TimingPlan) -> Timing:

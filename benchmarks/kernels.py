@@ -167,7 +167,8 @@ def rotate_benchmark(ctx: Context) -> list:
                           bytes_moved=bytes_moved[pass_], references=refs)
             baseline_rows[pass_].append(row)
             rows.append(row)
-        # The fused statistics replace a separate pass over y: compared with the plain forward.
+        # fwd+stats: the forward that also reduces y to Σy², max |y| and the non-finite count, in place
+        # of a separate pass over y: its × clone against fwd's is the monitoring cost.
         for backend in ctx.backends:
             with ctx.recording_errors(f"so8_rotate {name} on {backend}"), ctx.backend(backend):
                 kernels = {

@@ -197,7 +197,8 @@ def row_record(row: Row) -> dict:
     return {
         "suite": row.suite, "op": row.op, "pass": row.pass_, "impl": row.impl, "kind": row.kind,
         "shape": row.shape, "dtype": row.dtype, "median_ms": row.timing.median_ms, "q25_ms": row.timing.q25_ms,
-        "q75_ms": row.timing.q75_ms, "iqr_ms": row.timing.iqr_ms, "samples": row.timing.samples,
+        "q75_ms": row.timing.q75_ms, "iqr_ms": row.timing.iqr_ms, "min_ms": row.timing.min_ms,
+        "samples": row.timing.samples,
         "bytes": row.bytes_moved, "gbps": row.gbps, "pct_copy": row.pct_copy, "ratios": row.ratios,
     }
 
@@ -217,8 +218,8 @@ def write_files(out: Path, info: dict, rows: list[Row], targets: list[TargetResu
     json_path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
     # CSV: one flat line per row, each carrying the machine columns; one "x_<ref>" column per reference.
-    meta_columns = ["device", "cpu_model", "cpu_cores", "threads", "python", "torch", "cuda", "triton", "commit",
-                    "timestamp"]
+    meta_columns = ["device", "cpu_model", "cpu_cores", "threads", "load_average_1min", "python", "torch", "cuda",
+                    "triton", "commit", "timestamp"]
     references = list(dict.fromkeys(ref for record in records for ref in record["ratios"]))
     csv_path = stem.with_suffix(".csv")
     with csv_path.open("w", newline="") as handle:

@@ -10,7 +10,7 @@ import importlib
 import torch
 
 EXTENSION = "so8t_kernels._C"
-REBUILD_HINT = "rebuild with `pip install --no-build-isolation -e .` (csrc/README.md)"
+BUILD_COMMAND = "`pip install --no-build-isolation -e .` (csrc/README.md)"
 _status: dict[str, str | None] = {}
 
 
@@ -25,13 +25,13 @@ def _load() -> str | None:
     except ModuleNotFoundError as error:
         if error.name != EXTENSION:
             return f"the C++ extension {EXTENSION} failed to import ({error})"
-        return f"the C++ extension {EXTENSION} is not built: {REBUILD_HINT}, or SO8T_BACKEND=torch"
+        return f"the C++ extension {EXTENSION} is not built: build it with {BUILD_COMMAND}"
     except ImportError as error:
         # An undefined C++ symbol is the usual sign of an extension built against another torch.
-        return f"the C++ extension {EXTENSION} failed to import ({error}): {REBUILD_HINT}"
+        return f"the C++ extension {EXTENSION} failed to import ({error}): rebuild it with {BUILD_COMMAND}"
     built_with, running = module.TORCH_VERSION, _release(torch.__version__)
     if built_with != running:
-        return f"the C++ extension was built against torch {built_with}, this is torch {running}: {REBUILD_HINT}"
+        return f"the C++ extension was built against torch {built_with}, this is torch {running}: rebuild it with {BUILD_COMMAND}"
     return None
 
 

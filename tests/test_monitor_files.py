@@ -20,8 +20,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("orthogonality", "gate", "logits", "activations", "gradients")
 
 
-def record_run(directory, steps, buffer_size=1000, flush_every=10):
-    recorder = Recorder(directory, SYNTHETIC_INFO, buffer_size=buffer_size, flush_every=flush_every)
+def record_run(directory, steps, buffer_size=1000, flush_every=10, plots=True):
+    recorder = Recorder(directory, SYNTHETIC_INFO, buffer_size=buffer_size, flush_every=flush_every, plots=plots)
     recorder.start(0)
     for step in steps:
         recorder.add(synthetic_sample(step))

@@ -1,0 +1,85 @@
+"""``so8t report <dir>``: rebuilds plots and summary from the files alone, prints the latest values per
+layer, and fails with a clear message on missing or bad files."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monitor_helpers import SYNTHETIC_INFO, synthetic_sample
+from so8t.monitor.records import encode_meta
+from so8t.report import main
+from test_monitor_files import PLOTS, PNG_SIGNATURE, record_run
+
+
+@pytest.fixture(scope="module")
+def recorded_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("recorded") / "run"
+    recorder = record_run(run / "monitoring", range(10, 110, 10), flush_every=100, plots=False)
+    recorder.add(synthetic_sample(110, gate=np.array([0.1, 0.995, 0.1])))
+    recorder.finish()
+    return run
+
+
+@pytest.fixture
+def run_dir(recorded_run, tmp_path):
+    return Path(shutil.copytree(recorded_run, tmp_path / "run"))
+
+
+def test_report_rebuilds_plots_and_summary_and_prints_the_latest_values(run_dir, capsys):
+    monitoring = run_dir / "monitoring"
+    assert not (monitoring / "plots").exists()
+    (monitoring / "summary.json").unlink()
+    assert main([str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    for name in PLOTS:
+        assert (monitoring / "plots" / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE
+    summary = json.loads((monitoring / "summary.json").read_text())
+    assert summary["samples_recorded"] == 11 and summary["last_step"] == 110
+    assert [alert["kind"] for alert in summary["alerts"]] == ["gate_saturated"]
+    assert "11 samples, steps 10 … 110" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().startswith("L")}
+    assert set(rows) == {"L1", "L2", "L3", "LoRA"}
+    assert rows["L2"][2] == "0.995"  # σ(α) column of the latest sample
+    assert "gate_saturated" in out and str(monitoring / "plots") in out
+
+
+def test_report_accepts_the_monitoring_directory_itself(run_dir, capsys):
+    assert main([str(run_dir / "monitoring")]) == 0
+    assert "L3" in capsys.readouterr().out
+
+
+def test_report_needs_no_model_and_no_gpu(run_dir):
+    code = (
+        "import sys; from so8t.report import main; status = main([sys.argv[1]]); "
+        "assert 'transformers' not in sys.modules, 'so8t report loaded transformers'; "
+        "torch = sys.modules.get('torch'); "
+        "assert torch is None or not torch.cuda.is_initialized(), 'so8t report initialised CUDA'; "
+        "sys.exit(status)"
+    )
+    environment = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True,
+                            timeout=120, env=environment)
+    assert result.returncode == 0, result.stderr
+
+
+def test_report_on_missing_or_bad_files_says_what_is_wrong(tmp_path, capsys):
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "no metrics.jsonl in" in capsys.readouterr().err
+    monitoring = tmp_path / "monitoring"
+    monitoring.mkdir()
+    (monitoring / "metrics.jsonl").write_text("this is not json\n{}\n")
+    assert main([str(tmp_path)]) == 2
+    assert "metrics.jsonl:1: not a monitor record" in capsys.readouterr().err
+    meta = encode_meta(SYNTHETIC_INFO, 0, 0.0) + "\n"
+    (monitoring / "metrics.jsonl").write_text(meta + '{"type": "sample", "step": 1}\n' + meta)
+    assert main([str(tmp_path)]) == 2
+    assert "a record lacks a field" in capsys.readouterr().err
+    (monitoring / "metrics.jsonl").write_text(meta)
+    assert main([str(tmp_path)]) == 1
+    assert "has no samples yet" in capsys.readouterr().err

@@ -1,0 +1,197 @@
+"""``so8t train --task classify``: trains the safety judge, a sequence classifier with SO(8) gates.
+
+With no ``--model`` it trains the embedded default from scratch (the demo Phi-3 with a 3-class head,
+every weight trainable) on the bundled ``data/safety.jsonl``, offline, in seconds on a CPU. With
+``--model`` it adds LoRA to that model's sequence-classification head model (the head is trained in
+full). The SO8T monitor records the class-logit statistics and the gates as for ``--task generate``.
+The output directory is the judge ``so8t serve --safety-model`` reads (see so8t.judge).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .adapter import save_so8t_adapter
+from .annealing import AlphaAnnealingCallback
+from .errors import SO8TError
+from .judge import LABELS, SO8T_ADAPTER_DIR, encode_for_judge, label_maps
+from .placement import attach_so8t, find_decoder_layout, resolve_layer_indices
+from .train import LORA_TARGETS, TrainOptions, _publish, _staging_dir
+
+MONITOR_INTERVAL = 10  # optimizer steps between monitor samples
+
+
+def bundled_safety_path() -> Path:
+    return Path(str(resources.files("so8t") / "data" / "safety.jsonl"))
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    text: str
+    label: int  # index into LABELS
+
+
+def read_labelled_jsonl(path: str | Path) -> list[LabelledText]:
+    """``{"text": ..., "label": "ALLOW" | "ESCALATE" | "DENY"}`` rows; problems name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SO8TError(f"data file {path} not found")
+    _, label2id = label_maps()
+    examples = []
+    with path.open(encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise SO8TError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
+            if not (isinstance(row, dict) and isinstance(row.get("text"), str) and "label" in row):
+                raise SO8TError(f"{where}: expected an object with a string `text` and a `label`")
+            if row["label"] not in label2id:
+                raise SO8TError(f"{where}: label {row['label']!r} is not one of {', '.join(LABELS)}")
+            examples.append(LabelledText(row["text"], label2id[row["label"]]))
+    if not examples:
+        raise SO8TError(f"data file {path} has no rows")
+    return examples
+
+
+class ClassificationDataset(torch.utils.data.Dataset):
+    def __init__(self, tokenizer, examples: list[LabelledText], max_length: int):
+        self.items = [(encode_for_judge(tokenizer, example.text, max_length)[0], example.label) for example in examples]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[list[int], int]:
+        return self.items[index]
+
+
+class ClassificationCollator:
+    """Right-pads; the classifier pools the last token that is not padding."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
+        length = max(len(ids) for ids, _ in items)
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, (ids, _) in enumerate(items):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            attention_mask[row, :len(ids)] = 1
+        labels = torch.tensor([label for _, label in items], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def check_options(options: TrainOptions) -> None:
+    unsupported = {"--load-in-4bit": options.load_in_4bit, "--bf16": options.bf16,
+                   "--gradient-checkpointing": options.gradient_checkpointing}
+    for flag, given in unsupported.items():
+        if given:
+            raise SO8TError(f"{flag} is for --task generate; --task classify trains in fp32")
+    options.validate()
+
+
+def build_classifier(options: TrainOptions):
+    """The model (LoRA-wrapped when ``--model`` is given) and its tokenizer; no gates yet."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Phi3ForSequenceClassification
+
+    from .demo import build_demo_tokenizer, demo_model_config
+
+    id2label, label2id = label_maps()
+    if options.model is None:
+        tokenizer = build_demo_tokenizer()
+        torch.manual_seed(options.seed)
+        config = demo_model_config(tokenizer, num_labels=len(LABELS), id2label=id2label, label2id=label2id)
+        return Phi3ForSequenceClassification(config), tokenizer
+
+    from peft import LoraConfig, get_peft_model
+
+    # adapter_config.json records this name: an absolute path keeps the judge loadable from anywhere.
+    source = str(Path(options.model).resolve()) if Path(options.model).is_dir() else options.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=len(LABELS), id2label=id2label, label2id=label2id, dtype=torch.float32)
+    except (OSError, ValueError) as error:
+        raise SO8TError(f"cannot load --model {options.model} as a sequence classifier: {error}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    targets = options.lora_targets or LORA_TARGETS.get(model.config.model_type, "all-linear")
+    lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
+                      target_modules=targets, task_type="SEQ_CLS")
+    try:
+        return get_peft_model(model, lora), tokenizer
+    except ValueError as error:
+        raise SO8TError(f"cannot add LoRA adapters: {error}") from None
+
+
+@torch.no_grad()
+def accuracy(model, dataset: ClassificationDataset, collator: ClassificationCollator, batch_size: int) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
+        device = next(model.parameters()).device
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        correct += (logits.argmax(dim=-1).cpu() == batch["labels"]).sum().item()
+    return correct / len(dataset)
+
+
+def train_classifier(options: TrainOptions) -> Path:
+    """Builds, trains and publishes the judge into ``options.output_dir``; returns that directory."""
+    from transformers import Trainer, TrainingArguments
+
+    from .monitor import SO8TMonitorCallback
+
+    check_options(options)
+    examples = read_labelled_jsonl(options.data or bundled_safety_path())
+    model, tokenizer = build_classifier(options)
+    config = options.so8t_config() if options.gates else None
+    if config is not None:
+        resolve_layer_indices(config.layers, find_decoder_layout(model).num_layers)
+    dataset = ClassificationDataset(tokenizer, examples, options.max_length)
+    collator = ClassificationCollator(tokenizer.pad_token_id)
+    handle = attach_so8t(model, config) if config is not None else None
+
+    output_dir = Path(options.output_dir).resolve()
+    staging = _staging_dir(output_dir)
+    shutil.rmtree(staging, ignore_errors=True)  # left over from a run that was killed
+    arguments = TrainingArguments(
+        output_dir=str(staging), max_steps=options.max_steps, per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum, learning_rate=options.learning_rate,
+        lr_scheduler_type="constant", logging_steps=max(1, options.max_steps // 10), logging_first_step=True,
+        save_strategy="no", report_to="none", seed=options.seed, dataloader_num_workers=0,
+    )
+    callbacks = [] if handle is None else [AlphaAnnealingCallback(handle), SO8TMonitorCallback(interval=MONITOR_INTERVAL)]
+    trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator,
+                      callbacks=callbacks + list(options.extra_callbacks))
+    try:
+        started = time.perf_counter()
+        trainer.train()
+        elapsed = time.perf_counter() - started
+        train_accuracy = accuracy(model, dataset, collator, options.batch_size)
+        if handle is not None:
+            save_so8t_adapter(handle, staging / SO8T_ADAPTER_DIR)
+            handle.detach()  # the gates live in so8t/, not in the model's weights
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        trainer.save_state()
+        _publish(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    print(f"\nso8t train --task classify: {trainer.state.global_step} steps in {elapsed:.1f} s, "
+          f"loss {losses[0]:.3f} → {losses[-1]:.3f}, accuracy on the training data {train_accuracy:.0%}")
+    print(f"safety judge in {output_dir} (labels {', '.join(LABELS)}); serve it with so8t serve --safety-model {output_dir}")
+    return output_dir

@@ -1,0 +1,56 @@
+"""Builds the generation model of ``so8t serve`` from ``--model`` and ``--adapter``.
+
+- No ``--model``: the embedded default base of ``so8t train`` (same seed, so the same weights).
+- ``--adapter DIR``: a ``so8t train`` output: LoRA (merged into the base for speed), the SO8T gates of
+  ``DIR/so8t``, and the tokenizer saved next to them.
+- Without an adapter the gates come from ``MODEL/so8t`` if there is one; the embedded default gets
+  fresh gates (θ = 0, so they leave its outputs unchanged), the model ``so8t train`` starts from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..adapter import load_so8t_adapter
+from ..config import SO8TConfig
+from ..demo import DEMO_MODEL_NAME
+from ..errors import SO8TError
+from ..placement import attach_so8t
+from ..train import SO8T_ADAPTER_DIR, TrainOptions, load_model_and_tokenizer
+from .generation import TextGenerator
+
+PEFT_CONFIG_FILE = "adapter_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_generator(model: str | None = None, adapter: str | None = None) -> TextGenerator:
+    base, tokenizer = load_model_and_tokenizer(TrainOptions(model=model))
+    if adapter is not None:
+        adapter_dir = Path(adapter)
+        if not adapter_dir.is_dir():
+            raise SO8TError(f"--adapter {adapter}: no such directory")
+        if any((adapter_dir / name).is_file() for name in TOKENIZER_FILES):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        if (adapter_dir / PEFT_CONFIG_FILE).is_file():
+            from peft import PeftModel
+
+            base = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        gates_dir = adapter_dir / SO8T_ADAPTER_DIR
+    else:
+        gates_dir = Path(model) / SO8T_ADAPTER_DIR if model is not None else None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if gates_dir is not None and gates_dir.is_dir():
+        handle = load_so8t_adapter(base, gates_dir)
+    elif model is None:
+        handle = attach_so8t(base, SO8TConfig())
+    else:
+        handle = None
+    if torch.cuda.is_available():
+        base = base.to("cuda")
+    name = model or DEMO_MODEL_NAME
+    return TextGenerator(base, tokenizer, handle, f"{name} + {adapter}" if adapter else name)

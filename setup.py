@@ -58,7 +58,7 @@ setup(
             "safetensors", "tokenizers", "pandas", "matplotlib", "seaborn", "tqdm",
         ],
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scipy"],
-        "serve": ["fastapi", "uvicorn", "httpx"],
+        "serve": ["fastapi", "uvicorn", "httpx", "prometheus-client"],
     },
     entry_points={"console_scripts": ["so8t=so8t.cli:main"]},
     **cpp_extension_options(),

@@ -3,6 +3,7 @@ series files (pandas, Parquet, npz), plots and summary."""
 
 import json
 import math
+import time
 
 import matplotlib.image
 import numpy as np
@@ -10,6 +11,7 @@ import pandas as pd
 import pytest
 
 from monitor_helpers import SYNTHETIC_INFO, synthetic_sample
+from so8t.monitor import exporter as exporter_module
 from so8t.monitor.metrics_log import MetricsLog
 from so8t.monitor.recorder import Recorder
 from so8t.monitor.records import MetricsFileError, encode_meta, encode_sample, read_metrics
@@ -43,7 +45,7 @@ def test_ring_buffer_keeps_the_last_samples_in_fixed_memory():
 
 
 def test_recorder_memory_is_bounded_by_buffer_size(tmp_path):
-    recorder = record_run(tmp_path, range(1, 301), buffer_size=25)
+    recorder = record_run(tmp_path, range(1, 301), buffer_size=25, plots=False)
     assert len(recorder.ring) == 25
     summary = recorder.finish()
     assert summary["samples_recorded"] == 300  # the extremes still cover the whole run
@@ -68,7 +70,7 @@ def test_jsonl_round_trip_keeps_non_finite_values_as_strict_json(tmp_path):
 
 
 def test_torn_last_line_is_skipped_but_a_bad_middle_line_is_an_error(tmp_path):
-    record_run(tmp_path, range(10, 60, 10)).finish()
+    record_run(tmp_path, range(10, 60, 10), plots=False).finish()
     path = tmp_path / "metrics.jsonl"
     whole = path.read_text()
     path.write_text(whole + encode_sample(synthetic_sample(60))[:57])  # a write cut short by kill -9
@@ -84,10 +86,10 @@ def test_torn_last_line_is_skipped_but_a_bad_middle_line_is_an_error(tmp_path):
 
 
 def test_resume_drops_later_records_and_appends_in_step_order(tmp_path):
-    first = record_run(tmp_path, range(10, 110, 10))
+    first = record_run(tmp_path, range(10, 110, 10), plots=False)
     first.log.write('{"type":"sample","step":110,"epo')  # torn by a crash
     first.log.close()
-    resumed = Recorder(tmp_path, SYNTHETIC_INFO)
+    resumed = Recorder(tmp_path, SYNTHETIC_INFO, plots=False)
     resumed.start(50)  # the checkpoint was saved at step 50
     assert resumed.ring.series().steps.tolist() == [10, 20, 30, 40, 50]
     assert resumed.extremes.count == 5
@@ -114,7 +116,7 @@ def test_metrics_log_resume_without_a_file_starts_fresh(tmp_path):
 
 def test_timeseries_files_load_with_pandas_parquet_and_numpy(tmp_path):
     steps = list(range(10, 210, 10))
-    record_run(tmp_path, steps).finish()
+    record_run(tmp_path, steps, plots=False).finish()
     table = pd.read_csv(tmp_path / "timeseries.csv")
     assert table["step"].tolist() == steps
     assert {"alpha/L1", "gate/L3", "ortho_residual_max/L2", "grad_lora/other", "logit_std"} <= set(table.columns)
@@ -145,7 +147,7 @@ def test_plots_are_valid_png_files(tmp_path):
 
 
 def test_summary_has_final_values_extremes_and_alerts(tmp_path):
-    recorder = record_run(tmp_path, range(10, 60, 10))
+    recorder = record_run(tmp_path, range(10, 60, 10), plots=False)
     recorder.add(synthetic_sample(60, ortho_residual_max=np.array([1e-7, 5e-3, 1e-7])))
     recorder.add(synthetic_sample(70))
     recorder.finish()
@@ -155,3 +157,27 @@ def test_summary_has_final_values_extremes_and_alerts(tmp_path):
     assert summary["final"]["act_rms"]["L2"] == pytest.approx(synthetic_sample(70)["act_rms"][1])
     assert summary["extremes"]["ortho_residual_max"]["max"]["L2"] == pytest.approx(5e-3)
     assert [(a["kind"], a["step"], a["where"]) for a in summary["alerts"]] == [("orthogonality_residual", 60, ["L2"])]
+
+
+def test_background_exports_stay_within_their_time_budget(monkeypatch, tmp_path):
+    started = []
+
+    def slow_export(series, directory, plots):
+        started.append(time.monotonic())
+        time.sleep(0.05)
+        return []
+
+    monkeypatch.setattr(exporter_module, "export", slow_export)
+    monkeypatch.setattr(exporter_module, "BUDGET", 0.2)  # after a 0.05 s export, wait 0.25 s
+    monkeypatch.setattr(exporter_module, "FIRST_EXPORT_GUESS_S", 0.0)
+    exporter = exporter_module.Exporter(tmp_path)
+    series = RingBuffer(SYNTHETIC_INFO, 4).series()
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # a flush every 10 ms
+        exporter.submit(series)
+        time.sleep(0.01)
+    exporter.export_now(series)
+    in_background = started[:-1]
+    assert 2 <= len(in_background) <= 4
+    assert min(np.diff(in_background)) >= 0.29  # 0.05 s of work, then 0.25 s of rest
+    assert started[-1] >= in_background[-1] + 0.05  # export_now waited for the running export

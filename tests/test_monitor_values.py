@@ -89,7 +89,7 @@ class IndependentMeasurements(TrainerCallback):
 
 def train_and_compare(tmp_path, classifier: bool):
     model, handle = tiny_gated_model(classifier=classifier)
-    monitor = SO8TMonitorCallback(interval=2, flush_every=2)
+    monitor = SO8TMonitorCallback(interval=2, flush_every=2, plots=classifier)
     checker = IndependentMeasurements(model, handle, monitor.sampled)
     trainer = make_trainer(model, handle, tmp_path, max_steps=7, monitor=monitor, callbacks=[checker],
                            classifier=classifier, gradient_accumulation_steps=2)
@@ -131,6 +131,8 @@ def test_recorded_values_match_an_independent_computation(tmp_path):
 def test_sequence_classifier_records_its_class_logits(tmp_path):
     checker, _ = train_and_compare(tmp_path, classifier=True)
     assert checker.steps[1]["logit_shape"] == (4, len(CLASS_LABELS))  # ALLOW / ESCALATE / DENY per sequence
+    for name in ("logits", "gradients"):  # the classifier head shows up as the LoRA group "other"
+        assert (tmp_path / "monitoring" / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_compact_scalars_reach_the_trainer_logs_and_reporting_callbacks(tmp_path):
@@ -143,7 +145,7 @@ def test_compact_scalars_reach_the_trainer_logs_and_reporting_callbacks(tmp_path
 
     model, handle = tiny_gated_model()
     reporter = Reporter()
-    trainer = make_trainer(model, handle, tmp_path, max_steps=4, monitor=SO8TMonitorCallback(interval=1),
+    trainer = make_trainer(model, handle, tmp_path, max_steps=4, monitor=SO8TMonitorCallback(interval=1, plots=False),
                            callbacks=[reporter], logging_steps=2)
     trainer.train()
     keys = {"so8t/alpha_mean", "so8t/gate_max", "so8t/ortho_max", "so8t/logit_std", "so8t/act_rms_max",

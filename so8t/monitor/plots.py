@@ -9,6 +9,7 @@ GUI backend, safe off the main thread).
   marked, since they vanish on a log axis and are what the dead-gradient alert is about).
 """
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,15 +19,22 @@ from .series import Series
 
 RESIDUAL_FLOOR = 1e-12  # log scale: an exactly orthogonal fp32 R has residual 0
 MAX_LEGEND_ENTRIES = 10
+# matplotlib's text rendering (FreeType) is not thread-safe: one monitor figure at a time per process.
+_DRAWING = threading.Lock()
 
 
 def draw_plots(series: Series, directory: Path) -> list[Path]:
-    from matplotlib.figure import Figure
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if not len(series):
         return []
+    with _DRAWING:
+        return _draw_all(series, directory)
+
+
+def _draw_all(series: Series, directory: Path) -> list[Path]:
+    from matplotlib.figure import Figure
+
     drawn = []
     for name, draw, rows in (
         ("orthogonality", _orthogonality, 2),

@@ -68,7 +68,13 @@ def load_so8t_adapter(model: nn.Module, path: str | Path) -> SO8THandle:
                 f"the SO8T adapter in {path} was trained on a model with {key}={description[key]}; "
                 f"this model has {key}={actual}"
             )
-    tensors = load_file(Path(path) / WEIGHTS_FILE)
+    weights_path = Path(path) / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise SO8TError(f"{weights_path} not found: the SO8T adapter in {path} is incomplete")
+    tensors = load_file(weights_path)
+    missing = sorted({"theta", "alpha"} - set(tensors))
+    if missing:
+        raise SO8TError(f"{weights_path} has no {' or '.join(missing)} tensor")
     config = SO8TConfig.from_dict({**description["config"], "layers": description["layer_indices"]})
     handle = attach_so8t(model, config)
     try:

@@ -163,10 +163,6 @@ class SO8THandle:
     def activation_stats(self) -> torch.Tensor:
         return self.bank.activation_stats
 
-    @property
-    def attached(self) -> bool:
-        return bool(self._hooks)
-
     def detach(self) -> None:
         """Removes the hooks and the parameter bank: the model is as it was before ``attach_so8t``."""
         for hook in self._hooks:

@@ -53,8 +53,8 @@ class TrainOptions:
     output_dir: str = DEFAULT_OUTPUT_DIR
     overwrite: bool = False
     load_in_4bit: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lora_r: int = 16
+    lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: list[str] | None = None  # None: LORA_TARGETS for the architecture
     gates: bool = True  # False: the same LoRA run without SO8T gates, for comparisons
@@ -312,6 +312,8 @@ def build_training(options: TrainOptions, output_dir: str | Path, demo_overrides
         seed=options.seed,
         bf16=options.bf16,
         dataloader_num_workers=0,
+        # accelerate runs torchrun's processes as a gloo group on CPU only when told the run is CPU-only.
+        use_cpu=not torch.cuda.is_available(),
         # Every trainable parameter gets a gradient every step (α a zero one during warmup).
         ddp_find_unused_parameters=False,
     )

@@ -30,6 +30,10 @@ from .errors import SO8TError
 from .placement import SO8THandle, attach_so8t, find_decoder_layout, resolve_layer_indices
 
 DEFAULT_OUTPUT_DIR = "so8t-output"
+TASKS = ("generate", "classify")
+# Trains the embedded judge's every weight from scratch: 3e-3 (right for LoRA) reached 74% on the
+# bundled safety data in 150 steps, 1e-3 reached 99%.
+CLASSIFY_LEARNING_RATE = 1e-3
 SO8T_ADAPTER_DIR = "so8t"
 # LoRA target modules per architecture (config.model_type); others get peft's "all-linear".
 LORA_TARGETS = {
@@ -121,9 +125,13 @@ def _name_list(text: str) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainOptions()
     what = parser.add_argument_group("model and data")
+    what.add_argument("--task", choices=TASKS, default="generate",
+                      help="generate: fine-tune a causal LM; classify: train the safety judge (ALLOW/ESCALATE/DENY, "
+                           "see so8t.classify) (default: %(default)s)")
     what.add_argument("--model", help="hub id or local directory (default: the embedded tiny Phi-3, no download)")
     what.add_argument("--data", help="JSONL with `text`, `messages`, or `prompt`/`thinking`/`answer` rows "
-                                     "(default: the bundled thinking dataset)")
+                                     "(default: the bundled thinking dataset); with --task classify, "
+                                     "`text`/`label` rows (default: the bundled safety dataset)")
     what.add_argument("--output-dir", default=defaults.output_dir, help="where the adapters go (default: %(default)s)")
     what.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     what.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per example (default: %(default)s)")
@@ -154,12 +162,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     loop = parser.add_argument_group("training")
     loop.add_argument("--max-steps", type=int, default=defaults.max_steps, help="optimizer steps (default: %(default)s)")
-    loop.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    loop.add_argument("--learning-rate", type=float,
+                      help=f"default: {defaults.learning_rate} (LoRA); {CLASSIFY_LEARNING_RATE} with --task classify, "
+                           "which trains the embedded default's every weight")
     loop.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per device (default: %(default)s)")
     loop.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step")
     loop.add_argument("--gradient-checkpointing", action="store_true")
     loop.add_argument("--bf16", action="store_true", help="bf16 weights and compute (4-bit: bf16 compute on GPU)")
     loop.add_argument("--seed", type=int, default=defaults.seed)
+
+
+def _learning_rate(args: argparse.Namespace) -> float:
+    if args.learning_rate is not None:
+        return args.learning_rate
+    return CLASSIFY_LEARNING_RATE if args.task == "classify" else TrainOptions.learning_rate
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
@@ -169,7 +185,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, gates=not args.no_so8t,
         so8t_layers=args.so8t_layers, alpha_init=args.alpha_init, alpha_target=args.alpha_target,
         warmup_steps=args.warmup_steps, schedule=args.schedule, theta_init_std=args.theta_init_std,
-        max_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
+        max_steps=args.max_steps, learning_rate=_learning_rate(args), batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_length=args.max_length,
         gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, seed=args.seed,
     )
@@ -398,7 +414,12 @@ def train(options: TrainOptions) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        train(options_from_args(args))
+        if args.task == "classify":
+            from .classify import train_classifier
+
+            train_classifier(options_from_args(args))
+        else:
+            train(options_from_args(args))
     except SO8TError as error:
         print(f"so8t train: error: {error}", file=sys.stderr)
         return 2

@@ -46,8 +46,7 @@ def create_app(generator: TextGenerator, audit: AuditLog, judge: SafetyJudge | N
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        details = [{"field": _field_name(item["loc"]), "reason": item["msg"]} for item in error.errors()]
-        return _invalid(request, details)
+        return _invalid(request, [{"field": _field_name(item["loc"]), "reason": _reason(item)} for item in error.errors()])
 
     @app.post("/think", response_model=ThinkResponse,
               responses={413: {"description": "body too large"}, 422: {"description": "invalid field"}})
@@ -121,8 +120,14 @@ def _finite(value: float) -> float | None:
 
 
 def _field_name(location) -> str:
-    parts = [str(part) for part in location if part != "body"]
+    # ("body", "top_p") → "top_p"; ("body", 15), a JSON syntax error at character 15 → "body".
+    parts = [part for part in location if isinstance(part, str) and part != "body"]
     return ".".join(parts) or "body"
+
+
+def _reason(item: dict) -> str:
+    detail = (item.get("ctx") or {}).get("error")  # e.g. the JSON decoder's message
+    return f"{item['msg']}: {detail}" if isinstance(detail, str) else item["msg"]
 
 
 def _invalid(request: Request, details: list[dict]) -> JSONResponse:

@@ -1,0 +1,67 @@
+"""A real uvicorn server on 127.0.0.1 (a free port, a thread of the test process), and readers for what
+it writes: Prometheus text and audit rows."""
+
+import contextlib
+import threading
+import time
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from so8t.serve.command import bind_socket, build_server
+
+STARTUP_TIMEOUT_S = 60
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """Serves ``app`` until the block ends; yields its base URL once /health answers."""
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = build_server(app, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(url, thread)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+    assert not thread.is_alive(), "the server did not stop"
+
+
+def wait_for_health(url: str, thread: threading.Thread | None = None, process=None) -> dict:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if thread is not None and not thread.is_alive():
+            raise RuntimeError("the server thread ended before /health answered")
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode} before /health answered")
+        try:
+            response = httpx.get(f"{url}/health", timeout=5)
+            if response.status_code == 200:
+                return response.json()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url}/health did not answer within {STARTUP_TIMEOUT_S} s")
+
+
+def parse_metrics(text: str) -> dict[str, dict]:
+    """Metric families by name (prometheus_client's own parser: it rejects malformed exposition),
+    each ``{sample name: {frozenset(labels): value}}``."""
+    families = {}
+    for family in text_string_to_metric_families(text):
+        samples = families.setdefault(family.name, {"type": family.type, "samples": {}})["samples"]
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[frozenset(sample.labels.items())] = sample.value
+    return families
+
+
+def request_counts(metrics_text: str) -> dict[tuple[str, str, str], float]:
+    """so8t_think_requests_total by (label, outcome, status)."""
+    samples = parse_metrics(metrics_text)["so8t_think_requests"]["samples"]["so8t_think_requests_total"]
+    return {(dict(labels)["label"], dict(labels)["outcome"], dict(labels)["status"]): value
+            for labels, value in samples.items()}

@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "train": ("so8t.train", "QLoRA fine-tuning with SO(8) gates on the intermediate decoder layers"),
     "info": ("so8t.info", "versions, devices and the kernel backend each op uses"),
+    "report": ("so8t.report", "rebuild a run's monitoring plots and summary, print the latest values per layer"),
     "serve": ("so8t.serve.command", "the /think endpoint (FastAPI) with a safety judge and a hash-chained audit log"),
     "audit": ("so8t.audit", "check the hash chain of a so8t serve audit log"),
 }

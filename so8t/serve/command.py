@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
           f"audit log: {args.audit_db})", flush=True)
     try:
         build_server(create_app(generator, audit, judge), args.log_level).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C it had captured
+        pass
     finally:
         sock.close()
         audit.close()

@@ -1,0 +1,130 @@
+"""The safety judge trained by ``so8t train --task classify`` on the bundled data, then served: each label
+becomes its outcome over HTTP, in the audit row and in /metrics; an unconfident judge escalates."""
+
+import hashlib
+import json
+
+import httpx
+import numpy as np
+import pytest
+
+from so8t import attach_so8t
+from so8t.audit import AuditLog, read_rows, verify_chain
+from so8t.classify import bundled_safety_path, read_labelled_jsonl
+from so8t.cli import main
+from so8t.demo import build_demo_tokenizer
+from so8t.judge import ALLOW, DENY, ESCALATE, LABELS, SafetyJudge
+from so8t.monitor.records import read_metrics
+from so8t.serve.app import create_app
+from so8t.serve.loading import load_generator
+from serve_helpers import request_counts, running_server
+from test_judge import classifier
+
+TRAIN_STEPS = 80  # 100% of the bundled data at 80 steps, ~1 s of CPU per 10 steps
+
+
+@pytest.fixture(scope="module")
+def judge_dir(tmp_path_factory):
+    output = tmp_path_factory.mktemp("judge") / "run"
+    status = main(["train", "--task", "classify", "--output-dir", str(output), "--max-steps", str(TRAIN_STEPS),
+                   "--warmup-steps", "20"])
+    assert status == 0
+    return output
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return read_labelled_jsonl(bundled_safety_path())
+
+
+def test_classifier_training_writes_a_judge_with_the_label_vocabulary(judge_dir):
+    config = json.loads((judge_dir / "config.json").read_text())
+    assert config["id2label"] == {"0": ALLOW, "1": ESCALATE, "2": DENY}
+    assert config["label2id"] == {ALLOW: 0, ESCALATE: 1, DENY: 2}
+    assert (judge_dir / "so8t" / "so8t_adapter.safetensors").is_file()
+    state = json.loads((judge_dir / "trainer_state.json").read_text())
+    losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+    assert state["global_step"] == TRAIN_STEPS and losses[-1] < 0.5 * losses[0]
+    # The monitor recorded the class logits (3 per example) and the gates.
+    _, samples, _ = read_metrics(judge_dir / "monitoring" / "metrics.jsonl")
+    assert samples and all(np.isfinite(sample["logit_std"]) for sample in samples)
+    assert samples[-1]["gate"] == pytest.approx([0.1] * 4, abs=0.02)
+
+
+def test_the_trained_judge_learnt_the_bundled_data(judge_dir, examples):
+    judge = SafetyJudge.load(judge_dir)
+    verdicts = [judge.judge(example.text) for example in examples]
+    accuracy = np.mean([verdict.predicted == LABELS[example.label] for verdict, example in zip(verdicts, examples)])
+    assert accuracy >= 0.9
+    assert {verdict.label for verdict in verdicts} == set(LABELS)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def test_each_label_is_its_outcome_over_http_in_the_audit_log_and_in_metrics(judge_dir, examples, tmp_path):
+    judge = SafetyJudge.load(judge_dir)
+    # One bundled prompt per label that the judge gives confidently, chosen before serving.
+    chosen = {}
+    for example in examples:
+        verdict = judge.judge(example.text)
+        if verdict.reason == "model" and verdict.label == LABELS[example.label]:
+            chosen.setdefault(verdict.label, (example.text, verdict))
+    assert set(chosen) == set(LABELS)
+
+    audit = AuditLog(tmp_path / "audit.db")
+    with running_server(create_app(load_generator(), audit, judge)) as url:
+        assert httpx.get(f"{url}/health").json()["safety_model"] is True
+        bodies = {}
+        for label, (prompt, verdict) in chosen.items():
+            response = httpx.post(f"{url}/think", json={"prompt": prompt, "max_new_tokens": 8}, timeout=120)
+            assert response.status_code == 200
+            body = bodies[label] = response.json()
+            assert body["safety"] == {"label": label, "confidence": pytest.approx(verdict.confidence),
+                                      "predicted": label, "reason": "model"}
+        metrics = httpx.get(f"{url}/metrics").text
+    audit.close()
+
+    assert bodies[ALLOW]["outcome"] == "answered" and isinstance(bodies[ALLOW]["answer"], str)
+    assert bodies[ALLOW]["monitor"]["generated_tokens"] >= 1
+    for label, outcome in ((ESCALATE, "escalated"), (DENY, "denied")):
+        body = bodies[label]
+        assert body["outcome"] == outcome
+        assert body["answer"] is None and body["thinking_sha256"] is None and "monitor" not in body
+
+    rows = {row.request_id: row for row in read_rows(tmp_path / "audit.db")}
+    assert verify_chain(list(rows.values())).ok and len(rows) == 3
+    for label, body in bodies.items():
+        row = rows[body["request_id"]]
+        assert (row.outcome, row.status, row.safety_label) == (body["outcome"], 200, label)
+        assert row.safety_confidence == pytest.approx(body["safety"]["confidence"])
+        assert row.prompt_sha256 == sha256(chosen[label][0])
+        answered = label == ALLOW
+        assert (row.answer_sha256 == sha256(body["answer"])) if answered else row.answer_sha256 is None
+    assert request_counts(metrics) == {(ALLOW, "answered", "200"): 1, (ESCALATE, "escalated", "200"): 1,
+                                       (DENY, "denied", "200"): 1}
+
+
+def test_an_unconfident_judge_escalates_over_http(tmp_path):
+    tokenizer = build_demo_tokenizer()
+    model = classifier(tokenizer, seed=1)  # untrained: probabilities near 1/3 each
+    attach_so8t(model)
+    judge = SafetyJudge(model, tokenizer, threshold=0.6)
+    audit = AuditLog(tmp_path / "audit.db")
+    with running_server(create_app(load_generator(), audit, judge)) as url:
+        response = httpx.post(f"{url}/think", json={"prompt": "How do I bake sourdough bread?"}, timeout=120)
+    audit.close()
+    body = response.json()
+    assert response.status_code == 200 and body["outcome"] == "escalated" and body["answer"] is None
+    assert body["safety"]["label"] == ESCALATE and body["safety"]["reason"] == "low_confidence"
+    assert body["safety"]["confidence"] < 0.6
+    [row] = read_rows(tmp_path / "audit.db")
+    assert (row.outcome, row.safety_label) == ("escalated", ESCALATE)
+    assert row.safety_confidence == pytest.approx(body["safety"]["confidence"])
+
+
+def test_the_threshold_is_a_serve_option(judge_dir, capsys):
+    assert main(["serve", "--safety-model", str(judge_dir), "--safety-threshold", "1.5"]) == 2
+    assert "--safety-threshold" in capsys.readouterr().err
+    assert SafetyJudge.load(judge_dir, threshold=0.9).threshold == 0.9

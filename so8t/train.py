@@ -27,6 +27,7 @@ from .annealing import AlphaAnnealingCallback
 from .config import ALL_INTERMEDIATE, SCHEDULES, SO8TConfig
 from .dataset import PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl
 from .errors import SO8TError
+from .monitor.config import MonitorConfig
 from .placement import SO8THandle, attach_so8t, find_decoder_layout, resolve_layer_indices
 
 DEFAULT_OUTPUT_DIR = "so8t-output"
@@ -76,6 +77,7 @@ class TrainOptions:
     gradient_checkpointing: bool = False
     bf16: bool = False
     seed: int = 0
+    monitor: MonitorConfig | None = field(default_factory=MonitorConfig)  # None: --no-monitor
     extra_callbacks: list = field(default_factory=list)
 
     def so8t_config(self) -> SO8TConfig:
@@ -171,6 +173,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--bf16", action="store_true", help="bf16 weights and compute (4-bit: bf16 compute on GPU)")
     loop.add_argument("--seed", type=int, default=defaults.seed)
 
+    monitoring = parser.add_argument_group("monitoring (files in <output-dir>/monitoring; see `so8t report`)")
+    monitoring.add_argument("--no-monitor", action="store_true", help="train without the SO8T monitor")
+    monitoring.add_argument("--monitor-interval", type=int, default=MonitorConfig.interval,
+                            help="sample every N optimizer steps (default: %(default)s)")
+    monitoring.add_argument("--monitor-flush-every", type=int, default=MonitorConfig.flush_every,
+                            help="fsync and rewrite time series and plots every N samples (default: %(default)s)")
+    monitoring.add_argument("--monitor-stop-on-nonfinite", action="store_true",
+                            help="stop training at the first non-finite logit, activation, parameter or gradient")
+    monitoring.add_argument("--no-monitor-plots", action="store_true", help="record without drawing plots")
+
 
 def _learning_rate(args: argparse.Namespace) -> float:
     if args.learning_rate is not None:
@@ -188,6 +200,10 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         max_steps=args.max_steps, learning_rate=_learning_rate(args), batch_size=args.batch_size,
         grad_accum=args.grad_accum, max_length=args.max_length,
         gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, seed=args.seed,
+        monitor=None if args.no_monitor else MonitorConfig(
+            interval=args.monitor_interval, flush_every=args.monitor_flush_every,
+            stop_on_nonfinite=args.monitor_stop_on_nonfinite, plots=not args.no_monitor_plots,
+        ),
     )
 
 
@@ -289,8 +305,12 @@ class Training:
 
 
 def build_callbacks(options: TrainOptions, handle: SO8THandle | None) -> list:
-    """The Trainer callbacks of a run: α annealing, then ``options.extra_callbacks``."""
+    """The Trainer callbacks of a run: the monitor, α annealing, then ``options.extra_callbacks``."""
     callbacks = [AlphaAnnealingCallback(handle)] if handle is not None else []
+    if handle is not None and options.monitor is not None:
+        from .monitor import SO8TMonitorCallback
+
+        callbacks.insert(0, SO8TMonitorCallback(options.monitor))
     return callbacks + list(options.extra_callbacks)
 
 

@@ -6,6 +6,7 @@ records it (files, alerts), every rank keeps the latest values for the Trainer's
 """
 
 import atexit
+import logging
 import math
 import time
 from dataclasses import replace
@@ -21,6 +22,8 @@ from .probe import SampleProbe, trainable_groups
 from .recorder import Recorder
 from .reduce import CrossProcessReducer, world_size
 from .schema import EPOCH, STEP, TIME, RunInfo
+
+logger = logging.getLogger(__name__)
 
 NONFINITE_COUNTS = ("logit_nonfinite", "act_nonfinite", "param_nonfinite", "lora_param_nonfinite", "grad_nonfinite")
 
@@ -75,7 +78,7 @@ class SO8TMonitorCallback(TrainerCallback):
             )
             self.recorder.start(state.global_step)
             # An exception out of trainer.train() skips on_train_end: the files are finished at exit.
-            atexit.register(self.close)
+            atexit.register(self._close_at_exit)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._sampling = self._probe is not None and self.sampled(state.global_step + 1)
@@ -120,8 +123,14 @@ class SO8TMonitorCallback(TrainerCallback):
             self._probe.release()
         if self.recorder is not None:
             recorder, self.recorder = self.recorder, None
-            atexit.unregister(self.close)
+            atexit.unregister(self._close_at_exit)
             recorder.finish()
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except OSError as error:  # e.g. the failed run's output directory was removed meanwhile
+            logger.warning("so8t monitor: could not finish the monitoring files at exit: %s", error)
 
 
 def compact_scalars(sample: dict) -> dict[str, float]:

@@ -3,13 +3,13 @@ init, nothing downloaded) and an offline byte-level tokenizer with the thinking 
 
 from __future__ import annotations
 
-from transformers import Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+from transformers import Phi3Config, PreTrainedTokenizerFast
 
 from .dataset import THINK_CLOSE, THINK_OPEN
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
-DEMO_MODEL_NAME = "so8t-demo-phi3"
+DEMO_MODEL_NAME = "so8t-demo-phi3"  # what the demo model is called where a model name is shown
 
 
 def build_demo_tokenizer() -> PreTrainedTokenizerFast:
@@ -54,7 +54,3 @@ def demo_model_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> Phi3Co
     values.update(overrides)
     return Phi3Config(**values)
 
-
-def build_demo_model(config: Phi3Config) -> Phi3ForCausalLM:
-    """A randomly initialised model (seed the RNG first for a reproducible one)."""
-    return Phi3ForCausalLM(config)

@@ -157,3 +157,51 @@ def test_compact_scalars_reach_the_trainer_logs_and_reporting_callbacks(tmp_path
     step_4 = next(s for s in samples if s["step"] == 4)
     assert history[1]["so8t/logit_std"] == pytest.approx(step_4["logit_std"])
     assert history[1]["so8t/gate_max"] == pytest.approx(step_4["gate"].max())
+
+
+def test_the_monitor_syncs_with_the_host_once_per_sample_and_never_otherwise(tmp_path, monkeypatch):
+    from so8t.monitor import callback as callback_module
+    from so8t.monitor import probe as probe_module
+
+    syncs_by_step = defaultdict(list)
+    inside = []
+    clock = {"step": 0}
+
+    def counting(method_name):
+        original = getattr(torch.Tensor, method_name)
+
+        def wrapper(self, *args, **kwargs):
+            if inside:
+                syncs_by_step[clock["step"]].append(method_name)
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    # Everything that copies a tensor's value to the host (.numpy() only takes tensors already there).
+    for name in ("cpu", "item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+
+    def watched(owner, name):
+        original = getattr(owner, name)
+
+        def wrapper(self, *args, **kwargs):
+            inside.append(name)
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                inside.pop()
+        monkeypatch.setattr(owner, name, wrapper)
+
+    for name in ("on_step_begin", "on_pre_optimizer_step", "on_step_end", "on_log"):
+        watched(callback_module.SO8TMonitorCallback, name)
+    for name in ("_after_backbone", "_after_model"):
+        watched(probe_module.SampleProbe, name)
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock["step"] = state.global_step + 1
+
+    model, handle = tiny_gated_model()
+    monitor = SO8TMonitorCallback(interval=3, plots=False)
+    make_trainer(model, handle, tmp_path, max_steps=7, monitor=monitor, callbacks=[Clock()],
+                 gradient_accumulation_steps=2).train()
+    assert dict(syncs_by_step) == {1: ["cpu"], 3: ["cpu"], 6: ["cpu"]}

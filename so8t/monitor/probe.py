@@ -188,10 +188,13 @@ class SampleProbe:
         if not self._logits:
             return dict.fromkeys(("logit_mean", "logit_std", "logit_min", "logit_max"), nan) | {
                 "logit_nonfinite": nan}
-        stats = torch.stack([s.to(device) for s, _ in self._logits]).double()
-        mean, std, low, high, nonfinite = stats.unbind(dim=1)
+        # Each row: the forward's 5 stats and its finite count (element count − non-finite count; the
+        # element count enters as a scalar operand, not a host-to-device copy, which would sync).
+        stats = torch.stack([
+            torch.cat([s.to(device).double(), (numel - s[4].to(device).double()).reshape(1)]) for s, numel in self._logits
+        ])
+        mean, std, low, high, nonfinite, finite = stats.unbind(dim=1)
         # Micro-batches merge like parallel variance (Chan et al.), weighted by their finite counts.
-        finite = torch.tensor([numel for _, numel in self._logits], dtype=torch.float64, device=device) - nonfinite
         has = finite > 0
         total = finite.sum()
         merged_mean = torch.where(has, finite * mean, 0).sum() / total

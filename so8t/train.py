@@ -210,7 +210,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
 # ---------------------------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------------------------
-def _quantization_config(options: TrainOptions):
+def _quantization_config():
     from transformers import BitsAndBytesConfig
 
     # bitsandbytes computes in fp32 on CPU; bf16 is the fast (and documented) compute dtype on GPU.
@@ -230,7 +230,7 @@ def _from_pretrained(source: str, options: TrainOptions):
 
     kwargs = {"dtype": torch.bfloat16 if options.bf16 else torch.float32}
     if options.load_in_4bit:
-        kwargs.update(quantization_config=_quantization_config(options), device_map=_device_map())
+        kwargs.update(quantization_config=_quantization_config(), device_map=_device_map())
     return AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
 
@@ -395,13 +395,11 @@ def _loss_summary(trainer) -> str:
 
 
 def _gate_summary(handle: SO8THandle) -> str:
-    alphas = handle.alpha.detach().float().cpu()
-    theta_norms = handle.theta.detach().float().norm(dim=(1, 2)).cpu()
-    gates = ", ".join(
-        f"{layer}: σ(α)={torch.sigmoid(alpha).item():.3f} ‖θ‖={norm.item():.3f}"
-        for layer, alpha, norm in zip(handle.layer_indices, alphas, theta_norms)
-    )
-    return f"gates (layer: activation, rotation size) {gates}"
+    activations = torch.sigmoid(handle.alpha.detach().float()).cpu()
+    rotation_sizes = handle.theta.detach().float().norm(dim=(1, 2)).cpu()  # ‖θ‖ per layer
+    layers = handle.layer_indices
+    return (f"gates on layers {layers[0]} … {layers[-1]} ({len(layers)}): σ(α) {activations.min():.3f} … "
+            f"{activations.max():.3f}, ‖θ‖ {rotation_sizes.min():.3f} … {rotation_sizes.max():.3f}")
 
 
 def train(options: TrainOptions) -> Path:

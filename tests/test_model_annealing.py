@@ -77,7 +77,8 @@ def find_handle(model):
 def annealed_run(tmp_path_factory):
     recorder = GateRecorder()
     options = TrainOptions(output_dir=str(tmp_path_factory.mktemp("run")), max_steps=8, grad_accum=2, batch_size=4,
-                           warmup_steps=4, max_length=64, learning_rate=3e-3, extra_callbacks=[recorder])
+                           warmup_steps=4, max_length=64, learning_rate=3e-3, monitor=None,
+                           extra_callbacks=[recorder])
     training = build_training(options, options.output_dir, demo_overrides=TINY)
     theta_before = training.handle.theta.detach().clone()
     training.trainer.train()

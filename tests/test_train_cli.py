@@ -1,6 +1,7 @@
 """``so8t train`` on the embedded default, on a local Llama checkpoint, and its one-line errors for bad input."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -35,7 +36,10 @@ def default_run(tmp_path_factory):
     """The console command with its defaults, only shorter: 30 steps instead of 150."""
     output = tmp_path_factory.mktemp("cli") / "run"
     command = [sys.executable, "-m", "so8t", "train", "--max-steps", "30", "--output-dir", str(output)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    # One thread: on a 2-core machine with another busy process, two OpenMP threads wait on each other
+    # (this run took 123 s that way and 39 s on one thread, on the same loaded machine).
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return output, result
 

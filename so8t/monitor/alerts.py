@@ -17,7 +17,6 @@ NONFINITE_GRADS = "nonfinite_grads"
 ORTHOGONALITY = "orthogonality_residual"
 DEAD_GRADIENT = "dead_gradient"
 GATE_SATURATED = "gate_saturated"
-NONFINITE_KINDS = (NONFINITE_LOGITS, NONFINITE_ACTIVATIONS, NONFINITE_PARAMS, NONFINITE_GRADS)
 
 
 @dataclass(frozen=True)
@@ -83,10 +82,9 @@ class AlertChecker:
 
     def _gradient_groups(self, sample: dict) -> dict[str, np.ndarray]:
         layers = [f"L{layer}" for layer in self.info.layers]
+        # A frozen group (α during warmup) reads NaN, never 0: it is not counted as dead.
         groups = {f"theta/{label}": value for label, value in zip(layers, sample["grad_theta"])}
-        # α is not trained during warmup: the annealing schedule sets it.
-        if self.info.warmup_steps is None or sample[STEP] > self.info.warmup_steps:
-            groups.update({f"alpha/{label}": value for label, value in zip(layers, sample["grad_alpha"])})
+        groups.update({f"alpha/{label}": value for label, value in zip(layers, sample["grad_alpha"])})
         groups.update({f"lora/{name}": value for name, value in zip(self.info.lora_groups, sample["grad_lora"])})
         return groups
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from transformers import TrainerCallback
 
+from ..errors import SO8TError
 from ..placement import find_so8t_handle
 from .alerts import AlertThresholds
 from .config import MonitorConfig
@@ -57,7 +58,7 @@ class SO8TMonitorCallback(TrainerCallback):
         self.close()  # a previous train() in this process that ended in an exception
         handle = find_so8t_handle(model)
         if handle is None:
-            raise ValueError("SO8TMonitorCallback: the model has no SO(8) gates; attach them with attach_so8t first")
+            raise SO8TError("SO8TMonitorCallback: the model has no SO(8) gates; attach them with attach_so8t first")
         groups = trainable_groups(model, handle)
         self._probe = SampleProbe(model, handle, groups)
         self._reducer = CrossProcessReducer(self._probe.reductions())

@@ -47,8 +47,8 @@ def trainable_groups(model: nn.Module, handle: SO8THandle) -> dict[str, list[nn.
         if parameter.requires_grad and id(parameter) not in gate_parameters:
             match = layer_of.search(name)
             groups[f"L{match.group(1)}" if match else OTHER_GROUP].append(parameter)
-    ordered = sorted(groups, key=lambda group: (group == OTHER_GROUP, int(group[1:]) if group != OTHER_GROUP else 0))
-    return {group: groups[group] for group in ordered}
+    layer_order = sorted((group for group in groups if group != OTHER_GROUP), key=lambda group: int(group[1:]))
+    return {group: groups[group] for group in layer_order + [OTHER_GROUP] if group in groups}
 
 
 class SampleProbe:
@@ -76,10 +76,6 @@ class SampleProbe:
         self._elements = 0  # gate output elements per layer over the step's forwards (a host int)
         self._logits = []  # (logit_stats, element count) per forward
         self._captured = None
-
-    @property
-    def width(self) -> int:
-        return sum(field.width for field in self.fields)
 
     def reductions(self) -> list[str]:
         """Per element of the flat tensor, how processes combine it."""
@@ -170,7 +166,7 @@ class SampleProbe:
             grads = [p.grad for p in parameters if p.grad is not None]
             # torch._foreach_norm: one multi-tensor kernel on CUDA instead of one launch per LoRA tensor.
             norms.append(
-                torch.linalg.vector_norm(torch.stack([n.to(device) for n in torch._foreach_norm(grads)]))
+                torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(grads)]))
                 if grads else torch.zeros((), device=device)
             )
         return torch.stack(norms) if norms else torch.zeros(0, device=device)
@@ -180,7 +176,7 @@ class SampleProbe:
         if not parameters:
             return torch.zeros((), device=device)
         # A tensor's norm is non-finite iff it holds a NaN or inf (or overflows fp32, itself worth an alert).
-        norms = torch.stack([n.to(device) for n in torch._foreach_norm(parameters)])
+        norms = torch.stack([n.to(device, torch.float32) for n in torch._foreach_norm(parameters)])
         return (~torch.isfinite(norms)).sum(dtype=torch.float32)
 
     def _logit_summary(self, device: torch.device) -> dict:

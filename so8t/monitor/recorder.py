@@ -81,14 +81,11 @@ class Recorder:
         if len(self.ring):
             self.exporter.submit(self.ring.series())
 
-    def summary(self) -> dict:
-        return build_summary(self.info, self.extremes, self.ring.latest(), self.alerts)
-
     def finish(self) -> dict:
         """Final flush, files rewritten in this thread, summary.json; the recorder is closed after."""
         self.log.close()
         if len(self.ring):
             self.exporter.export_now(self.ring.series())
-        summary = self.summary()
+        summary = build_summary(self.info, self.extremes, self.ring.latest(), self.alerts)
         write_summary(self.directory / SUMMARY_FILE, summary)
         return summary

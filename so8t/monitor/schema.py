@@ -43,7 +43,6 @@ METRICS = (
     Metric("logit_max", SCALAR, "max of the finite output logits"),
     Metric("logit_nonfinite", SCALAR, "count of non-finite output logits"),
 )
-METRIC_BY_NAME = {metric.name: metric for metric in METRICS}
 
 # Not metrics: where and when a sample was taken.
 STEP, EPOCH, TIME = "step", "epoch", "time"

@@ -3,6 +3,7 @@
 #include <torch/headeronly/version.h>
 #include <torch/library.h>
 
+#include "simd.h"
 #include "so8t.h"
 
 TORCH_LIBRARY(so8t_cpp, m) {
@@ -30,13 +31,13 @@ namespace {
 
 // Which target_clones variant the loader picked for this CPU (simd.h).
 const char* kernel_variant() {
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#if SO8T_HAS_MULTIVERSION
   __builtin_cpu_init();
   if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
   if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2)";
   return "x86-64 (SSE2)";
 #else
-  return "portable";
+  return "baseline (no per-CPU variants with this compiler)";
 #endif
 }
 

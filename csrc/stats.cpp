@@ -55,35 +55,52 @@ SO8T_INLINE i32x16 finite16(f32x16 v) {
   return (f32x16)((i32x16)v & 0x7fffffff) < splat16(std::numeric_limits<float>::infinity());
 }
 
-// The common case, a full tile of finite values, costs 4 vector operations per 16 values on the first
-// sweep (sum, min, max) and 3 on the second (v − mean, FMA). Returns false, leaving *tile unset, when
-// the tile holds a non-finite value or its fp32 sum overflows: then the sum is not finite.
+// The common case, a full tile of finite values: 4 vector operations per 16 values on the first sweep
+// (sum, min, max) and 2 on the second (v − mean, FMA), in 4 independent accumulators so that the
+// 4-cycle add latency does not bound the sweep (1 accumulator: 1.5× a sum() pass, 4: 1.3×, measured
+// at 2048×32064 fp32 on this machine). Returns false, leaving *tile unset, when the tile holds a
+// non-finite value or its fp32 sum overflows: then the sum is not finite.
+constexpr int kAccumulators = 4;
+
 SO8T_INLINE bool full_finite_tile_stats(const float* values, TileStats* tile) {
-  f32x16 sum = splat16(0.0f);
-  f32x16 low = load16(values);
-  f32x16 high = low;
-  for (int64_t i = 0; i < kTile; i += 16) {
-    const f32x16 v = load16(values + i);
-    sum += v;
-    low = v < low ? v : low;
-    high = v > high ? v : high;
+  f32x16 sum[kAccumulators];
+  f32x16 low[kAccumulators];
+  f32x16 high[kAccumulators];
+  for (int a = 0; a < kAccumulators; ++a) {
+    sum[a] = splat16(0.0f);
+    low[a] = high[a] = load16(values);
+  }
+  for (int64_t i = 0; i < kTile; i += 16 * kAccumulators) {
+    for (int a = 0; a < kAccumulators; ++a) {
+      const f32x16 v = load16(values + i + 16 * a);
+      sum[a] += v;
+      low[a] = v < low[a] ? v : low[a];
+      high[a] = v > high[a] ? v : high[a];
+    }
   }
   double total = 0.0;
-  for (int lane = 0; lane < 16; ++lane) total += sum[lane];
+  for (int a = 0; a < kAccumulators; ++a) {
+    for (int lane = 0; lane < 16; ++lane) total += sum[a][lane];
+  }
   if (!std::isfinite(total)) return false;
   tile->count = kTile;
   tile->mean = total / kTile;
   const f32x16 mean = splat16(static_cast<float>(tile->mean));
-  f32x16 m2 = splat16(0.0f);
-  for (int64_t i = 0; i < kTile; i += 16) {
-    const f32x16 centred = load16(values + i) - mean;
-    m2 += centred * centred;
+  f32x16 m2[kAccumulators];
+  for (int a = 0; a < kAccumulators; ++a) m2[a] = splat16(0.0f);
+  for (int64_t i = 0; i < kTile; i += 16 * kAccumulators) {
+    for (int a = 0; a < kAccumulators; ++a) {
+      const f32x16 centred = load16(values + i + 16 * a) - mean;
+      m2[a] += centred * centred;
+    }
   }
   tile->m2 = 0.0;
-  for (int lane = 0; lane < 16; ++lane) {
-    tile->m2 += m2[lane];
-    tile->min = std::min(tile->min, low[lane]);
-    tile->max = std::max(tile->max, high[lane]);
+  for (int a = 0; a < kAccumulators; ++a) {
+    for (int lane = 0; lane < 16; ++lane) {
+      tile->m2 += m2[a][lane];
+      tile->min = std::min(tile->min, low[a][lane]);
+      tile->max = std::max(tile->max, high[a][lane]);
+    }
   }
   return true;
 }

@@ -3,7 +3,8 @@
 With no ``--model`` it trains the embedded default from scratch (the demo Phi-3 with a 3-class head,
 every weight trainable) on the bundled ``data/safety.jsonl``, offline, in seconds on a CPU. With
 ``--model`` it adds LoRA to that model's sequence-classification head model (the head is trained in
-full). The SO8T monitor records the class-logit statistics and the gates as for ``--task generate``.
+full). The SO8T monitor (``--monitor-*`` options) records the class-logit statistics and the gates
+as for ``--task generate``.
 The output directory is the judge ``so8t serve --safety-model`` reads (see so8t.judge).
 """
 
@@ -19,13 +20,10 @@ from pathlib import Path
 import torch
 
 from .adapter import save_so8t_adapter
-from .annealing import AlphaAnnealingCallback
 from .errors import SO8TError
 from .judge import LABELS, SO8T_ADAPTER_DIR, encode_for_judge, label_maps
 from .placement import attach_so8t, find_decoder_layout, resolve_layer_indices
-from .train import LORA_TARGETS, TrainOptions, _publish, _staging_dir
-
-MONITOR_INTERVAL = 10  # optimizer steps between monitor samples
+from .train import LORA_TARGETS, TrainOptions, _publish, _staging_dir, build_callbacks
 
 
 def bundled_safety_path() -> Path:
@@ -152,8 +150,6 @@ def train_classifier(options: TrainOptions) -> Path:
     """Builds, trains and publishes the judge into ``options.output_dir``; returns that directory."""
     from transformers import Trainer, TrainingArguments
 
-    from .monitor import SO8TMonitorCallback
-
     check_options(options)
     examples = read_labelled_jsonl(options.data or bundled_safety_path())
     model, tokenizer = build_classifier(options)
@@ -173,9 +169,8 @@ def train_classifier(options: TrainOptions) -> Path:
         lr_scheduler_type="constant", logging_steps=max(1, options.max_steps // 10), logging_first_step=True,
         save_strategy="no", report_to="none", seed=options.seed, dataloader_num_workers=0,
     )
-    callbacks = [] if handle is None else [AlphaAnnealingCallback(handle), SO8TMonitorCallback(interval=MONITOR_INTERVAL)]
     trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator,
-                      callbacks=callbacks + list(options.extra_callbacks))
+                      callbacks=build_callbacks(options, handle))
     try:
         started = time.perf_counter()
         trainer.train()

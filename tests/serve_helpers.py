@@ -6,11 +6,23 @@ import threading
 import time
 
 import httpx
+import pytest
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from so8t.serve.command import bind_socket, build_server
 
 STARTUP_TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The test models are tiny: on a 2-core machine that other processes share, torch's two threads
+    spin against each other (training the judge fixture took 320 s with two, 21 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from so8t.judge import (
     ALLOW, DENY, ESCALATE, LABELS, SafetyJudge, check_threshold, decide, encode_for_judge, label_maps,
 )
 from so8t.train import TrainOptions
+from serve_helpers import one_torch_thread  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="module")

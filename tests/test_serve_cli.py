@@ -13,9 +13,10 @@ import httpx
 
 from so8t.audit import read_rows, verify_chain
 from so8t.cli import main
-from serve_helpers import wait_for_health
+from serve_helpers import one_torch_thread, wait_for_health  # noqa: F401 (autouse)
 
-OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# One torch thread for the tiny model, as in the in-process tests (see serve_helpers.one_torch_thread).
+OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def test_serve_starts_offline_answers_and_stops_on_interrupt(tmp_path):

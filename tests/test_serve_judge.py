@@ -17,7 +17,7 @@ from so8t.judge import ALLOW, DENY, ESCALATE, LABELS, SafetyJudge
 from so8t.monitor.records import read_metrics
 from so8t.serve.app import create_app
 from so8t.serve.loading import load_generator
-from serve_helpers import request_counts, running_server
+from serve_helpers import one_torch_thread, request_counts, running_server  # noqa: F401 (autouse)
 from test_judge import classifier
 
 TRAIN_STEPS = 80  # 100% of the bundled data at 80 steps, ~1 s of CPU per 10 steps

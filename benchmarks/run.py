@@ -51,13 +51,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated so8t_kernels backends to time, if usable (default: all)")
     parser.add_argument("--dtypes", help=f"comma-separated, from {','.join(DTYPES)} (default: fp32 on CPU, fp32,bf16 on GPU)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
+    parser.add_argument("--suites", default=",".join(SUITES),
+                        help=f"comma-separated benchmark modules, from {','.join(SUITES)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1/8 of the tokens, short timings")
     parser.add_argument("--out", type=Path, default=BENCHMARK_DIR / "out")
     args = parser.parse_args(argv)
     args.dtypes = args.dtypes or ("fp32,bf16" if args.device == "cuda" else "fp32")
-    unknown = set(args.dtypes.split(",")) - set(DTYPES)
-    if unknown:
-        parser.error(f"--dtypes: unknown {sorted(unknown)}; choose from {list(DTYPES)}")
+    for option, chosen, allowed in (("--dtypes", args.dtypes, DTYPES), ("--suites", args.suites, SUITES)):
+        unknown = set(chosen.split(",")) - set(allowed)
+        if unknown:
+            parser.error(f"{option}: unknown {sorted(unknown)}; choose from {list(allowed)}")
     return args
 
 
@@ -98,7 +101,8 @@ def machine_info(device: torch.device, backends: list[str], skipped: dict[str, s
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "load_average_1min": os.getloadavg()[0],  # other processes on the machine skew CPU timings
+        # Other processes on the machine skew CPU timings: the 1-minute load average at start (and end).
+        "load_average_start": os.getloadavg()[0],
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",
@@ -203,6 +207,31 @@ def row_record(row: Row) -> dict:
     }
 
 
+def markdown_section(info: dict, rows: list[Row], targets: list[TargetResult], errors: list[str], wall_s: float) -> str:
+    """A section for benchmarks/RESULTS.md: date, machine, versions, command, table, targets."""
+    gpu = f"; GPU {info['device']}" if info["device_type"] == "cuda" else ""
+    skipped = "".join(f"; {name} skipped ({why})" for name, why in info["skipped_backends"].items())
+    lines = [
+        f"### {info['device']} — {info['timestamp'][:10]}",
+        "",
+        f"- Machine: {info['cpu_model']}, {info['cpu_cores']} cores, {info['threads']} threads{gpu}; load average "
+        f"{info['load_average_start']:.1f} at start, {info['load_average_end']:.1f} at end",
+        f"- Versions: Python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}",
+        f"- Commit {info['commit']}, {info['timestamp']}; backends timed: {', '.join(info['backends'])}{skipped}",
+        f"- Command: `{info['command']}` ({wall_s:.0f} s)",
+        "",
+        legend(torch.device(info["device_type"])),
+        "",
+        markdown_table(rows),
+        "",
+        "Targets:",
+        "",
+        *(f"- {target_line(result)}" for result in targets),
+        *(f"- error: {error}" for error in errors),
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def write_files(out: Path, info: dict, rows: list[Row], targets: list[TargetResult], errors: list[str],
                 wall_s: float) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
@@ -218,8 +247,8 @@ def write_files(out: Path, info: dict, rows: list[Row], targets: list[TargetResu
     json_path.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
 
     # CSV: one flat line per row, each carrying the machine columns; one "x_<ref>" column per reference.
-    meta_columns = ["device", "cpu_model", "cpu_cores", "threads", "load_average_1min", "python", "torch", "cuda",
-                    "triton", "commit", "timestamp"]
+    meta_columns = ["device", "cpu_model", "cpu_cores", "threads", "load_average_start", "load_average_end",
+                    "python", "torch", "cuda", "triton", "commit", "timestamp"]
     references = list(dict.fromkeys(ref for record in records for ref in record["ratios"]))
     csv_path = stem.with_suffix(".csv")
     with csv_path.open("w", newline="") as handle:
@@ -231,18 +260,7 @@ def write_files(out: Path, info: dict, rows: list[Row], targets: list[TargetResu
                             + [record["ratios"].get(ref, "") for ref in references])
 
     md_path = stem.with_suffix(".md")
-    md_path.write_text(
-        f"## {info['device']} — {info['timestamp'][:10]}\n\n"
-        f"- Machine: {info['cpu_model']}, {info['cpu_cores']} cores, {info['threads']} threads, "
-        f"load average {info['load_average_1min']:.2f} at start; device {info['device']}\n"
-        f"- Versions: Python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}\n"
-        f"- Commit {info['commit']}, {info['timestamp']}; backends timed: {', '.join(info['backends'])}"
-        + "".join(f"; {name} skipped ({why})" for name, why in info["skipped_backends"].items()) + "\n"
-        f"- Command: `{info['command']}` ({wall_s:.0f} s)\n\n"
-        f"{legend(torch.device(info['device_type']))}\n\n{markdown_table(rows)}\n\nTargets:\n\n"
-        + "".join(f"- {target_line(r)}\n" for r in targets)
-        + "".join(f"- error: {e}\n" for e in errors)
-    )
+    md_path.write_text(markdown_section(info, rows, targets, errors, wall_s))
     return [csv_path, json_path, md_path]
 
 
@@ -272,7 +290,8 @@ def main(argv=None) -> int:
     skipped = {name: why for name, why in skipped.items() if why is not None}
 
     for suite in SUITES:
-        importlib.import_module(suite)
+        if suite in args.suites.split(","):
+            importlib.import_module(suite)
     context = Context(device, [DTYPES[name] for name in args.dtypes.split(",")], backends, args.quick,
                       QUICK_PLAN if args.quick else FULL_PLAN)
     info = machine_info(device, backends, skipped, args)
@@ -280,29 +299,31 @@ def main(argv=None) -> int:
           f"torch {info['torch']}, triton {info['triton']}, Python {info['python']}, commit {info['commit']}")
     print(f"backends: {', '.join(backends) or 'none'}"
           + "".join(f"; skipped {name}: {why}" for name, why in skipped.items()))
-    if device.type == "cpu" and info["load_average_1min"] > 0.5:
-        print(f"warning: load average {info['load_average_1min']:.1f} on {info['cpu_cores']} cores before the "
+    if device.type == "cpu" and info["load_average_start"] > 0.5:
+        print(f"warning: load average {info['load_average_start']:.1f} on {info['cpu_cores']} cores before the "
               "run: other processes share the CPU and slow some timings more than others")
     sys.stdout.flush()
 
     started = time.perf_counter()
     rows: list[Row] = []
+    targets, paths, wall_s = [], [], 0.0
     for suite, bench in BENCHMARKS:
         context.suite = suite
         bench_started = time.perf_counter()
         with context.recording_errors(f"{suite}.{bench.__name__}"):
-            rows += bench(context)
+            rows = reading_order(rows + bench(context))
         print(f"  {suite}.{bench.__name__}: {time.perf_counter() - bench_started:.1f} s", file=sys.stderr, flush=True)
-    wall_s = time.perf_counter() - started
+        # Written after every benchmark, so that a run cut short (a GPU lease, a timeout) leaves its rows.
+        wall_s = time.perf_counter() - started
+        info["load_average_end"] = os.getloadavg()[0]
+        targets = evaluate_targets(rows, device.type)
+        paths = write_files(args.out, info, rows, targets, context.errors, wall_s)
 
-    rows = reading_order(rows)
-    targets = evaluate_targets(rows, device.type)
     print(f"\n{legend(device)}\n\n{text_table(rows)}\n\nTargets ({device.type}; reported, never enforced):")
     for result in targets:
         print(f"  {target_line(result)}")
     for error in context.errors:
         print(f"error: {error}")
-    paths = write_files(args.out, info, rows, targets, context.errors, wall_s)
     print(f"\n{wall_s:.0f} s; wrote {', '.join(str(path) for path in paths)}")
     return 1 if context.errors else 0
 

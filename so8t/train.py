@@ -21,11 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    Trainer,
+    TrainingArguments,
+)
 
 from .adapter import save_so8t_adapter
 from .annealing import AlphaAnnealingCallback
 from .config import ALL_INTERMEDIATE, SCHEDULES, SO8TConfig
 from .dataset import PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl
+from .demo import build_demo_tokenizer, demo_model_config
 from .errors import SO8TError
 from .monitor.config import MonitorConfig
 from .placement import SO8THandle, attach_so8t, find_decoder_layout, resolve_layer_indices
@@ -211,8 +220,6 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
 # Model
 # ---------------------------------------------------------------------------------------------
 def _quantization_config():
-    from transformers import BitsAndBytesConfig
-
     # bitsandbytes computes in fp32 on CPU; bf16 is the fast (and documented) compute dtype on GPU.
     compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -225,10 +232,12 @@ def _device_map():
     return "cpu"
 
 
-def _from_pretrained(source: str, options: TrainOptions):
-    from transformers import AutoModelForCausalLM
+def _model_dtype(options: TrainOptions) -> torch.dtype:
+    return torch.bfloat16 if options.bf16 else torch.float32
 
-    kwargs = {"dtype": torch.bfloat16 if options.bf16 else torch.float32}
+
+def _from_pretrained(source: str, options: TrainOptions):
+    kwargs = {"dtype": _model_dtype(options)}
     if options.load_in_4bit:
         kwargs.update(quantization_config=_quantization_config(), device_map=_device_map())
     return AutoModelForCausalLM.from_pretrained(source, **kwargs)
@@ -238,16 +247,12 @@ def load_model_and_tokenizer(options: TrainOptions, demo_overrides: dict | None 
     """The base model and its tokenizer: ``--model``, or the embedded demo (``demo_overrides`` change its
     Phi3Config, e.g. to Phi-3-mini shapes for a benchmark). Runs no forward (see ENVIRONMENT.md: an
     inference forward of a 4-bit model on CPU breaks its gradients)."""
-    from transformers import AutoTokenizer, Phi3ForCausalLM
-
-    from .demo import build_demo_tokenizer, demo_model_config
-
     if options.model is None:
         tokenizer = build_demo_tokenizer()
         torch.manual_seed(options.seed)
-        model = Phi3ForCausalLM(demo_model_config(tokenizer, **(demo_overrides or {})))
-        if options.bf16:
-            model = model.to(torch.bfloat16)
+        config = demo_model_config(tokenizer, **(demo_overrides or {}))
+        # Built in its final dtype: at Phi-3-mini shapes an fp32 copy first would be 15 GB.
+        model = AutoModelForCausalLM.from_config(config, dtype=_model_dtype(options))
         if options.load_in_4bit:  # bitsandbytes quantizes while loading: go through a checkpoint
             with tempfile.TemporaryDirectory() as checkpoint:
                 model.save_pretrained(checkpoint)
@@ -264,15 +269,18 @@ def load_model_and_tokenizer(options: TrainOptions, demo_overrides: dict | None 
 
 
 def _lora_targets(options: TrainOptions, model) -> list[str] | str:
-    if options.lora_targets:
-        return options.lora_targets
-    return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+    if not options.lora_targets:
+        return LORA_TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
+    # peft only fails when no name matches at all; a typo next to a valid name would go unnoticed.
+    module_names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
+    unknown = [target for target in options.lora_targets if target not in module_names]
+    if unknown:
+        raise SO8TError(f"--lora-targets {','.join(unknown)}: no module of that name in the model")
+    return options.lora_targets
 
 
 def prepare_peft_model(options: TrainOptions, model):
     """4-bit preparation, gradient checkpointing and LoRA, in the order peft requires."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
     # Non-reentrant checkpointing needs no input-grad hook and is the transformers 5 default.
     checkpointing_kwargs = {"use_reentrant": False}
     if options.load_in_4bit:
@@ -284,10 +292,7 @@ def prepare_peft_model(options: TrainOptions, model):
         model.activation_checkpointing_enable(checkpointing_kwargs)
     lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                       target_modules=_lora_targets(options, model), task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as error:  # e.g. a --lora-targets name the model does not have
-        raise SO8TError(f"cannot add LoRA adapters: {error}") from None
+    return get_peft_model(model, lora)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,7 +302,7 @@ def prepare_peft_model(options: TrainOptions, model):
 class Training:
     """A ready-to-run training: ``trainer.train()`` runs it; ``handle`` is None for a run without gates."""
 
-    trainer: object
+    trainer: Trainer
     model: torch.nn.Module
     tokenizer: object
     handle: SO8THandle | None
@@ -319,8 +324,6 @@ def build_training(options: TrainOptions, output_dir: str | Path, demo_overrides
 
     Every check that can fail on bad input runs before anything is written.
     """
-    from transformers import Trainer, TrainingArguments
-
     options.validate()
     pairs = read_jsonl(options.data or bundled_dataset_path())
     model, tokenizer = load_model_and_tokenizer(options, demo_overrides)

@@ -142,6 +142,7 @@ def bad_inputs(tmp_path, models):
         "no decoder layers": (["--model", models["flat"]], "cannot find the decoder layers of FlatForCausalLM"),
         "layer out of range": (["--so8t-layers", "1,6"], r"layer index 6 is out of range: .* 6 decoder layers \(0 … 5\)"),
         "missing model": (["--model", str(tmp_path / "no-model")], "cannot load --model"),
+        "unknown lora target": (["--lora-targets", "qkv_proj,nope_proj"], "--lora-targets nope_proj: no module of that name in the model"),
         "zero steps": (["--max-steps", "0"], "--max-steps must be at least 1"),
         "bad alpha target": (["--alpha-target", "1.5"], r"alpha_target=1.5: the target gate activation must be in \(0, 1\)"),
     }
@@ -149,7 +150,7 @@ def bad_inputs(tmp_path, models):
 
 @pytest.mark.parametrize("case", [
     "missing data file", "malformed line", "unknown layout", "hidden size", "no decoder layers",
-    "layer out of range", "missing model", "zero steps", "bad alpha target",
+    "layer out of range", "missing model", "unknown lora target", "zero steps", "bad alpha target",
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, bad_models, capsys):
     arguments, message = bad_inputs(tmp_path, bad_models)[case]

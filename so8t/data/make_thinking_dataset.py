@@ -16,12 +16,16 @@ OPPOSITES = [
 PLURALS = [
     ("cat", "cats"), ("box", "boxes"), ("child", "children"), ("mouse", "mice"), ("city", "cities"),
     ("leaf", "leaves"), ("foot", "feet"), ("bus", "buses"), ("tooth", "teeth"), ("day", "days"),
+    ("goose", "geese"), ("wolf", "wolves"), ("baby", "babies"),
 ]
 UNITS = [  # (from, to, factor)
     ("km", "m", 1000), ("m", "cm", 100), ("kg", "g", 1000), ("hours", "minutes", 60),
     ("minutes", "seconds", 60), ("days", "hours", 24), ("weeks", "days", 7), ("liters", "ml", 1000),
 ]
-WORDS = ["apple", "river", "stone", "cloud", "pencil", "garden", "window", "planet", "tiger", "bridge", "orange", "sky"]
+WORDS = [
+    "apple", "river", "stone", "cloud", "pencil", "garden", "window", "planet", "tiger", "bridge", "orange", "sky",
+    "music", "lemon", "forest", "candle", "rocket", "island", "butter", "dragon", "mirror", "jacket", "valley", "owl",
+]
 
 
 def addition(rng):
@@ -55,6 +59,8 @@ def opposite(rng):
 
 def plural(rng):
     word, many = rng.choice(PLURALS)
+    if rng.random() < 0.5:
+        return f"What is the singular of {many}?", f"Two {many}, one {word}.", word
     return f"What is the plural of {word}?", f"One {word}, two {many}.", many
 
 
@@ -78,12 +84,21 @@ def larger(rng):
 
 
 MAKERS = [addition, subtraction, multiplication, conversion, opposite, plural, letters, next_number, larger]
-NUM_EXAMPLES = 216  # 24 of each kind
+PER_KIND = 24
+
+
+def distinct_rows(maker, rng) -> list[tuple[str, str, str]]:
+    rows: dict[str, tuple[str, str, str]] = {}
+    while len(rows) < PER_KIND:
+        row = maker(rng)
+        rows.setdefault(row[0], row)
+    return list(rows.values())
 
 
 def main() -> None:
     rng = random.Random(8)
-    rows = [maker(rng) for _ in range(NUM_EXAMPLES // len(MAKERS)) for maker in MAKERS]
+    kinds = [distinct_rows(maker, rng) for maker in MAKERS]
+    rows = [kind[i] for i in range(PER_KIND) for kind in kinds]  # interleaved: every batch mixes the kinds
     path = Path(__file__).with_name("thinking.jsonl")
     with path.open("w") as file:
         for prompt, thinking, answer in rows:

@@ -1,4 +1,5 @@
-"""Crash safety and resume with a real Trainer: ``kill -9`` leaves metrics.jsonl readable, and resuming
+"""Crash safety and resume with a real Trainer: ``kill -9`` leaves metrics.jsonl readable, an exception
+still finishes the files, and resuming
 from a checkpoint appends, drops what was recorded after it, and keeps every series monotone."""
 
 import json
@@ -34,15 +35,37 @@ TRAIN_UNTIL_KILLED = textwrap.dedent("""
 """)
 
 
+FAIL_AT_STEP_5 = textwrap.dedent("""
+    import sys
+    import conftest  # offline hub, Triton interpreter: the tests' environment
+    from transformers import TrainerCallback
+    from monitor_helpers import make_trainer, tiny_gated_model
+    from so8t.monitor import SO8TMonitorCallback
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise RuntimeError("boom at step 5")
+
+    model, handle = tiny_gated_model()
+    monitor = SO8TMonitorCallback(interval=1, flush_every=1_000_000, plots=False)
+    make_trainer(model, handle, sys.argv[1], max_steps=50, monitor=monitor, callbacks=[Boom()]).train()
+""")
+
+
+def run_script(script: str, directory: Path, **popen) -> subprocess.Popen:
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT)]))
+    return subprocess.Popen([sys.executable, "-c", script, str(directory)], env=environment,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+
+
 def sample_lines(path: Path) -> int:
     return path.read_text().count('"type":"sample"') if path.is_file() else 0
 
 
 def test_kill_9_leaves_a_readable_metrics_file(tmp_path):
     metrics = tmp_path / "monitoring" / "metrics.jsonl"
-    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT)]))
-    process = subprocess.Popen([sys.executable, "-c", TRAIN_UNTIL_KILLED, str(tmp_path)], env=environment,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = run_script(TRAIN_UNTIL_KILLED, tmp_path)
     deadline = time.monotonic() + 150
     while sample_lines(metrics) < 8:
         assert process.poll() is None, process.stderr.read().decode()[-3000:]
@@ -56,6 +79,18 @@ def test_kill_9_leaves_a_readable_metrics_file(tmp_path):
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 8
     assert info.layers == (1, 2)
     assert report([str(tmp_path)]) == 0  # plots and summary from what the killed run left
+
+
+def test_an_exception_out_of_training_still_finishes_the_files(tmp_path):
+    process = run_script(FAIL_AT_STEP_5, tmp_path)
+    _, errors = process.communicate(timeout=300)
+    assert process.returncode != 0 and b"boom at step 5" in errors
+    monitoring = tmp_path / "monitoring"
+    _, samples, _ = read_metrics(monitoring / "metrics.jsonl")
+    assert [s["step"] for s in samples] == [1, 2, 3, 4, 5]
+    summary = json.loads((monitoring / "summary.json").read_text())
+    assert summary["samples_recorded"] == 5 and summary["last_step"] == 5
+    assert pd.read_csv(monitoring / "timeseries.csv")["step"].tolist() == [1, 2, 3, 4, 5]
 
 
 def test_resume_from_a_checkpoint_appends_and_keeps_steps_monotone(tmp_path):

@@ -1,6 +1,6 @@
 """Crash safety and resume with a real Trainer: ``kill -9`` leaves metrics.jsonl readable, an exception
-still finishes the files, and resuming
-from a checkpoint appends, drops what was recorded after it, and keeps every series monotone."""
+still finishes the files, and resuming from a checkpoint appends, drops what was recorded after it, and
+keeps every series monotone."""
 
 import json
 import os

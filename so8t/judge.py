@@ -129,4 +129,6 @@ def load_classifier(directory: str | Path):
         model = AutoModelForSequenceClassification.from_pretrained(directory)
     if (directory / SO8T_ADAPTER_DIR).is_dir():
         load_so8t_adapter(model, directory / SO8T_ADAPTER_DIR)
+    if torch.cuda.is_available():  # next to the generation model (so8t.serve.loading)
+        model = model.to("cuda")
     return model.eval(), tokenizer

@@ -11,6 +11,7 @@ Trainer's: gate gradients are all-reduced with the rest, so every rank holds the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
@@ -433,18 +434,40 @@ def train(options: TrainOptions) -> Path:
     return output_dir
 
 
+@contextlib.contextmanager
+def _threads_for(args: argparse.Namespace):
+    """One intra-op thread for the embedded demo on CPU, unless OMP_NUM_THREADS says otherwise.
+
+    Its tensors (8 × ~90 tokens × 128) are too small to split, and two threads wait on each other
+    whenever another process holds a core: the 150 demo steps took 526 s on two threads and 47 s on
+    one, on the same loaded 2-core machine.
+    """
+    previous = torch.get_num_threads()
+    if args.model is None and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        if args.task == "classify":
-            from .classify import train_classifier
-
-            train_classifier(options_from_args(args))
-        else:
-            train(options_from_args(args))
+        with _threads_for(args):
+            _run_task(args)
     except SO8TError as error:
         print(f"so8t train: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def _run_task(args: argparse.Namespace) -> None:
+    if args.task == "classify":
+        from .classify import train_classifier
+
+        train_classifier(options_from_args(args))
+    else:
+        train(options_from_args(args))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,7 @@ SO8T_INLINE float frobenius_norm(const Mat8& m) {
   return std::sqrt(horizontal_sum(squares));
 }
 
-// s ≥ 0 with ‖A‖_F / 2^s ≤ SCALED_NORM_MAX, at most MAX_SQUARINGS; 0 for non-finite A (like squaring_count).
+// s ≥ 0 with ‖A‖_F / 2^s ≤ SCALED_NORM_MAX, at most MAX_SQUARINGS (inf A), 0 for NaN A, like squaring_count.
 SO8T_INLINE int squaring_count(float norm) {
   const float count = std::ceil(std::log2(norm / kScaledNormMax));
   if (std::isnan(count)) return 0;

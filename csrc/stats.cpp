@@ -171,7 +171,8 @@ SO8T_INLINE TileStats tile_stats(const float* values, int64_t n) {
   return masked_tile_stats(values, n);
 }
 
-SO8T_MULTIVERSION void logit_stats_tiles(const float* values, int64_t numel, TileStats* tiles, int64_t begin, int64_t end) {
+SO8T_MULTIVERSION void logit_stats_tiles(
+    const float* values, int64_t numel, TileStats* tiles, int64_t begin, int64_t end) {
   for (int64_t tile = begin; tile < end; ++tile) {
     const int64_t offset = tile * kTile;
     tiles[tile] = tile_stats(values + offset, std::min(kTile, numel - offset));

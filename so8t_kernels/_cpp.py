@@ -31,7 +31,10 @@ def _load() -> str | None:
         return f"the C++ extension {EXTENSION} failed to import ({error}): rebuild it with {BUILD_COMMAND}"
     built_with, running = module.TORCH_VERSION, _release(torch.__version__)
     if built_with != running:
-        return f"the C++ extension was built against torch {built_with}, this is torch {running}: rebuild it with {BUILD_COMMAND}"
+        return (
+            f"the C++ extension was built against torch {built_with}, this is torch {running}: "
+            f"rebuild it with {BUILD_COMMAND}"
+        )
     return None
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from harness import LOWER_IS_BETTER, Context, Target, TimesReference, benchmark, register_targets, summarize
 
-STEPS, WARMUP_STEPS, ROUNDS = 120, 10, 5
+STEPS, WARMUP_STEPS, ROUNDS = 70, 10, 4  # 60 timed steps: 6 samples at the default interval
 QUICK_STEPS, QUICK_ROUNDS = 30, 2
 DEFAULT_INTERVAL = 10  # MonitorConfig.interval
 NO_MONITOR, DEFAULT, EVERY_STEP = "no monitor", f"monitor every {DEFAULT_INTERVAL}", "monitor every 1"

@@ -176,8 +176,10 @@ def test_background_exports_stay_within_their_time_budget(monkeypatch, tmp_path)
     while time.monotonic() < deadline:  # a flush every 10 ms
         exporter.submit(series)
         time.sleep(0.01)
-    exporter.export_now(series)
+    exporter.finish(series)
     in_background = started[:-1]
     assert 2 <= len(in_background) <= 4
     assert min(np.diff(in_background)) >= 0.29  # 0.05 s of work, then 0.25 s of rest
-    assert started[-1] >= in_background[-1] + 0.05  # export_now waited for the running export
+    assert started[-1] >= in_background[-1] + 0.05  # finish waited for the running export
+    exporter._thread.join(timeout=5)
+    assert not exporter._thread.is_alive()  # finished exporters leave no idle thread behind

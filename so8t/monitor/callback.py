@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import transformers
 from transformers import TrainerCallback
 
 from ..errors import SO8TError
@@ -56,6 +57,9 @@ class SO8TMonitorCallback(TrainerCallback):
     # -- Trainer events -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.close()  # a previous train() in this process that ended in an exception
+        if not hasattr(TrainerCallback, "on_pre_optimizer_step"):
+            raise SO8TError("SO8TMonitorCallback reads gradients in on_pre_optimizer_step, which this "
+                            f"transformers ({transformers.__version__}) lacks: upgrade transformers")
         handle = find_so8t_handle(model)
         if handle is None:
             raise SO8TError("SO8TMonitorCallback: the model has no SO(8) gates; attach them with attach_so8t first")

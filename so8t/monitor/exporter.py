@@ -5,8 +5,8 @@ would be a visible pause at every flush. A daemon thread takes the newest snapsh
 one still waiting is dropped: only the latest state matters), and after an export that took d seconds
 it starts the next one no sooner than d / BUDGET later, so exporting never takes more than BUDGET of
 the wall time, however often flushes come. The first export waits as if the one before had cost
-FIRST_EXPORT_GUESS_S: a run shorter than that gets its files at the end only. ``export_now`` waits for
-that thread and exports in the caller's thread, for the end of training and for ``so8t report``.
+FIRST_EXPORT_GUESS_S: a run shorter than that gets its files at the end only. ``finish`` waits for that
+thread, ends it, and exports in the caller's thread.
 """
 
 import logging
@@ -39,6 +39,7 @@ class Exporter:
         self._wake = threading.Condition(self._lock)
         self._pending: Series | None = None
         self._busy = False
+        self._finished = False
         self._thread: threading.Thread | None = None
         self._created = time.monotonic()
 
@@ -50,9 +51,11 @@ class Exporter:
                 self._thread.start()
             self._wake.notify_all()
 
-    def export_now(self, series: Series) -> list[Path]:
+    def finish(self, series: Series) -> list[Path]:
+        """The last export, in this thread, after the background one (if any) is done and gone."""
         with self._lock:
-            self._pending = None
+            self._pending, self._finished = None, True
+            self._wake.notify_all()
             while self._busy:
                 self._wake.wait()
         return export(series, self.directory, self.plots)
@@ -61,8 +64,10 @@ class Exporter:
         not_before = self._created + FIRST_EXPORT_GUESS_S / BUDGET
         while True:
             with self._lock:
-                while self._pending is None or time.monotonic() < not_before:
+                while not self._finished and (self._pending is None or time.monotonic() < not_before):
                     self._wake.wait(timeout=max(not_before - time.monotonic(), 0) or None)
+                if self._finished:
+                    return
                 series, self._pending, self._busy = self._pending, None, True
             started = time.monotonic()
             try:

@@ -85,7 +85,7 @@ class Recorder:
         """Final flush, files rewritten in this thread, summary.json; the recorder is closed after."""
         self.log.close()
         if len(self.ring):
-            self.exporter.export_now(self.ring.series())
+            self.exporter.finish(self.ring.series())
         summary = build_summary(self.info, self.extremes, self.ring.latest(), self.alerts)
         write_summary(self.directory / SUMMARY_FILE, summary)
         return summary

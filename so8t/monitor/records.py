@@ -70,10 +70,10 @@ def iter_records(path: Path) -> Iterator[tuple[str, str, dict]]:
     with open(path, encoding="utf-8") as file:
         pending_error = None
         for number, line in enumerate(file, start=1):
-            if pending_error is not None:
-                raise MetricsFileError(pending_error)
             if not line.strip():
                 continue
+            if pending_error is not None:
+                raise MetricsFileError(pending_error)
             try:
                 record = json.loads(line)
                 kind = record["type"]

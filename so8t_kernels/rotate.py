@@ -317,5 +317,6 @@ def so8_rotate(
     backend = "torch" if x.dtype == torch.float64 else _backend.choose_backend("so8_rotate", x.device)
     y, new_stats = _so8_rotate_op(x, rotation, alpha, stats is not None, backend)
     if stats is not None:
-        stats.copy_(new_stats)
+        # A measurement: copied without autograd history, so a reused buffer never grows a graph.
+        stats.copy_(new_stats.detach())
     return y

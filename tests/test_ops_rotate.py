@@ -104,6 +104,9 @@ def test_stats_are_overwritten_not_accumulated(backend):
     first = stats.clone()
     so8_rotate(*args, stats=stats)
     assert torch.equal(first, stats) and first[0] < 1e9 and first[2] == 0
+    leaves = [arg.clone().requires_grad_() for arg in args]
+    so8_rotate(*leaves, stats=stats)
+    assert not stats.requires_grad and stats.grad_fn is None, "the stats buffer must not join the graph"
 
 
 def test_nonfinite_inputs_stay_in_their_chunk_and_are_counted(backend):

@@ -192,12 +192,11 @@ class SO8THandle:
         rotation = rotations[gate_index].to(hidden.device)
         alpha = alphas[gate_index].to(hidden.device)
         if self.collect_activation_stats:
-            # so8_rotate copies its stats into `stats` with autograd recording; a scratch tensor keeps
-            # that out of the buffer, which then takes a plain copy.
+            # The kernel writes a scratch row on the layer's device (under device_map the bank's buffer
+            # may live on another one); 12 bytes copied per layer, on sampled steps only.
             stats = torch.empty(NUM_ACTIVATION_STATS, dtype=torch.float32, device=hidden.device)
             gated = so8_rotate(hidden, rotation, alpha, stats=stats)
-            with torch.no_grad():
-                self.bank.activation_stats[gate_index].copy_(stats)
+            self.bank.activation_stats[gate_index].copy_(stats)
         else:
             gated = so8_rotate(hidden, rotation, alpha)
         return (gated, *output[1:]) if isinstance(output, tuple) else gated

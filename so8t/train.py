@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -46,6 +47,9 @@ TASKS = ("generate", "classify")
 # bundled safety data in 150 steps, 1e-3 reached 99%.
 CLASSIFY_LEARNING_RATE = 1e-3
 SO8T_ADAPTER_DIR = "so8t"
+# Written for a run on the embedded demo base, which has no checkpoint of its own: the seed that
+# rebuilds its exact weights, so `so8t serve --adapter DIR` serves the base the adapter was trained on.
+EMBEDDED_BASE_FILE = "embedded_base.json"
 # LoRA target modules per architecture (config.model_type); others get peft's "all-linear".
 LORA_TARGETS = {
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
@@ -374,6 +378,8 @@ def save_outputs(training: Training, directory: Path) -> None:
         save_so8t_adapter(training.handle, directory / SO8T_ADAPTER_DIR)
     training.tokenizer.save_pretrained(directory)
     training.trainer.save_state()
+    if training.options.model is None:
+        (directory / EMBEDDED_BASE_FILE).write_text(json.dumps({"seed": training.options.seed}) + "\n")
 
 
 def _staging_dir(output_dir: Path) -> Path:

@@ -8,6 +8,7 @@ remembers it, so the audit and metrics tests can check the server against everyt
 
 import asyncio
 import hashlib
+import json
 import math
 import sqlite3
 import subprocess
@@ -24,6 +25,7 @@ from so8t.cli import main
 from so8t.serve.app import MAX_BODY_BYTES, create_app
 from so8t.serve.loading import load_generator
 from so8t.serve.thinking import CASES, parse_thinking
+from so8t.train import TrainOptions, load_model_and_tokenizer
 from serve_helpers import one_torch_thread, parse_metrics, request_counts, running_server  # noqa: F401 (autouse)
 
 PROMPT = "What is 16 + 25?"
@@ -79,6 +81,16 @@ def test_the_adapter_of_so8t_train_is_what_is_served(client, adapter_dir):
     health = httpx.get(f"{client.url}/health").json()
     assert health == {"status": "ok", "model": f"so8t-demo-phi3 + {adapter_dir}", "gated_layers": [1, 2, 3, 4],
                       "safety_model": False, "queue_depth": 0}
+
+
+def test_the_embedded_base_is_rebuilt_from_the_seed_the_adapter_was_trained_on(adapter_dir, tmp_path):
+    assert json.loads((adapter_dir / "embedded_base.json").read_text()) == {"seed": 0}
+    (tmp_path / "embedded_base.json").write_text(json.dumps({"seed": 3}))
+    served = load_generator(adapter=str(tmp_path)).model.model.layers[1].self_attn.qkv_proj.weight
+    seeded, _ = load_model_and_tokenizer(TrainOptions(seed=3))
+    default, _ = load_model_and_tokenizer(TrainOptions())
+    assert torch.equal(served, seeded.model.layers[1].self_attn.qkv_proj.weight)
+    assert not torch.equal(served, default.model.layers[1].self_attn.qkv_proj.weight)
 
 
 def test_answer_thinking_and_hashes(client):

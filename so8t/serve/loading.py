@@ -1,6 +1,7 @@
 """Builds the generation model of ``so8t serve`` from ``--model`` and ``--adapter``.
 
-- No ``--model``: the embedded default base of ``so8t train`` (same seed, so the same weights).
+- No ``--model``: the embedded default base of ``so8t train``, rebuilt from the seed the adapter's run
+  recorded (``embedded_base.json``; seed 0 without an adapter), so the same weights.
 - ``--adapter DIR``: a ``so8t train`` output: LoRA (merged into the base for speed), the SO8T gates of
   ``DIR/so8t``, and the tokenizer saved next to them.
 - Without an adapter the gates come from ``MODEL/so8t`` if there is one; the embedded default gets
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -18,19 +20,30 @@ from ..config import SO8TConfig
 from ..demo import DEMO_MODEL_NAME
 from ..errors import SO8TError
 from ..placement import attach_so8t
-from ..train import SO8T_ADAPTER_DIR, TrainOptions, load_model_and_tokenizer
+from ..train import EMBEDDED_BASE_FILE, SO8T_ADAPTER_DIR, TrainOptions, load_model_and_tokenizer
 from .generation import TextGenerator
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
+def _embedded_base_seed(adapter_dir: Path | None) -> int:
+    record = adapter_dir / EMBEDDED_BASE_FILE if adapter_dir is not None else None
+    if record is None or not record.is_file():
+        return TrainOptions().seed
+    try:
+        return int(json.loads(record.read_text())["seed"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise SO8TError(f"{record}: unreadable embedded base record ({error})") from None
+
+
 def load_generator(model: str | None = None, adapter: str | None = None) -> TextGenerator:
-    base, tokenizer = load_model_and_tokenizer(TrainOptions(model=model))
-    if adapter is not None:
-        adapter_dir = Path(adapter)
-        if not adapter_dir.is_dir():
-            raise SO8TError(f"--adapter {adapter}: no such directory")
+    adapter_dir = Path(adapter) if adapter is not None else None
+    if adapter_dir is not None and not adapter_dir.is_dir():
+        raise SO8TError(f"--adapter {adapter}: no such directory")
+    seed = _embedded_base_seed(adapter_dir) if model is None else TrainOptions().seed
+    base, tokenizer = load_model_and_tokenizer(TrainOptions(model=model, seed=seed))
+    if adapter_dir is not None:
         if any((adapter_dir / name).is_file() for name in TOKENIZER_FILES):
             from transformers import AutoTokenizer
 

@@ -23,7 +23,7 @@ from .adapter import save_so8t_adapter
 from .errors import SO8TError
 from .judge import LABELS, SO8T_ADAPTER_DIR, encode_for_judge, label_maps
 from .placement import attach_so8t, find_decoder_layout, resolve_layer_indices
-from .train import LORA_TARGETS, TrainOptions, _publish, _staging_dir, build_callbacks
+from .train import LORA_TARGETS, TrainOptions, build_callbacks, publish_outputs, staging_dir_for
 
 
 def bundled_safety_path() -> Path:
@@ -161,7 +161,7 @@ def train_classifier(options: TrainOptions) -> Path:
     handle = attach_so8t(model, config) if config is not None else None
 
     output_dir = Path(options.output_dir).resolve()
-    staging = _staging_dir(output_dir)
+    staging = staging_dir_for(output_dir)
     shutil.rmtree(staging, ignore_errors=True)  # left over from a run that was killed
     arguments = TrainingArguments(
         output_dir=str(staging), max_steps=options.max_steps, per_device_train_batch_size=options.batch_size,
@@ -182,7 +182,7 @@ def train_classifier(options: TrainOptions) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         trainer.save_state()
-        _publish(staging, output_dir)
+        publish_outputs(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -382,12 +382,12 @@ def save_outputs(training: Training, directory: Path) -> None:
         (directory / EMBEDDED_BASE_FILE).write_text(json.dumps({"seed": training.options.seed}) + "\n")
 
 
-def _staging_dir(output_dir: Path) -> Path:
+def staging_dir_for(output_dir: Path) -> Path:
     # Fixed name: every rank of a multi-process run must agree on it.
     return output_dir.parent / f".{output_dir.name}.partial"
 
 
-def _publish(staging: Path, output_dir: Path) -> None:
+def publish_outputs(staging: Path, output_dir: Path) -> None:
     """Moves the finished outputs into place; an existing --output-dir (only with --overwrite) goes last."""
     replaced = None
     if output_dir.exists():
@@ -415,7 +415,7 @@ def _gate_summary(handle: SO8THandle) -> str:
 def train(options: TrainOptions) -> Path:
     """The whole command: build, train, save into a staging directory, publish as ``options.output_dir``."""
     output_dir = Path(options.output_dir).resolve()
-    staging = _staging_dir(output_dir)
+    staging = staging_dir_for(output_dir)
     training = build_training(options, staging)
     is_main = training.trainer.is_world_process_zero()
     if is_main:  # left over from a run that was killed
@@ -426,7 +426,7 @@ def train(options: TrainOptions) -> Path:
         elapsed = time.perf_counter() - started
         if is_main:
             save_outputs(training, staging)
-            _publish(staging, output_dir)
+            publish_outputs(staging, output_dir)
     finally:
         if is_main and staging.exists():
             shutil.rmtree(staging)

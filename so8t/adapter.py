@@ -21,6 +21,8 @@ from .placement import SO8THandle, attach_so8t, find_decoder_layout, find_so8t_h
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "so8t_adapter.safetensors"
 CONFIG_FILE = "so8t_adapter.json"
+# Where `so8t train` (and the judge's training) put the SO8T adapter inside an output directory.
+SO8T_ADAPTER_DIR = "so8t"
 
 
 def save_so8t_adapter(handle_or_model: SO8THandle | nn.Module, path: str | Path) -> Path:

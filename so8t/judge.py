@@ -17,12 +17,12 @@ from typing import Sequence
 
 import torch
 
+from .adapter import SO8T_ADAPTER_DIR
 from .errors import SO8TError
 
 ALLOW, ESCALATE, DENY = "ALLOW", "ESCALATE", "DENY"
 LABELS = (ALLOW, ESCALATE, DENY)  # class index = position
 DEFAULT_THRESHOLD = 0.6
-SO8T_ADAPTER_DIR = "so8t"
 PEFT_CONFIG_FILE = "adapter_config.json"
 
 

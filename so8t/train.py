@@ -32,7 +32,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from .adapter import save_so8t_adapter
+from .adapter import SO8T_ADAPTER_DIR, save_so8t_adapter
 from .annealing import AlphaAnnealingCallback
 from .config import ALL_INTERMEDIATE, SCHEDULES, SO8TConfig
 from .dataset import PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl
@@ -46,7 +46,6 @@ TASKS = ("generate", "classify")
 # Trains the embedded judge's every weight from scratch: 3e-3 (right for LoRA) reached 74% on the
 # bundled safety data in 150 steps, 1e-3 reached 99%.
 CLASSIFY_LEARNING_RATE = 1e-3
-SO8T_ADAPTER_DIR = "so8t"
 # Written for a run on the embedded demo base, which has no checkpoint of its own: the seed that
 # rebuilds its exact weights, so `so8t serve --adapter DIR` serves the base the adapter was trained on.
 EMBEDDED_BASE_FILE = "embedded_base.json"

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from . import _backend
+from . import _backend, _cpp
 from ._triton import TRITON_IMPORT_ERROR
 
 OPS = ("so8_exp", "so8_rotate", "logit_stats")
@@ -23,6 +23,7 @@ def report() -> str:
         f"python        {sys.version.split()[0]} ({platform.machine()})",
         f"torch         {torch.__version__} (threads: {torch.get_num_threads()})",
         f"triton        {_version('triton')}" + (f"  [{TRITON_IMPORT_ERROR}]" if TRITON_IMPORT_ERROR else ""),
+        f"csrc          {_cpp.describe()}",
         f"SO8T_BACKEND  {_backend.requested_backend()}",
         f"interpreter   TRITON_INTERPRET={'1' if _backend.triton_interpreted() else '0'}",
     ]

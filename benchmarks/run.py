@@ -214,7 +214,7 @@ def markdown_section(info: dict, rows: list[Row], targets: list[TargetResult], e
     lines = [
         f"### {info['device']} — {info['timestamp'][:10]}",
         "",
-        f"- Machine: {info['cpu_model']}, {info['cpu_cores']} cores, {info['threads']} threads{gpu}; load average "
+        f"- Machine: {info['cpu_model']}, {info['cpu_cores']} cores, torch threads {info['threads']}{gpu}; load average "
         f"{info['load_average_start']:.1f} at start, {info['load_average_end']:.1f} at end",
         f"- Versions: Python {info['python']}, torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}",
         f"- Commit {info['commit']}, {info['timestamp']}; backends timed: {', '.join(info['backends'])}{skipped}",
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     context = Context(device, [DTYPES[name] for name in args.dtypes.split(",")], backends, args.quick,
                       QUICK_PLAN if args.quick else FULL_PLAN)
     info = machine_info(device, backends, skipped, args)
-    print(f"so8t benchmarks on {info['device']} ({info['cpu_cores']} cores, {info['threads']} threads) — "
+    print(f"so8t benchmarks on {info['device']} ({info['cpu_cores']} cores, torch threads {info['threads']}) — "
           f"torch {info['torch']}, triton {info['triton']}, Python {info['python']}, commit {info['commit']}")
     print(f"backends: {', '.join(backends) or 'none'}"
           + "".join(f"; skipped {name}: {why}" for name, why in skipped.items()))

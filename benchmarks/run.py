@@ -39,7 +39,7 @@ REPO_ROOT = BENCHMARK_DIR.parent
 # The checkout's so8t_kernels, installed or not (the GPU check runs in a copy with nothing installed).
 sys.path.insert(0, str(REPO_ROOT))
 # The modules whose @benchmark functions run, in order. A new suite is its module plus one entry here.
-SUITES = ("kernels", "train_step_monitor")
+SUITES = ("kernels", "train_step_gates", "train_step_monitor")
 PASS_ORDER = ("-", "fwd", "fwd+stats", "fwd+bwd")
 
 

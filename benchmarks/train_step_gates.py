@@ -1,0 +1,62 @@
+"""Training-step time with SO(8) gates on every intermediate layer against the same QLoRA training
+without gates (issue 3 §4), as a ratio measured in one run.
+
+CPU: the ``so8t train`` demo (embedded tiny Phi-3, 4-bit NF4 base, LoRA, bundled data, batch 8).
+CUDA: the same recipe at Phi-3-mini shapes (hidden 3072, 32 layers, vocabulary 32064; random weights,
+no download), in bf16: 30 gated layers × 384 blocks = 11,520 rotations per step. The monitor is off in
+both runs, so the ratio is the gates' own cost; runs take turns, so a shared machine's changing load
+hits both alike. A sample is the mean step time of one run after its warm-up steps.
+"""
+
+import tempfile
+from pathlib import Path
+
+from harness import LOWER_IS_BETTER, Context, Target, TimesReference, benchmark, register_targets, summarize
+from train_step_monitor import step_clock
+
+STEPS, WARMUP_STEPS, ROUNDS = 50, 10, 3
+QUICK_STEPS, QUICK_ROUNDS = 20, 2
+PHI3_MINI_SHAPES = dict(
+    hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+)
+NO_GATES, GATES = "QLoRA, no gates", "QLoRA + gates"
+
+
+def qlora_training(directory: Path, steps: int, gates: bool, on_gpu: bool):
+    from so8t.train import TrainOptions, build_training
+
+    clock = step_clock(WARMUP_STEPS + 1)
+    options = TrainOptions(output_dir=str(directory), max_steps=steps, load_in_4bit=True, gates=gates,
+                           monitor=None, bf16=on_gpu, extra_callbacks=[clock])
+    overrides = PHI3_MINI_SHAPES if on_gpu else None
+    return build_training(options, directory, demo_overrides=overrides).trainer, clock
+
+
+@benchmark
+def train_step_gates(ctx: Context) -> list:
+    steps, rounds = (QUICK_STEPS, QUICK_ROUNDS) if ctx.quick else (STEPS, ROUNDS)
+    on_gpu = ctx.device.type == "cuda"
+    with tempfile.TemporaryDirectory(prefix="so8t-bench-gates-") as scratch:
+        runs = {name: qlora_training(Path(scratch) / name.replace(" ", "-").replace(",", ""), steps, gates, on_gpu)
+                for name, gates in ((NO_GATES, False), (GATES, True))}
+        mean_step_ms = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, (trainer, clock) in runs.items():
+                trainer.train()
+                mean_step_ms[name].append(clock.mean_step_ms)
+    shape = f"{'phi3-mini' if on_gpu else 'demo phi3'} nf4 b8, {steps - WARMUP_STEPS} steps × {rounds}"
+    dtype = "bf16" if on_gpu else "fp32"
+    plain = ctx.row("train step (gates)", "step", NO_GATES, shape, dtype, summarize(mean_step_ms[NO_GATES]),
+                    kind="baseline")
+    gated = ctx.row("train step (gates)", "step", GATES, shape, dtype, summarize(mean_step_ms[GATES]),
+                    references=[plain])
+    return [plain, gated]
+
+
+register_targets(
+    Target("issue 3 §4", "cpu", "train step (gates)", "step", TimesReference(NO_GATES), LOWER_IS_BETTER, 1.15,
+           impls=(GATES,)),
+    Target("issue 3 §4", "cuda", "train step (gates)", "step", TimesReference(NO_GATES), LOWER_IS_BETTER, 1.03,
+           impls=(GATES,)),
+)

@@ -10,7 +10,6 @@ The output directory is the judge ``so8t serve --safety-model`` reads (see so8t.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .adapter import save_so8t_adapter
+from .dataset import iter_jsonl_objects
 from .errors import SO8TError
 from .judge import LABELS, SO8T_ADAPTER_DIR, encode_for_judge, label_maps
 from .placement import attach_so8t, find_decoder_layout, resolve_layer_indices
@@ -38,27 +38,14 @@ class LabelledText:
 
 def read_labelled_jsonl(path: str | Path) -> list[LabelledText]:
     """``{"text": ..., "label": "ALLOW" | "ESCALATE" | "DENY"}`` rows; problems name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise SO8TError(f"data file {path} not found")
     _, label2id = label_maps()
     examples = []
-    with path.open(encoding="utf-8") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SO8TError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
-            if not (isinstance(row, dict) and isinstance(row.get("text"), str) and "label" in row):
-                raise SO8TError(f"{where}: expected an object with a string `text` and a `label`")
-            if row["label"] not in label2id:
-                raise SO8TError(f"{where}: label {row['label']!r} is not one of {', '.join(LABELS)}")
-            examples.append(LabelledText(row["text"], label2id[row["label"]]))
-    if not examples:
-        raise SO8TError(f"data file {path} has no rows")
+    for where, row in iter_jsonl_objects(path):
+        if not (isinstance(row.get("text"), str) and "label" in row):
+            raise SO8TError(f"{where}: expected an object with a string `text` and a `label`")
+        if row["label"] not in label2id:
+            raise SO8TError(f"{where}: label {row['label']!r} is not one of {', '.join(LABELS)}")
+        examples.append(LabelledText(row["text"], label2id[row["label"]]))
     return examples
 
 

@@ -10,6 +10,7 @@ Row layouts (one per file, decided by the first row):
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -71,12 +72,13 @@ def _require_strings(row: dict, keys, where: str) -> None:
             raise SO8TError(f"{where}: field {key!r} must be a string, not {type(row[key]).__name__}")
 
 
-def read_jsonl(path: str | Path) -> list[TextPair]:
-    """All rows of a JSONL file as text pairs; any problem is an SO8TError naming the file and line."""
+def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[str, dict]]:
+    """(``file:line``, object) for each non-blank line; a missing file, malformed JSON, a row that is not
+    an object or a file without rows is an SO8TError naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise SO8TError(f"data file {path} not found")
-    pairs, layout = [], None
+    rows = 0
     with path.open(encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():
@@ -88,14 +90,22 @@ def read_jsonl(path: str | Path) -> list[TextPair]:
                 raise SO8TError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(row, dict):
                 raise SO8TError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            row_layout = _layout_of(row, where)
-            if layout is None:
-                layout = row_layout
-            elif row_layout != layout:
-                raise SO8TError(f"{where}: row has the {row_layout!r} layout but earlier rows have {layout!r}")
-            pairs.append(_pair_from_row(row, layout, where))
-    if not pairs:
+            rows += 1
+            yield where, row
+    if not rows:
         raise SO8TError(f"data file {path} has no rows")
+
+
+def read_jsonl(path: str | Path) -> list[TextPair]:
+    """All rows of a JSONL file as text pairs; any problem is an SO8TError naming the file and line."""
+    pairs, layout = [], None
+    for where, row in iter_jsonl_objects(path):
+        row_layout = _layout_of(row, where)
+        if layout is None:
+            layout = row_layout
+        elif row_layout != layout:
+            raise SO8TError(f"{where}: row has the {row_layout!r} layout but earlier rows have {layout!r}")
+        pairs.append(_pair_from_row(row, layout, where))
     return pairs
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from harness import LOWER_IS_BETTER, Context, Target, TimesReference, benchmark, register_targets, summarize
 
-STEPS, WARMUP_STEPS, ROUNDS = 70, 10, 4  # 60 timed steps: 6 samples at the default interval
-QUICK_STEPS, QUICK_ROUNDS = 30, 2
+STEPS, WARMUP_STEPS, ROUNDS = 40, 10, 10  # 30 timed steps (3 samples at the default interval) per run
+QUICK_STEPS, QUICK_ROUNDS = 30, 3
 DEFAULT_INTERVAL = 10  # MonitorConfig.interval
 NO_MONITOR, DEFAULT, EVERY_STEP = "no monitor", f"monitor every {DEFAULT_INTERVAL}", "monitor every 1"
 

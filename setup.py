@@ -57,7 +57,7 @@ setup(
     extras_require={
         "train": [
             "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "accelerate>=1.0",
-            "safetensors", "tokenizers", "pandas", "matplotlib", "seaborn", "tqdm",
+            "safetensors", "tokenizers", "pandas", "pyarrow", "matplotlib", "seaborn", "tqdm",
         ],
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scipy"],
         "serve": ["fastapi", "uvicorn", "httpx", "prometheus-client"],

@@ -3,7 +3,8 @@
 - No ``--model``: the embedded default base of ``so8t train``, rebuilt from the seed the adapter's run
   recorded (``embedded_base.json``; seed 0 without an adapter), so the same weights.
 - ``--adapter DIR``: a ``so8t train`` output: LoRA (merged into the base for speed), the SO8T gates of
-  ``DIR/so8t``, and the tokenizer saved next to them.
+  ``DIR/so8t`` (none for a run trained with ``--no-so8t``, which has no ``so8t/``), and the tokenizer
+  saved next to them.
 - Without an adapter the gates come from ``MODEL/so8t`` if there is one; the embedded default gets
   fresh gates (θ = 0, so they leave its outputs unchanged), the model ``so8t train`` starts from.
 """
@@ -59,7 +60,7 @@ def load_generator(model: str | None = None, adapter: str | None = None) -> Text
         tokenizer.pad_token = tokenizer.eos_token
     if gates_dir is not None and gates_dir.is_dir():
         handle = load_so8t_adapter(base, gates_dir)
-    elif model is None:
+    elif model is None and adapter_dir is None:
         handle = attach_so8t(base, SO8TConfig())
     else:
         handle = None

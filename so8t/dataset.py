@@ -85,7 +85,9 @@ def iter_jsonl_objects(path: str | Path) -> Iterator[tuple[str, dict]]:
                 continue
             where = f"{path}:{number}"
             try:
-                row = json.loads(line)
+                # Without its newline: an error at the end of a truncated row is at its last column
+                # plus one, not at column 1 of a line after it.
+                row = json.loads(line.rstrip("\n"))
             except json.JSONDecodeError as error:
                 raise SO8TError(f"{where}: malformed JSON ({error.msg} at column {error.colno})") from None
             if not isinstance(row, dict):

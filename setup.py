@@ -58,6 +58,7 @@ setup(
         "train": [
             "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "accelerate>=1.0",
             "safetensors", "tokenizers", "pandas", "pyarrow", "matplotlib", "seaborn", "tqdm",
+            "gguf",  # --model FILE.gguf: transformers dequantises GGUF files with it
         ],
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scipy"],
         "serve": ["fastapi", "uvicorn", "httpx", "prometheus-client"],

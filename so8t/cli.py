@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from .import_noise import silence_import_noise
+
 COMMANDS = {
     "train": ("so8t.train", "QLoRA fine-tuning with SO(8) gates on the intermediate decoder layers"),
     "info": ("so8t.info", "versions, devices and the kernel backend each op uses"),
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_import_noise()
     args = build_parser().parse_args(argv)
     return importlib.import_module(args.module_name).run(args)
 

@@ -51,7 +51,9 @@ def test_a_model_that_does_not_load_is_one_line_and_status_2(tmp_path):
                              "--audit-db", str(tmp_path / "audit.db")],
                             capture_output=True, text=True, timeout=300, env=OFFLINE)
     assert result.returncode == 2
-    assert result.stderr.startswith(f"so8t serve: error: cannot load the model ({missing})")
+    # Search for so8t's own line: third-party libraries may log to stderr on some CPUs.
+    assert any(line.startswith(f"so8t serve: error: cannot load the model ({missing})")
+               for line in result.stderr.splitlines()), result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "audit.db").exists()  # nothing was created for a server that never started
 

@@ -24,7 +24,8 @@ NO_GATES, GATES = "QLoRA, no gates", "QLoRA + gates"
 
 
 def qlora_training(directory: Path, steps: int, gates: bool, on_gpu: bool):
-    from so8t.train import TrainOptions, build_training
+    from so8t.finetune import build_training
+    from so8t.training.options import TrainOptions
 
     clock = step_clock(WARMUP_STEPS + 1)
     options = TrainOptions(output_dir=str(directory), max_steps=steps, load_in_4bit=True, gates=gates,

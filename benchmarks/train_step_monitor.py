@@ -42,7 +42,8 @@ def step_clock(first_timed_step: int):
 def demo_training(directory: Path, steps: int, interval: int | None):
     """The ``so8t train`` demo's Trainer, with the monitor at ``interval`` (None: without it)."""
     from so8t.monitor import MonitorConfig
-    from so8t.train import TrainOptions, build_training
+    from so8t.finetune import build_training
+    from so8t.training.options import TrainOptions
 
     clock = step_clock(WARMUP_STEPS + 1)
     monitor = None if interval is None else MonitorConfig(interval=interval)

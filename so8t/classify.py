@@ -23,7 +23,10 @@ from .dataset import iter_jsonl_objects
 from .errors import SO8TError
 from .judge import LABELS, SO8T_ADAPTER_DIR, encode_for_judge, label_maps
 from .placement import attach_so8t, find_decoder_layout, resolve_layer_indices
-from .train import LORA_TARGETS, TrainOptions, build_callbacks, publish_outputs, staging_dir_for
+from .training.callbacks import build_callbacks
+from .training.loading import load_model_and_tokenizer
+from .training.options import TrainOptions
+from .training.outputs import publish_outputs, staging_dir_for
 
 
 def bundled_safety_path() -> Path:
@@ -88,37 +91,12 @@ def check_options(options: TrainOptions) -> None:
 
 def build_classifier(options: TrainOptions):
     """The model (LoRA-wrapped when ``--model`` is given) and its tokenizer; no gates yet."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, Phi3ForSequenceClassification
+    model, tokenizer = load_model_and_tokenizer(options, labels=LABELS)
+    if options.model is None:  # the embedded default is trained from scratch, every weight
+        return model, tokenizer
+    from .training.lora import add_lora
 
-    from .demo import build_demo_tokenizer, demo_model_config
-
-    id2label, label2id = label_maps()
-    if options.model is None:
-        tokenizer = build_demo_tokenizer()
-        torch.manual_seed(options.seed)
-        config = demo_model_config(tokenizer, num_labels=len(LABELS), id2label=id2label, label2id=label2id)
-        return Phi3ForSequenceClassification(config), tokenizer
-
-    from peft import LoraConfig, get_peft_model
-
-    # adapter_config.json records this name: an absolute path keeps the judge loadable from anywhere.
-    source = str(Path(options.model).resolve()) if Path(options.model).is_dir() else options.model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=len(LABELS), id2label=id2label, label2id=label2id, dtype=torch.float32)
-    except (OSError, ValueError) as error:
-        raise SO8TError(f"cannot load --model {options.model} as a sequence classifier: {error}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    targets = options.lora_targets or LORA_TARGETS.get(model.config.model_type, "all-linear")
-    lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-                      target_modules=targets, task_type="SEQ_CLS")
-    try:
-        return get_peft_model(model, lora), tokenizer
-    except ValueError as error:
-        raise SO8TError(f"cannot add LoRA adapters: {error}") from None
+    return add_lora(options, model, task_type="SEQ_CLS"), tokenizer
 
 
 @torch.no_grad()

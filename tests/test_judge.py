@@ -13,7 +13,7 @@ from so8t.demo import build_demo_tokenizer, demo_model_config
 from so8t.judge import (
     ALLOW, DENY, ESCALATE, LABELS, SafetyJudge, check_threshold, decide, encode_for_judge, label_maps,
 )
-from so8t.train import TrainOptions
+from so8t.training.options import TrainOptions
 from serve_helpers import one_torch_thread  # noqa: F401 (autouse)
 
 

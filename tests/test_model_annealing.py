@@ -10,7 +10,8 @@ from transformers import TrainerCallback
 from so8t import SO8TConfig, attach_so8t
 from so8t.annealing import alpha_at_step, apply_alpha_schedule
 from so8t.config import SCHEDULES
-from so8t.train import TrainOptions, build_training
+from so8t.finetune import build_training
+from so8t.training.options import TrainOptions
 
 TARGET = math.log(0.1 / 0.9)  # logit(0.1) = −2.1972
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)

@@ -6,7 +6,8 @@ import json
 from so8t.monitor import MonitorConfig, SO8TMonitorCallback
 from so8t.monitor.records import read_metrics
 from so8t.report import main as report
-from so8t.train import add_arguments, build_callbacks, main as train, options_from_args
+from so8t.train import add_arguments, main as train, options_from_args
+from so8t.training.callbacks import build_callbacks
 
 SMALL_RUN = ["--max-steps", "3", "--max-length", "128", "--batch-size", "2", "--warmup-steps", "2"]
 

@@ -25,7 +25,8 @@ from so8t.cli import main
 from so8t.serve.app import MAX_BODY_BYTES, create_app
 from so8t.serve.loading import load_generator
 from so8t.serve.thinking import CASES, parse_thinking
-from so8t.train import TrainOptions, load_model_and_tokenizer
+from so8t.training.loading import load_model_and_tokenizer
+from so8t.training.options import TrainOptions
 from serve_helpers import one_torch_thread, parse_metrics, request_counts, running_server  # noqa: F401 (autouse)
 
 PROMPT = "What is 16 + 25?"

@@ -14,7 +14,8 @@ WORKER = textwrap.dedent("""
     from transformers import TrainerCallback
 
     from so8t import find_so8t_handle
-    from so8t.train import TrainOptions, train
+    from so8t.finetune import finetune
+    from so8t.training.options import TrainOptions
 
 
     class SaveGates(TrainerCallback):
@@ -24,8 +25,8 @@ WORKER = textwrap.dedent("""
             torch.save(gates, f"{sys.argv[2]}/gates-{args.process_index}.pt")
 
 
-    train(TrainOptions(output_dir=sys.argv[1], max_steps=6, warmup_steps=2, batch_size=4, max_length=64,
-                       extra_callbacks=[SaveGates()]))
+    finetune(TrainOptions(output_dir=sys.argv[1], max_steps=6, warmup_steps=2, batch_size=4, max_length=64,
+                          extra_callbacks=[SaveGates()]))
 """)
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from so8t.train import TrainOptions, build_training
+from so8t.finetune import build_training
+from so8t.training.options import TrainOptions
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
 

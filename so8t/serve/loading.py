@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import load_so8t_adapter
+from ..adapter import SO8T_ADAPTER_DIR, load_so8t_adapter
 from ..config import SO8TConfig
 from ..demo import DEMO_MODEL_NAME
 from ..errors import SO8TError
 from ..placement import attach_so8t
-from ..train import EMBEDDED_BASE_FILE, SO8T_ADAPTER_DIR, TrainOptions, load_model_and_tokenizer
+from ..training.loading import load_model_and_tokenizer
+from ..training.options import TrainOptions
+from ..training.outputs import EMBEDDED_BASE_FILE
 from .generation import TextGenerator
 
 PEFT_CONFIG_FILE = "adapter_config.json"

@@ -1,0 +1,135 @@
+"""``so8t train --task generate``: QLoRA fine-tuning of a causal LM with SO(8) gates on the intermediate
+decoder layers, with the HF Trainer and peft LoRA.
+
+Multi-process runs (torchrun/accelerate) are the Trainer's: gate gradients are all-reduced with the
+rest, so every rank holds the same gates.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .adapter import SO8T_ADAPTER_DIR, save_so8t_adapter
+from .dataset import PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl
+from .placement import SO8THandle, attach_so8t, find_decoder_layout, resolve_layer_indices
+from .training.callbacks import build_callbacks
+from .training.loading import load_model_and_tokenizer
+from .training.lora import add_lora
+from .training.options import TrainOptions
+from .training.outputs import publish_outputs, staging_dir_for, write_embedded_base_record
+
+
+@dataclass
+class Training:
+    """A ready-to-run training: ``trainer.train()`` runs it; ``handle`` is None for a run without gates."""
+
+    trainer: Trainer
+    model: torch.nn.Module
+    tokenizer: object
+    handle: SO8THandle | None
+    options: TrainOptions
+
+
+def build_training(options: TrainOptions, output_dir: str | Path, demo_overrides: dict | None = None) -> Training:
+    """Loads data and model, adds LoRA and gates, and builds the Trainer writing into ``output_dir``.
+
+    Every check that can fail on bad input runs before anything is written.
+    """
+    options.validate()
+    pairs = read_jsonl(options.data or bundled_dataset_path())
+    model, tokenizer = load_model_and_tokenizer(options, demo_overrides=demo_overrides)
+    config = options.so8t_config() if options.gates else None
+    if config is not None:  # fail on layout problems before LoRA is added or anything is written
+        layout = find_decoder_layout(model)
+        resolve_layer_indices(config.layers, layout.num_layers)
+    dataset = TokenizedDataset(tokenizer, pairs, options.max_length)
+
+    model = add_lora(options, model)
+    # After get_peft_model, which freezes every parameter that is not a LoRA one.
+    handle = attach_so8t(model, config) if config is not None else None
+
+    arguments = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=options.max_steps,
+        per_device_train_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        learning_rate=options.learning_rate,
+        lr_scheduler_type="constant",
+        logging_steps=max(1, options.max_steps // 10),
+        logging_first_step=True,
+        save_strategy="no",
+        report_to="none",
+        seed=options.seed,
+        bf16=options.bf16,
+        dataloader_num_workers=0,
+        # accelerate runs torchrun's processes as a gloo group on CPU only when told the run is CPU-only.
+        use_cpu=not torch.cuda.is_available(),
+        # Every trainable parameter gets a gradient every step (α a zero one during warmup).
+        ddp_find_unused_parameters=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=dataset,
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
+        callbacks=build_callbacks(options, handle),
+    )
+    return Training(trainer=trainer, model=model, tokenizer=tokenizer, handle=handle, options=options)
+
+
+def save_outputs(training: Training, directory: Path) -> None:
+    """LoRA adapter, SO8T adapter (``so8t/``), tokenizer and trainer state into ``directory``."""
+    training.model.save_pretrained(directory)
+    if training.handle is not None:
+        save_so8t_adapter(training.handle, directory / SO8T_ADAPTER_DIR)
+    training.tokenizer.save_pretrained(directory)
+    training.trainer.save_state()
+    if training.options.model is None:
+        write_embedded_base_record(directory, training.options.seed)
+
+
+def _loss_summary(trainer) -> str:
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return f"loss {losses[0]:.3f} → {losses[-1]:.3f}" if losses else "no loss logged"
+
+
+def _gate_summary(handle: SO8THandle) -> str:
+    activations = torch.sigmoid(handle.alpha.detach().float()).cpu()
+    rotation_sizes = handle.theta.detach().float().norm(dim=(1, 2)).cpu()  # ‖θ‖ per layer
+    layers = handle.layer_indices
+    return (f"gates on layers {layers[0]} … {layers[-1]} ({len(layers)}): σ(α) {activations.min():.3f} … "
+            f"{activations.max():.3f}, ‖θ‖ {rotation_sizes.min():.3f} … {rotation_sizes.max():.3f}")
+
+
+def finetune(options: TrainOptions) -> Path:
+    """The whole task: build, train, save into a staging directory, publish as ``options.output_dir``."""
+    output_dir = Path(options.output_dir).resolve()
+    staging = staging_dir_for(output_dir)
+    training = build_training(options, staging)
+    is_main = training.trainer.is_world_process_zero()
+    if is_main:  # left over from a run that was killed
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        started = time.perf_counter()
+        training.trainer.train()
+        elapsed = time.perf_counter() - started
+        if is_main:
+            save_outputs(training, staging)
+            publish_outputs(staging, output_dir)
+    finally:
+        if is_main and staging.exists():
+            shutil.rmtree(staging)
+    if is_main:
+        steps = training.trainer.state.global_step
+        print(f"\nso8t train: {steps} steps in {elapsed:.1f} s, {_loss_summary(training.trainer)}")
+        if training.handle is not None:
+            print(_gate_summary(training.handle))
+        print(f"outputs in {output_dir}: LoRA adapter (adapter_model.safetensors), SO8T adapter ({SO8T_ADAPTER_DIR}/), "
+              "tokenizer, trainer_state.json")
+    return output_dir

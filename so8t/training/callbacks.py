@@ -1,0 +1,18 @@
+"""The Trainer callbacks of a ``so8t train`` run, in the order they must run."""
+
+from __future__ import annotations
+
+from ..annealing import AlphaAnnealingCallback
+from ..placement import SO8THandle
+from .options import TrainOptions
+
+
+def build_callbacks(options: TrainOptions, handle: SO8THandle | None) -> list:
+    """The monitor (first: it samples the step before anything changes the gates), α annealing, then
+    ``options.extra_callbacks``. A run without gates gets neither."""
+    callbacks = [AlphaAnnealingCallback(handle)] if handle is not None else []
+    if handle is not None and options.monitor is not None:
+        from ..monitor import SO8TMonitorCallback
+
+        callbacks.insert(0, SO8TMonitorCallback(options.monitor))
+    return callbacks + list(options.extra_callbacks)

@@ -1,0 +1,92 @@
+"""The base model and its tokenizer for ``so8t train`` (and for ``so8t serve``, which rebuilds the same base):
+``--model`` (a hub id or a local directory) or the embedded default, as a causal LM or as a sequence
+classifier. One function, ``load_model_and_tokenizer``, so every way in goes through the same checks.
+
+It runs no forward: an inference forward of a 4-bit model on a CPU with avx512_bf16 repacks its weights
+in a form the backward pass cannot use, and training then gets zero LoRA gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+)
+
+from ..demo import build_demo_tokenizer, demo_model_config
+from ..errors import SO8TError
+from .options import TrainOptions
+
+
+def _quantization_config() -> BitsAndBytesConfig:
+    # bitsandbytes computes in fp32 on CPU; bf16 is the fast (and documented) compute dtype on GPU.
+    compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def _device_map():
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", 0))}
+    return "cpu"
+
+
+def _model_dtype(options: TrainOptions) -> torch.dtype:
+    return torch.bfloat16 if options.bf16 else torch.float32
+
+
+def _label_kwargs(labels: Sequence[str] | None) -> dict:
+    if labels is None:
+        return {}
+    return dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={label: index for index, label in enumerate(labels)})
+
+
+def _from_pretrained(auto_class, source: str, options: TrainOptions, labels: Sequence[str] | None):
+    kwargs = {"dtype": _model_dtype(options), **_label_kwargs(labels)}
+    if options.load_in_4bit:
+        kwargs.update(quantization_config=_quantization_config(), device_map=_device_map())
+    return auto_class.from_pretrained(source, **kwargs)
+
+
+def load_model_and_tokenizer(options: TrainOptions, labels: Sequence[str] | None = None,
+                             demo_overrides: dict | None = None):
+    """The base model of ``options`` (``--model``, ``--load-in-4bit``, ``--bf16``, ``--seed``) and its tokenizer.
+
+    ``labels``: a sequence classifier with these classes (its head freshly initialised); None: a causal LM.
+    ``demo_overrides`` change the embedded default's Phi3Config, e.g. to Phi-3-mini shapes for a benchmark.
+    The tokenizer always has a pad token (the EOS token when the model defines none).
+    """
+    auto_class = AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
+    if options.model is None:
+        tokenizer = build_demo_tokenizer()
+        torch.manual_seed(options.seed)
+        config = demo_model_config(tokenizer, **_label_kwargs(labels), **(demo_overrides or {}))
+        # Built in its final dtype: at Phi-3-mini shapes an fp32 copy first would be 15 GB.
+        model = auto_class.from_config(config, dtype=_model_dtype(options))
+        if options.load_in_4bit:  # bitsandbytes quantizes while loading: go through a checkpoint
+            with tempfile.TemporaryDirectory() as checkpoint:
+                model.save_pretrained(checkpoint)
+                model = _from_pretrained(auto_class, checkpoint, options, labels)
+        return model, tokenizer
+    # adapter_config.json records this name: an absolute path keeps the adapter loadable from anywhere.
+    source = str(Path(options.model).resolve()) if Path(options.model).is_dir() else options.model
+    what = "" if labels is None else " as a sequence classifier"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = _from_pretrained(auto_class, source, options, labels)
+    except (OSError, ValueError) as error:
+        raise SO8TError(f"cannot load --model {options.model}{what}: {error}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if labels is not None:  # the classifier pools the last token that is not padding
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

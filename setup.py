@@ -1,9 +1,16 @@
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 
 CPP_SWITCH = "SO8T_BUILD_CPP"
+
+
+def package_version() -> str:
+    """The one version string, from so8t/__init__.py (``so8t --version`` prints it)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "so8t", "__init__.py")) as source:
+        return re.search(r'^__version__ = "([^"]+)"', source.read(), re.MULTILINE).group(1)
 
 
 def cpp_extension_options() -> dict:
@@ -46,7 +53,7 @@ def cpp_extension_options() -> dict:
 
 setup(
     name="so8t",
-    version="0.1.0",
+    version=package_version(),
     description="SO(8) rotation gates for Hugging Face decoder models: kernels, QLoRA training, monitoring",
     packages=find_packages(include=["so8t", "so8t.*", "so8t_kernels", "so8t_kernels.*"]),
     package_data={"so8t": ["data/*.jsonl"]},

@@ -9,33 +9,40 @@ save_so8t_adapter(handle, "out/so8t")
 handle = load_so8t_adapter(fresh_model, "out/so8t")        # same logits as the trained model
 ```
 
-Importing ``so8t`` loads torch but not transformers; the annealing callback and the training command
-import it when used.
+Importing ``so8t`` imports nothing heavy: each name below is imported from its module on first use
+(torch with the model-side names, transformers with the annealing callback), so ``so8t --help`` and
+the torch-free commands start without them.
 """
 
-from .adapter import load_so8t_adapter, save_so8t_adapter
-from .config import SO8TConfig
-from .errors import SO8TError
-from .placement import SO8THandle, attach_so8t, find_so8t_handle
+from __future__ import annotations
 
-__all__ = [
-    "SO8TConfig",
-    "SO8TError",
-    "SO8THandle",
-    "attach_so8t",
-    "find_so8t_handle",
-    "load_so8t_adapter",
-    "save_so8t_adapter",
-    "AlphaAnnealingCallback",
-    "alpha_at_step",
-    "apply_alpha_schedule",
-]
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "SO8TConfig": "config",
+    "SO8TError": "errors",
+    "SO8THandle": "placement",
+    "attach_so8t": "placement",
+    "find_so8t_handle": "placement",
+    "load_so8t_adapter": "adapter",
+    "save_so8t_adapter": "adapter",
+    "AlphaAnnealingCallback": "annealing",
+    "alpha_at_step": "annealing",
+    "apply_alpha_schedule": "annealing",
+}
+
+__all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):
-    # The annealing module subclasses transformers' TrainerCallback: import transformers only on use.
-    if name in ("AlphaAnnealingCallback", "alpha_at_step", "apply_alpha_schedule"):
-        from . import annealing
-
-        return getattr(annealing, name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'so8t' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from .adapter import save_so8t_adapter
+from .adapter import SO8T_ADAPTER_DIR, save_so8t_adapter
 from .dataset import iter_jsonl_objects
 from .errors import SO8TError
-from .judge import LABELS, SO8T_ADAPTER_DIR, encode_for_judge, label_maps
+from .judge import LABELS, encode_for_judge, label_maps
 from .placement import attach_so8t, find_decoder_layout, resolve_layer_indices
 from .training.callbacks import build_callbacks
 from .training.loading import load_model_and_tokenizer

@@ -15,9 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from .adapter import SO8T_ADAPTER_DIR
 from .errors import SO8TError
 
 ALLOW, ESCALATE, DENY = "ALLOW", "ESCALATE", "DENY"
@@ -85,12 +82,14 @@ class SafetyJudge:
         self.threshold = check_threshold(threshold)
         self.max_length = readable_length(model, tokenizer)
 
-    @torch.inference_mode()
     def judge(self, text: str) -> Verdict:
+        import torch
+
         ids, truncated = encode_for_judge(self.tokenizer, text, self.max_length)
         device = next(self.model.parameters()).device
-        logits = self.model(input_ids=torch.tensor([ids], device=device)).logits[0]
-        probabilities = torch.softmax(logits.float(), dim=-1).tolist()
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([ids], device=device)).logits[0]
+            probabilities = torch.softmax(logits.float(), dim=-1).tolist()
         return decide(probabilities, self.threshold, truncated)
 
     @classmethod
@@ -107,9 +106,10 @@ def check_label_vocabulary(config) -> None:
 
 def load_classifier(directory: str | Path):
     """Model (gates attached, eval mode) and tokenizer from a ``so8t train --task classify`` output."""
+    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .adapter import load_so8t_adapter
+    from .adapter import SO8T_ADAPTER_DIR, load_so8t_adapter
 
     directory = Path(directory)
     if not directory.is_dir():

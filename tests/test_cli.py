@@ -1,0 +1,59 @@
+"""``so8t`` answers --help, --version and argument errors without importing torch (or transformers, peft,
+bitsandbytes), for every registered command, and an argument error shows the command's own usage."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from so8t import __version__
+from so8t.cli import COMMANDS
+
+HEAVY = {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "triton"}
+
+
+def _so8t(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Runs ``python -X importtime -m so8t ARGS``; the result (stderr without the import lines) and the
+    top-level packages that were imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "so8t", *args],
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
+    result.stderr = "\n".join(line for line in lines if not line.startswith("import time:"))
+    return result, imported
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"], *[[name, "--help"] for name in COMMANDS]],
+                         ids=" ".join)
+def test_help_and_version_import_nothing_heavy(args):
+    result, imported = _so8t(*args)
+    assert result.returncode == 0, result.stderr
+    assert not imported & HEAVY, f"so8t {' '.join(args)} imported {sorted(imported & HEAVY)}"
+    expected = {"--help": "usage: so8t [-h]", "--version": f"so8t {__version__}"}.get(args[0], f"usage: so8t {args[0]} ")
+    assert result.stdout.startswith(expected), result.stdout
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_an_argument_error_shows_the_commands_usage_and_imports_nothing_heavy(name):
+    result, imported = _so8t(name, "--no-such-option")
+    assert result.returncode == 2
+    assert not imported & HEAVY, f"so8t {name} --no-such-option imported {sorted(imported & HEAVY)}"
+    assert result.stderr.startswith(f"usage: so8t {name} "), result.stderr
+    assert f"so8t {name}: error: " in result.stderr, result.stderr
+
+
+def test_a_misspelt_option_names_the_one_meant():
+    result, _ = _so8t("train", "--max-stesp", "5")
+    assert result.returncode == 2
+    assert "so8t train: error: unrecognized arguments: --max-stesp 5 (did you mean --max-steps?)" in result.stderr
+
+
+def test_help_starts_well_under_two_seconds():
+    # The best of three runs: the shared machine's load may slow any one run; torch alone takes ~4 s here.
+    durations = []
+    for _ in range(3):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "so8t", "--help"], capture_output=True, check=True, timeout=60)
+        durations.append(time.perf_counter() - start)
+    assert min(durations) < 1.0, durations

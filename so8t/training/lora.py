@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+from ..bnb_guard import keep_4bit_weights_trainable
 from ..errors import SO8TError
 from .options import LORA_TARGETS, TrainOptions
 
@@ -30,6 +31,8 @@ def add_lora(options: TrainOptions, model, task_type: str = "CAUSAL_LM"):
             model, use_gradient_checkpointing=options.gradient_checkpointing,
             gradient_checkpointing_kwargs=checkpointing_kwargs,
         )
+        # An eval or generation on CPU would otherwise repack the 4-bit weights and zero LoRA gradients.
+        keep_4bit_weights_trainable(model)
     elif options.gradient_checkpointing:
         model.activation_checkpointing_enable(checkpointing_kwargs)
     lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,

@@ -14,6 +14,10 @@ TORCH_LIBRARY(so8t_cpp, m) {
       "rotate_backward(Tensor grad_y, Tensor x, Tensor rotation, Tensor alpha, bool need_x, bool need_params)"
       " -> (Tensor, Tensor, Tensor)");
   m.def("logit_stats(Tensor logits) -> Tensor");
+  m.def(
+      "linear_cross_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index,"
+      " str reduction, Tensor? grad_scale, bool with_stats, bool need_hidden, bool need_weight, bool need_bias,"
+      " int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(so8t_cpp, CPU, m) {
@@ -22,6 +26,7 @@ TORCH_LIBRARY_IMPL(so8t_cpp, CPU, m) {
   m.impl("rotate_forward", &so8t::rotate_forward);
   m.impl("rotate_backward", &so8t::rotate_backward);
   m.impl("logit_stats", &so8t::logit_stats);
+  m.impl("linear_cross_entropy", &so8t::linear_cross_entropy);
 }
 
 namespace {

@@ -8,6 +8,9 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
+#include <c10/util/string_view.h>
+
+#include <optional>
 #include <tuple>
 
 namespace so8t {
@@ -51,5 +54,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward(
 
 // [mean, std, min, max, non-finite count] fp32 over the finite entries of logits.
 at::Tensor logit_stats(const at::Tensor& logits);
+
+// Chunked cross-entropy of hidden @ weightᵀ + bias (linear_cross_entropy.cpp): (loss, stats [7] or
+// empty, dhidden, dweight, dbias), the gradients computed only when asked for (else empty tensors).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_cross_entropy(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& labels, int64_t ignore_index, c10::string_view reduction,
+    const std::optional<at::Tensor>& grad_scale, bool with_stats, bool need_hidden, bool need_weight, bool need_bias,
+    int64_t chunk_size);
 
 }  // namespace so8t

@@ -8,7 +8,7 @@ import torch
 from . import _backend, _cpp
 from ._triton import TRITON_IMPORT_ERROR
 
-OPS = ("so8_exp", "so8_rotate", "logit_stats")
+OPS = ("so8_exp", "so8_rotate", "logit_stats", "linear_cross_entropy")
 
 
 def _version(module_name: str) -> str:
@@ -43,7 +43,7 @@ def report() -> str:
                 chosen = _backend.choose_backend(op, device)
             except RuntimeError as error:
                 chosen = f"error: {error}"
-            lines.append(f"  {op:<12} → {chosen}")
+            lines.append(f"  {op:<20} → {chosen}")
     return "\n".join(lines)
 
 

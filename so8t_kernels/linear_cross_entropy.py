@@ -1,0 +1,430 @@
+"""Cross-entropy of a linear layer's output without the logits tensor, plus the logit statistics.
+
+``loss = CE(hidden @ weightᵀ + bias, labels)`` computed over chunks of tokens: a chunk's logits
+[C, V] are made by one matmul, reduced row by row (log-sum-exp in fp32, loss, entropy, top-1,
+logit statistics) and overwritten in place by their gradient (softmax − one-hot) · scale, which two
+more matmuls turn into the chunk's dL/dhidden and its share of dL/dweight. No [N, V] tensor ever
+exists: at N = 4096, V = 49,152 the logits alone would be 805 MB in fp32, the chunk holds 16 MB.
+
+For ``reduction`` "mean" and "sum" the gradients are computed during the forward (the loss is a
+scalar, so its gradient is one number that the backward only multiplies in): three matmuls per
+chunk in all, as many as the materialised path (logits, dhidden, dweight), and dweight only when the
+weight requires grad. For "none" the backward reruns the chunks with the per-token gradient as scale.
+
+Semantics (every backend computes exactly this):
+- logits z = hidden @ weightᵀ + bias in the input dtype (what the model's LM head produces), then fp32
+  (fp64 for fp64 inputs) for everything after: lse = m + log Σ_j exp(z_j − m), m = max_j z_j.
+- loss of a token = lse − z[label]; tokens whose label is ``ignore_index`` give 0 and no gradient.
+  "mean" divides the sum by the number of non-ignored tokens (all ignored: 0, not NaN); "none" returns
+  [N]. The loss is fp32 (fp64 for fp64 inputs) whatever the input dtype.
+- a non-ignored token whose logit row holds any non-finite value gets a NaN loss, entropy and gradient
+  row (F.cross_entropy would give a finite loss for a row with only −inf entries: a linear layer makes
+  those only from overflowing inputs, a divergence this reports instead of hiding).
+- stats (float32 [7]): [0:5] = mean, std (population), min, max over the finite logits of all N × V
+  entries, and their non-finite count: exactly ``logit_stats`` of the materialised logits (in the input
+  dtype), ignored tokens included. [5] entropy: mean over non-ignored tokens of −Σ_j p_j log p_j in nats,
+  p = softmax(z). [6] top-1 accuracy: fraction of non-ignored tokens whose label's logit equals the row
+  maximum (a tie counts as correct; a row with a non-finite logit never does). [5] and [6] are NaN when
+  every token is ignored.
+
+Order: reference → Triton kernel → launchers → torch.library registration and ``linear_cross_entropy``.
+"""
+
+import math
+
+import torch
+
+from . import _backend
+from ._triton import tl, triton
+from ._validate import check_same_device, check_tensor
+from .stats import NUM_PARTIALS, merge_partials
+
+NUM_STATS = 7  # logit mean, std, min, max, non-finite count; entropy; top-1 accuracy
+STAT_NAMES = ("mean", "std", "min", "max", "nonfinite", "entropy", "accuracy")
+REDUCTIONS = ("none", "mean", "sum")
+# A chunk's logits hold about 2^22 values (16 MB in fp32): C = 128 rows at V = 32,064, 64 at 49,152.
+CHUNK_LOGITS = 1 << 22
+
+
+def default_chunk_size(hidden_size: int, vocab_size: int) -> int:
+    """Tokens per chunk: a power of two with C·V ≤ 2^22 logits, and at least enough rows that the
+    [C, H] × [H, V] matmul reads the weight (V·H values) no more than once per 2^22 / H FLOP... see
+    the benchmark notes in benchmarks/RESULTS.md: between 16 and 1024 rows."""
+    rows = max(1, CHUNK_LOGITS // max(vocab_size, 1))
+    # Small H makes the matmul cheap next to the per-logit softmax work: more rows amortise nothing,
+    # so the chunk stays at the memory budget; large H (≥ 2048) gets at least 64 rows so that BLAS
+    # runs the [C, H] × [H, V] product near its peak.
+    floor = 64 if hidden_size >= 2048 else 16
+    return int(min(1024, max(floor, 1 << int(math.log2(rows)))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: the same chunked algorithm in torch ops. Runs anywhere (the fallback backend), and in
+# float64 it is the oracle's twin; the tests' oracle materialises the logits instead.
+# ---------------------------------------------------------------------------------------------
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_logits(hidden_chunk, weight, bias):
+    """[C, V] logits in the input dtype: what the model's LM head would return for these tokens."""
+    if bias is None:
+        return hidden_chunk @ weight.T
+    return torch.addmm(bias, hidden_chunk, weight.T)
+
+
+def rows_reference(logits, labels, valid, scale, write_grad: bool):
+    """Per-row reduction of one chunk's logits [C, V] (input dtype), in fp32/fp64.
+
+    Returns (loss [C], entropy [C], correct [C], row partials [C, 6]) and, with ``write_grad``, the
+    gradient (softmax − one-hot) · scale in the logits' dtype (zero rows for ignored tokens).
+    """
+    values = logits.to(compute_dtype(logits.dtype))
+    finite = torch.isfinite(values)
+    row_finite = finite.all(dim=1)
+    count = finite.sum(dim=1).to(values.dtype)
+    row_mean = torch.where(finite, values, 0).sum(dim=1) / count.clamp_min(1)
+    centred = torch.where(finite, values - row_mean[:, None], 0)
+    partials = torch.stack([
+        count, row_mean, (centred * centred).sum(dim=1),
+        torch.where(finite, values, float("inf")).amin(dim=1),
+        torch.where(finite, values, float("-inf")).amax(dim=1),
+        values.shape[1] - count,
+    ], dim=1)
+
+    nan = torch.full_like(count, float("nan"))
+    safe = torch.where(finite, values, 0)  # non-finite rows become NaN below, not through inf − inf
+    row_max = safe.amax(dim=1, keepdim=True)
+    shifted = safe - row_max
+    exps = torch.exp(shifted)
+    total = exps.sum(dim=1)
+    log_total = torch.log(total)
+    in_vocab = (labels >= 0) & (labels < values.shape[1])
+    if values.device.type == "cpu" and not bool((in_vocab | ~valid).all()):  # a sync only on CPU, where it is free
+        raise IndexError(f"labels must lie in [0, {values.shape[1]}) or equal ignore_index")
+    target = labels.where(in_vocab, 0)[:, None]
+    target_logit = safe.gather(1, target)[:, 0]
+    row_finite = row_finite & in_vocab  # out-of-vocabulary labels (CUDA only) give NaN like non-finite rows
+    loss = torch.where(valid, torch.where(row_finite, log_total + row_max[:, 0] - target_logit, nan), 0)
+    entropy = torch.where(finite.all(dim=1), log_total - (exps * shifted).sum(dim=1) / total, nan)
+    correct = valid & row_finite & (target_logit == row_max[:, 0])
+
+    grad = None
+    if write_grad:
+        probs = exps / total[:, None]
+        probs = probs.scatter_add(1, target, -torch.ones_like(target_logit)[:, None])
+        grad = torch.where(row_finite[:, None], probs, float("nan")) * scale.to(values.dtype)[:, None]
+        grad = torch.where(valid[:, None], grad, 0).to(logits.dtype)
+    return loss, entropy, correct, partials, grad
+
+
+def token_scales(labels, valid, reduction: str, grad_scale):
+    """Per-token factor of the gradient: 1/count ("mean"), 1 ("sum"), the incoming dL/dloss ("none")."""
+    if grad_scale is not None:
+        return grad_scale.reshape(-1).expand(labels.shape[0])
+    if reduction == "mean":
+        return (1.0 / valid.sum().clamp_min(1).to(torch.float64)).expand(labels.shape[0])
+    return torch.ones((), dtype=torch.float64, device=labels.device).expand(labels.shape[0])
+
+
+def finish(loss, entropy, correct, partials, valid, reduction: str, with_stats: bool, dtype):
+    """Per-token results → (loss as reduced, stats [7] or an empty tensor)."""
+    count = valid.sum()
+    if reduction == "none":
+        reduced = loss.to(dtype)
+    else:
+        reduced = loss.sum(dtype=torch.float64)
+        if reduction == "mean":
+            reduced = reduced / count.clamp_min(1)
+        reduced = reduced.to(dtype)
+    if not with_stats:
+        return reduced, loss.new_empty(0, dtype=torch.float32)
+    logit = merge_partials(partials)
+    mean_entropy = torch.where(valid, entropy.to(torch.float64), 0).sum() / count
+    accuracy = correct.sum(dtype=torch.float64) / count
+    return reduced, torch.cat([logit, torch.stack([mean_entropy, accuracy]).to(torch.float32)])
+
+
+def chunked(rows_fn, hidden, weight, bias, labels, ignore_index: int, reduction: str, grad_scale,
+            with_stats: bool, need_hidden: bool, need_weight: bool, need_bias: bool, chunk_size: int):
+    """The chunk loop shared by the torch and Triton backends; ``rows_fn`` reduces one chunk."""
+    num_tokens, vocab = hidden.shape[0], weight.shape[0]
+    dtype = compute_dtype(hidden.dtype)
+    valid = labels != ignore_index
+    scale = token_scales(labels, valid, reduction, grad_scale)
+    write_grad = need_hidden or need_weight or need_bias
+    loss = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
+    entropy = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
+    correct = torch.empty(num_tokens, dtype=torch.bool, device=hidden.device)
+    partials = torch.empty((num_tokens, NUM_PARTIALS), dtype=dtype, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    # dweight and dbias sum over every chunk: accumulated in fp32 (fp64), cast once at the end.
+    grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if need_bias else None
+    for start in range(0, num_tokens, chunk_size):
+        end = min(start + chunk_size, num_tokens)
+        hidden_chunk = hidden[start:end]
+        logits = chunk_logits(hidden_chunk, weight, bias)
+        out = rows_fn(logits, labels[start:end], valid[start:end], scale[start:end], write_grad)
+        loss[start:end], entropy[start:end], correct[start:end], partials[start:end], grad = out
+        if need_hidden:
+            torch.mm(grad, weight, out=grad_hidden[start:end])
+        if need_weight:
+            grad_weight += (grad.T @ hidden_chunk).to(dtype)
+        if need_bias:
+            grad_bias += grad.to(dtype).sum(dim=0)
+    reduced, stats = finish(loss, entropy, correct, partials, valid, reduction, with_stats, dtype)
+    grad_weight = grad_weight.to(weight.dtype) if need_weight else weight.new_empty(0)
+    grad_bias = grad_bias.to(bias.dtype) if need_bias else weight.new_empty(0)
+    return reduced, stats, grad_hidden, grad_weight, grad_bias
+
+
+def linear_cross_entropy_reference(*args):
+    return chunked(rows_reference, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel: one program per row of a chunk's logits. The matmuls stay in cuBLAS; this pass
+# reads the row once for the reduction (online max / Σ exp / Σ exp·(z − m) and the row's Welford
+# statistics, tile by tile) and, for the gradient, once more to overwrite it with (p − 1[j = y])·s.
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _rows_kernel(
+    logits_ptr, labels_ptr, valid_ptr, scale_ptr, loss_ptr, entropy_ptr, correct_ptr, partial_ptr,
+    vocab, row_stride, scale_stride,
+    BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * row_stride
+    label = tl.load(labels_ptr + row)
+    valid = tl.load(valid_ptr + row) != 0
+    lanes = tl.arange(0, BLOCK)
+
+    # Running (count, mean, M2) over finite values merged tile by tile with Chan's formula; the
+    # softmax sums are kept relative to the running max m of the finite values.
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    low = float("inf")
+    high = float("-inf")
+    nonfinite = 0.0
+    row_max = float("-inf")
+    total = 0.0
+    weighted = 0.0  # Σ exp(z − m)(z − m)
+    for start in range(0, vocab, BLOCK):
+        offsets = start + lanes
+        in_range = offsets < vocab
+        z = tl.load(row_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
+        finite = in_range & (tl.abs(z) < float("inf"))
+        tile_count = tl.sum(finite.to(tl.float32), axis=0)
+        tile_mean = tl.sum(tl.where(finite, z, 0.0), axis=0) / tl.maximum(tile_count, 1.0)
+        centred = tl.where(finite, z - tile_mean, 0.0)
+        tile_m2 = tl.sum(centred * centred, axis=0)
+        merged = count + tile_count
+        delta = tile_mean - mean
+        mean = mean + delta * tile_count / tl.maximum(merged, 1.0)
+        m2 = m2 + tile_m2 + delta * delta * count * tile_count / tl.maximum(merged, 1.0)
+        count = merged
+        low = tl.minimum(low, tl.min(tl.where(finite, z, float("inf")), axis=0))
+        tile_high = tl.max(tl.where(finite, z, float("-inf")), axis=0)
+        high = tl.maximum(high, tile_high)
+        nonfinite += tl.sum((in_range & ~finite).to(tl.float32), axis=0)
+
+        new_max = tl.maximum(row_max, tile_high)
+        rescale = tl.exp(row_max - new_max)  # exp(−inf) = 0 on the first tile
+        shifted = tl.where(finite, z - new_max, 0.0)
+        exps = tl.where(finite, tl.exp(shifted), 0.0)
+        # Σ e·(z − m_new) = rescale·(Σ_old e·(z − m_old) + (m_old − m_new)·Σ_old e) + this tile's.
+        shift_old = tl.where(total > 0.0, row_max - new_max, 0.0)
+        weighted = rescale * (weighted + shift_old * total) + tl.sum(exps * shifted, axis=0)
+        total = rescale * total + tl.sum(exps, axis=0)
+        row_max = new_max
+
+    in_vocab = (label >= 0) & (label < vocab)
+    target = tl.load(row_ptr + tl.where(in_vocab, label, 0)).to(tl.float32)
+    row_finite = nonfinite == 0.0
+    log_total = tl.log(total)
+    loss = tl.where(row_finite & in_vocab, log_total + row_max - target, float("nan"))
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    tl.store(entropy_ptr + row, tl.where(row_finite, log_total - weighted / total, float("nan")))
+    tl.store(correct_ptr + row, (valid & row_finite & in_vocab & (target == row_max)).to(tl.int8))
+    partial = partial_ptr + row * 6
+    tl.store(partial, count)
+    tl.store(partial + 1, mean)
+    tl.store(partial + 2, m2)
+    tl.store(partial + 3, low)
+    tl.store(partial + 4, high)
+    tl.store(partial + 5, nonfinite)
+
+    if WRITE_GRAD:
+        scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+        lse = row_max + log_total
+        for start in range(0, vocab, BLOCK):
+            offsets = start + lanes
+            in_range = offsets < vocab
+            z = tl.load(row_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
+            grad = tl.exp(z - lse) - (offsets == label).to(tl.float32)
+            grad = tl.where(row_finite & in_vocab, grad * scale, float("nan"))
+            grad = tl.where(valid, grad, 0.0)
+            tl.store(row_ptr + offsets, grad.to(logits_ptr.dtype.element_ty), mask=in_range)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+# 2048 fp32 values per tile: 16 per thread at 4 warps; a 32,064-entry row takes 16 tiles.
+BLOCK_V = 2048
+
+
+def rows_triton(logits, labels, valid, scale, write_grad: bool):
+    rows, vocab = logits.shape
+    dtype = torch.float32
+    loss = torch.empty(rows, dtype=dtype, device=logits.device)
+    entropy = torch.empty(rows, dtype=dtype, device=logits.device)
+    correct = torch.empty(rows, dtype=torch.int8, device=logits.device)
+    partials = torch.empty((rows, NUM_PARTIALS), dtype=dtype, device=logits.device)
+    scale = scale.to(torch.float32)
+    if rows:
+        _rows_kernel[(rows,)](
+            logits, labels, valid.to(torch.int8), scale, loss, entropy, correct, partials,
+            vocab, logits.stride(0), scale.stride(0),
+            BLOCK=min(BLOCK_V, triton.next_power_of_2(vocab)), WRITE_GRAD=write_grad,
+        )
+    return loss, entropy, correct.bool(), partials, logits if write_grad else None
+
+
+def linear_cross_entropy_triton(*args):
+    return chunked(rows_triton, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration and public API
+# ---------------------------------------------------------------------------------------------
+_IMPLEMENTATIONS = {
+    "torch": linear_cross_entropy_reference,
+    "triton": linear_cross_entropy_triton,
+    "cpp": lambda *args: torch.ops.so8t_cpp.linear_cross_entropy(*args),
+}
+
+
+@torch.library.custom_op("so8t::linear_cross_entropy", mutates_args=())
+def _lce_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+    ignore_index: int, reduction: str, grad_scale: torch.Tensor | None, with_stats: bool,
+    need_hidden: bool, need_weight: bool, need_bias: bool, chunk_size: int, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _IMPLEMENTATIONS[backend](
+        hidden, weight, bias, labels, ignore_index, reduction, grad_scale, with_stats,
+        need_hidden, need_weight, need_bias, chunk_size,
+    )
+
+
+@_lce_op.register_fake
+def _(hidden, weight, bias, labels, ignore_index, reduction, grad_scale, with_stats,
+      need_hidden, need_weight, need_bias, chunk_size, backend):
+    dtype = compute_dtype(hidden.dtype)
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=dtype)
+    stats = hidden.new_empty(NUM_STATS if with_stats else 0, dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
+    grad_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    grad_bias = torch.empty_like(bias) if need_bias else weight.new_empty(0)
+    return loss, stats, grad_hidden, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, ignore_index, reduction, _, _, need_hidden, need_weight, need_bias, chunk_size, backend = inputs
+    _, _, grad_hidden, grad_weight, grad_bias = output
+    ctx.reduction = reduction
+    ctx.needs = (need_hidden, need_weight, need_bias)
+    if reduction == "none":  # the backward reruns the chunks with dL/dloss[i] as token i's scale
+        ctx.save_for_backward(hidden, weight, bias, labels)
+        ctx.rerun = (ignore_index, chunk_size, backend)
+    else:
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+
+
+def _backward(ctx, grad_loss, *_unused_grads_of_stats_and_saved_gradients):
+    need_hidden, need_weight, need_bias = ctx.needs
+    if ctx.reduction == "none":
+        hidden, weight, bias, labels = ctx.saved_tensors
+        ignore_index, chunk_size, backend = ctx.rerun
+        _, _, grad_hidden, grad_weight, grad_bias = _lce_op(
+            hidden, weight, bias, labels, ignore_index, "none", grad_loss.contiguous(), False,
+            need_hidden, need_weight, need_bias, chunk_size, backend,
+        )
+    else:
+        grad_hidden, grad_weight, grad_bias = (
+            grad * grad_loss.to(grad.dtype) if grad.numel() else grad for grad in ctx.saved_tensors
+        )
+    return (
+        grad_hidden if need_hidden else None,
+        grad_weight if need_weight else None,
+        grad_bias if need_bias else None,
+        *[None] * 10,
+    )
+
+
+_lce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_inputs(hidden, weight, labels, bias, reduction, stats, chunk_size):
+    check_tensor("hidden", hidden)
+    check_tensor("weight", weight)
+    check_tensor("labels", labels, dtypes=(torch.int64, torch.int32))
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1] or hidden.shape[1] == 0:
+        raise ValueError(
+            f"hidden has shape {tuple(hidden.shape)} and weight {tuple(weight.shape)}; expected [N, H] and [V, H] with H > 0"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}; expected a vocabulary of at least one entry")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight has dtype {weight.dtype}, hidden {hidden.dtype}; they must match")
+    if tuple(labels.shape) != (hidden.shape[0],):
+        raise ValueError(f"labels has shape {tuple(labels.shape)}; expected ({hidden.shape[0]},), one per row of hidden")
+    tensors = dict(hidden=hidden, weight=weight, labels=labels)
+    if bias is not None:
+        check_tensor("bias", bias)
+        if tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype:
+            raise ValueError(f"bias has shape {tuple(bias.shape)} and dtype {bias.dtype}; expected ({weight.shape[0]},) {weight.dtype}")
+        tensors["bias"] = bias
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; expected one of {', '.join(REDUCTIONS)}")
+    if stats is not None:
+        check_tensor("stats", stats, dtypes=(torch.float32,))
+        if tuple(stats.shape) != (NUM_STATS,):
+            raise ValueError(f"stats has shape {tuple(stats.shape)}; expected ({NUM_STATS},)")
+        tensors["stats"] = stats
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r}; expected a positive int or None")
+    check_same_device(**tensors)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
+    ignore_index: int = -100, reduction: str = "mean", stats: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, without materialising the logits.
+
+    hidden ``[N, H]``, weight ``[V, H]`` (same float dtype; float64 runs the reference), labels ``[N]``
+    int64/int32 in [0, V) or ``ignore_index``, bias ``[V]`` or None. Returns the loss in fp32 (fp64 for
+    fp64 inputs): a 0-d tensor for "mean" (over non-ignored tokens; 0 when all are ignored) and "sum",
+    [N] for "none". Differentiable w.r.t. hidden, weight and bias; only the gradients that are required
+    are computed. ``stats`` (float32 [7]), if given, is overwritten with [logit mean, std, min, max,
+    non-finite count, mean entropy, top-1 accuracy] (see the module docstring); without it no statistics
+    work is done. ``chunk_size``: tokens per chunk, default from H and V (``default_chunk_size``).
+    A label outside [0, V) raises on CPU and gives a NaN loss on CUDA.
+    """
+    _check_inputs(hidden, weight, labels, bias, reduction, stats, chunk_size)
+    backend = "torch" if hidden.dtype == torch.float64 else _backend.choose_backend("linear_cross_entropy", hidden.device)
+    grad = torch.is_grad_enabled()
+    need_bias = bias is not None and grad and bias.requires_grad
+    chunk = chunk_size or default_chunk_size(hidden.shape[1], weight.shape[0])
+    loss, new_stats, _, _, _ = _lce_op(
+        hidden.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), labels.long().contiguous(),
+        int(ignore_index), reduction, None, stats is not None,
+        grad and hidden.requires_grad, grad and weight.requires_grad, need_bias, chunk, backend,
+    )
+    if stats is not None:
+        stats.copy_(new_stats.detach())
+    return loss

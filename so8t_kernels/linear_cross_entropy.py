@@ -155,7 +155,7 @@ def chunked(rows_fn, hidden, weight, bias, labels, ignore_index: int, reduction:
     write_grad = need_hidden or need_weight or need_bias
     loss = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
     entropy = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
-    correct = torch.empty(num_tokens, dtype=torch.bool, device=hidden.device)
+    correct = torch.empty(num_tokens, dtype=torch.int8, device=hidden.device)
     partials = torch.empty((num_tokens, NUM_PARTIALS), dtype=dtype, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
     # dweight and dbias sum over every chunk: accumulated in fp32 (fp64), cast once at the end.
@@ -290,7 +290,7 @@ def rows_triton(logits, labels, valid, scale, write_grad: bool):
             vocab, logits.stride(0), scale.stride(0),
             BLOCK=min(BLOCK_V, triton.next_power_of_2(vocab)), WRITE_GRAD=write_grad,
         )
-    return loss, entropy, correct.bool(), partials, logits if write_grad else None
+    return loss, entropy, correct, partials, logits if write_grad else None
 
 
 def linear_cross_entropy_triton(*args):

@@ -129,9 +129,10 @@ def test_top1_accuracy_and_entropy_definitions(backend):
     hidden = torch.eye(4, 8)
     weight = torch.zeros(6, 8)
     weight[[0, 1, 2, 3], [0, 1, 2, 3]] = 5.0  # token i's largest logit is entry i
-    labels = torch.tensor([0, 4, 2, IGNORE])  # right, wrong, right, ignored (and right)
+    # right, wrong, right, and ignored although right: an ignore_index inside the vocabulary (a pad id)
+    labels = torch.tensor([0, 4, 2, 3])
     stats = torch.zeros(NUM_STATS, device=DEVICE)
-    linear_cross_entropy(hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE), stats=stats)
+    linear_cross_entropy(hidden.to(DEVICE), weight.to(DEVICE), labels.to(DEVICE), ignore_index=3, stats=stats)
     assert stats[6].item() == pytest.approx(2 / 3)
     probs = torch.tensor([5.0, 0, 0, 0, 0, 0]).softmax(0)
     assert stats[5].item() == pytest.approx(-(probs * probs.log()).sum().item(), rel=1e-5)
@@ -139,6 +140,24 @@ def test_top1_accuracy_and_entropy_definitions(backend):
     linear_cross_entropy(torch.zeros(3, 8, device=DEVICE), weight.to(DEVICE), labels[:3].to(DEVICE), stats=uniform)
     assert uniform[5].item() == pytest.approx(torch.log(torch.tensor(6.0)).item(), rel=1e-6)
     assert uniform[6].item() == 1.0, "all logits tie at 0: every label holds the maximum"
+
+
+def test_maximum_late_in_a_long_row(backend):
+    """Logits rising along a 2100-entry row: the running maximum moves at every Triton tile and C++
+    flush block, so the rescaled softmax sums (entropy, loss, gradient) are exercised."""
+    vocab = 2100
+    hidden = torch.ones(3, 8)
+    weight = torch.linspace(-4, 4, vocab)[:, None].expand(vocab, 8).contiguous() / 8
+    labels = torch.tensor([vocab - 1, 5, 1000])
+    hidden64, weight64 = leaves(hidden.double(), weight.double())
+    oracle, logits64 = model_loss(hidden64, weight64, None, labels)
+    stats = torch.zeros(NUM_STATS, device=DEVICE)
+    inputs = leaves(hidden, weight)
+    loss = linear_cross_entropy(inputs[0], inputs[1], labels.to(DEVICE), stats=stats)
+    torch.testing.assert_close(loss.double(), oracle.detach(), rtol=1e-6, atol=0)
+    expected = oracle_stats(logits64.detach(), labels)
+    torch.testing.assert_close(stats[5:].double().cpu(), expected[5:], rtol=1e-5, atol=0)
+    torch.testing.assert_close(grads(loss, inputs)[0].double(), grads(oracle, [hidden64, weight64])[0], rtol=1e-5, atol=1e-7)
 
 
 def test_all_ignored_gives_zero_loss_and_nan_token_stats(backend):

@@ -47,13 +47,11 @@ CHUNK_LOGITS = 1 << 22
 
 
 def default_chunk_size(hidden_size: int, vocab_size: int) -> int:
-    """Tokens per chunk: a power of two with C·V ≤ 2^22 logits, and at least enough rows that the
-    [C, H] × [H, V] matmul reads the weight (V·H values) no more than once per 2^22 / H FLOP... see
-    the benchmark notes in benchmarks/RESULTS.md: between 16 and 1024 rows."""
+    """Tokens per chunk: the power of two with C·V ≤ 2^22 logits (16 MB in fp32), between 16 and 1024
+    rows, and at least 64 rows when H ≥ 2048, where the [C, H] × [H, V] matmul dominates the step and
+    BLAS needs the rows to run near its peak (small H: the per-logit softmax work dominates, and more
+    rows would only cost memory)."""
     rows = max(1, CHUNK_LOGITS // max(vocab_size, 1))
-    # Small H makes the matmul cheap next to the per-logit softmax work: more rows amortise nothing,
-    # so the chunk stays at the memory budget; large H (≥ 2048) gets at least 64 rows so that BLAS
-    # runs the [C, H] × [H, V] product near its peak.
     floor = 64 if hidden_size >= 2048 else 16
     return int(min(1024, max(floor, 1 << int(math.log2(rows)))))
 

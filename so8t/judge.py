@@ -2,7 +2,8 @@
 
 It fails closed: a verdict below the confidence threshold, or a prompt longer than the judge can read
 (it would judge a truncated prompt), is ESCALATE whatever the model's top label. The label vocabulary
-below is the one everywhere: the model config's id2label, the API, the audit database.
+below is the one everywhere: the model config's id2label, the API, the audit database. Its confidence is
+the softmax of the logits divided by the temperature fitted on held-out rows (so8t.calibration).
 
 A judge directory is what ``so8t train --task classify`` writes: a full model (the embedded default,
 trained from scratch) or a LoRA adapter over a base named in its adapter_config.json, the SO8T gates in
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .calibration import check_temperature, read_temperature
 from .errors import SO8TError
 
 ALLOW, ESCALATE, DENY = "ALLOW", "ESCALATE", "DENY"
@@ -75,8 +77,9 @@ def readable_length(model, tokenizer) -> int:
 class SafetyJudge:
     """Judges one text at a time; not thread-safe (the server calls it from its one model thread)."""
 
-    def __init__(self, model, tokenizer, threshold: float = DEFAULT_THRESHOLD):
+    def __init__(self, model, tokenizer, threshold: float = DEFAULT_THRESHOLD, temperature: float = 1.0):
         check_label_vocabulary(model.config)
+        self.temperature = check_temperature(temperature)  # divides the logits (so8t.calibration)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.threshold = check_threshold(threshold)
@@ -89,13 +92,14 @@ class SafetyJudge:
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             logits = self.model(input_ids=torch.tensor([ids], device=device)).logits[0]
-            probabilities = torch.softmax(logits.float(), dim=-1).tolist()
+            probabilities = torch.softmax(logits.float() / self.temperature, dim=-1).tolist()
         return decide(probabilities, self.threshold, truncated)
 
     @classmethod
     def load(cls, directory: str | Path, threshold: float = DEFAULT_THRESHOLD) -> SafetyJudge:
+        temperature = read_temperature(directory)  # a bad calibration file fails before the model loads
         model, tokenizer = load_classifier(directory)
-        return cls(model, tokenizer, threshold)
+        return cls(model, tokenizer, threshold, temperature)
 
 
 def check_label_vocabulary(config) -> None:

@@ -11,6 +11,8 @@ import torch
 
 EXTENSION = "so8t_kernels._C"
 BUILD_COMMAND = "`pip install --no-build-isolation -e .` (csrc/README.md)"
+# Every op csrc/register.cpp defines: an extension built before one was added is refused as a whole.
+OPS = ("exp_forward", "exp_backward", "rotate_forward", "rotate_backward", "logit_stats", "linear_cross_entropy")
 _status: dict[str, str | None] = {}
 
 
@@ -35,6 +37,9 @@ def _load() -> str | None:
             f"the C++ extension was built against torch {built_with}, this is torch {running}: "
             f"rebuild it with {BUILD_COMMAND}"
         )
+    missing = [op for op in OPS if not hasattr(torch.ops.so8t_cpp, op)]
+    if missing:
+        return f"the C++ extension lacks {', '.join(missing)} (built from older sources): rebuild it with {BUILD_COMMAND}"
     return None
 
 

@@ -92,23 +92,27 @@ SYNTHETIC_INFO = RunInfo(
 
 
 def synthetic_sample(step: int, info: RunInfo = SYNTHETIC_INFO, **changes) -> dict:
-    """A healthy-looking sample: small residuals, σ(α) ramping to the target, finite values, live gradients."""
+    """A healthy-looking sample: small residuals, σ(α) ramping to the target, finite values, live gradients
+    (NaN gate metrics for a run without gates)."""
     rng = np.random.default_rng(step)
     sample = {STEP: step, EPOCH: step / 100, TIME: 1.7e9 + step}
     for metric in METRICS:
         width = info.width(metric)
         sample[metric.name] = 0.0 if metric.axis == SCALAR else np.zeros(width)
     layers = len(info.layers)
-    gate = 0.0067 + (0.1 - 0.0067) * min(step / info.warmup_steps, 1.0)
+    warmup = info.warmup_steps or 30
+    gate = 0.0067 + (0.1 - 0.0067) * min(step / warmup, 1.0)
     sample.update(
         alpha=np.full(layers, math.log(gate / (1 - gate))), gate=np.full(layers, gate),
         ortho_residual_max=rng.uniform(1e-7, 3e-7, layers), ortho_residual_mean=rng.uniform(5e-8, 1e-7, layers),
         theta_norm_mean=np.full(layers, 0.1 + step / 1000), theta_norm_max=np.full(layers, 0.2 + step / 1000),
         rotation_dist_mean=np.full(layers, 0.15), act_rms=rng.uniform(0.5, 1.0, layers),
         act_max_abs=rng.uniform(2.0, 4.0, layers), grad_theta=rng.uniform(1e-3, 1e-2, layers),
-        grad_alpha=np.full(layers, np.nan) if step <= info.warmup_steps else rng.uniform(1e-4, 1e-3, layers),
+        grad_alpha=np.full(layers, np.nan) if step <= warmup else rng.uniform(1e-4, 1e-3, layers),
         grad_lora=rng.uniform(0.1, 0.3, len(info.lora_groups)),
         logit_mean=0.01 * step, logit_std=1.0, logit_min=-4.0, logit_max=4.0,
     )
+    if not info.gated:  # a baseline records no gate metric
+        sample.update({metric.name: np.full(layers, np.nan) for metric in METRICS if metric.gates_only})
     sample.update(changes)
     return sample

@@ -16,7 +16,7 @@ def test_so8t_train_writes_monitoring_files_that_so8t_report_reads(tmp_path, cap
     output = tmp_path / "run"
     assert train([*SMALL_RUN, "--output-dir", str(output), "--monitor-interval", "2", "--no-monitor-plots"]) == 0
     info, samples, alerts = read_metrics(output / "monitoring" / "metrics.jsonl")
-    assert [sample["step"] for sample in samples] == [1, 2]
+    assert [sample["step"] for sample in samples] == [1, 2, 3]  # the last step is always sampled
     assert info.layers == (1, 2, 3, 4) and info.interval == 2 and info.warmup_steps == 2
     assert not (output / "monitoring" / "plots").exists()
     state = json.loads((output / "trainer_state.json").read_text())

@@ -90,12 +90,12 @@ class IndependentMeasurements(TrainerCallback):
 def train_and_compare(tmp_path, classifier: bool):
     model, handle = tiny_gated_model(classifier=classifier)
     monitor = SO8TMonitorCallback(interval=2, flush_every=2, plots=classifier)
-    checker = IndependentMeasurements(model, handle, monitor.sampled)
+    checker = IndependentMeasurements(model, handle, lambda step: monitor.sampled(step, 7))
     trainer = make_trainer(model, handle, tmp_path, max_steps=7, monitor=monitor, callbacks=[checker],
                            classifier=classifier, gradient_accumulation_steps=2)
     trainer.train()
     info, samples, alerts = read_metrics(tmp_path / "monitoring" / "metrics.jsonl")
-    assert [s["step"] for s in samples] == [1, 2, 4, 6] == sorted(checker.steps)
+    assert [s["step"] for s in samples] == [1, 2, 4, 6, 7] == sorted(checker.steps)  # the last step too
     assert info.layers == (1, 2)
     assert info.lora_groups == ("L0", "L1", "L2", "L3") + (("other",) if classifier else ())
     assert alerts == []
@@ -117,7 +117,7 @@ def train_and_compare(tmp_path, classifier: bool):
     # Steps 1-3 are warmup: α is frozen and its gradient is recorded as NaN, not as a dead 0.
     assert np.isnan(samples[0]["grad_alpha"]).all() and np.isfinite(samples[-1]["grad_alpha"]).all()
     # Activation statistics are computed on the forwards of sampled steps only (2 micro-batches each).
-    sampled_flags = [flag for step in range(1, 8) for flag in [monitor.sampled(step)] * 2]
+    sampled_flags = [flag for step in range(1, 8) for flag in [monitor.sampled(step, 7)] * 2]
     assert checker.flags_seen == sampled_flags
     assert handle.collect_activation_stats is False
     return checker, trainer
@@ -204,4 +204,4 @@ def test_the_monitor_syncs_with_the_host_once_per_sample_and_never_otherwise(tmp
     monitor = SO8TMonitorCallback(interval=3, plots=False)
     make_trainer(model, handle, tmp_path, max_steps=7, monitor=monitor, callbacks=[Clock()],
                  gradient_accumulation_steps=2).train()
-    assert dict(syncs_by_step) == {1: ["cpu"], 3: ["cpu"], 6: ["cpu"]}
+    assert dict(syncs_by_step) == {1: ["cpu"], 3: ["cpu"], 6: ["cpu"], 7: ["cpu"]}  # 7: the last step

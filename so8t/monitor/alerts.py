@@ -48,9 +48,10 @@ class AlertChecker:
 
         if sample["logit_nonfinite"] > 0:
             fire(NONFINITE_LOGITS, f"{int(sample['logit_nonfinite'])} non-finite output logits", [])
+        outputs = "gate outputs" if self.info.gated else "layer outputs"
         where = _where(layers, sample["act_nonfinite"] > 0)
         if where:
-            fire(NONFINITE_ACTIVATIONS, f"non-finite gate outputs in {', '.join(where)}", where)
+            fire(NONFINITE_ACTIVATIONS, f"non-finite {outputs} in {', '.join(where)}", where)
         where = _where(layers, sample["param_nonfinite"] > 0)
         if sample["lora_param_nonfinite"] > 0:
             where.append("lora")
@@ -58,7 +59,8 @@ class AlertChecker:
             fire(NONFINITE_PARAMS, f"non-finite parameters in {', '.join(where)}", where)
         if sample["grad_nonfinite"] > 0:
             fire(NONFINITE_GRADS, f"{int(sample['grad_nonfinite'])} trainable groups with a non-finite gradient", [])
-        residual = np.nan_to_num(sample["ortho_residual_max"], nan=np.inf)
+        # Without gates there is no residual (NaN, which would otherwise count as infinitely large).
+        residual = np.nan_to_num(sample["ortho_residual_max"], nan=np.inf if self.info.gated else 0.0)
         where = _where(layers, residual > self.thresholds.residual)
         if where:
             fire(

@@ -16,8 +16,9 @@ import numpy as np
 import transformers
 from transformers import TrainerCallback
 
+from ..config import ALL_INTERMEDIATE
 from ..errors import SO8TError
-from ..placement import find_so8t_handle
+from ..placement import find_decoder_layout, find_so8t_handle, resolve_layer_indices
 from .alerts import AlertThresholds
 from .config import MonitorConfig
 from .probe import SampleProbe, trainable_groups
@@ -32,7 +33,9 @@ NONFINITE_COUNTS = ("logit_nonfinite", "act_nonfinite", "param_nonfinite", "lora
 
 class SO8TMonitorCallback(TrainerCallback):
     """Records what the SO(8) gates do while training; see ``MonitorConfig`` for the options, which can
-    also be given as keywords: ``SO8TMonitorCallback(interval=1)``."""
+    also be given as keywords: ``SO8TMonitorCallback(interval=1)``. On a model without gates (a baseline)
+    it records the same files and columns: loss, logits, gradients and the outputs of the layers where
+    the gates would be; the gate metrics are NaN."""
 
     def __init__(self, config: MonitorConfig | None = None, **options):
         self.config = replace(config or MonitorConfig(), **options)
@@ -51,8 +54,9 @@ class SO8TMonitorCallback(TrainerCallback):
     def directory(self, args) -> Path:
         return Path(self.config.directory or Path(args.output_dir) / "monitoring")
 
-    def sampled(self, step: int) -> bool:
-        return step == 1 or step % self.config.interval == 0
+    def sampled(self, step: int, max_steps: int | None = None) -> bool:
+        """Step 1, every ``interval``-th step, and the last one (a short run still gets its end)."""
+        return step == 1 or step % self.config.interval == 0 or step == max_steps
 
     # -- Trainer events -------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -61,18 +65,22 @@ class SO8TMonitorCallback(TrainerCallback):
             raise SO8TError("SO8TMonitorCallback reads gradients in on_pre_optimizer_step, which this "
                             f"transformers ({transformers.__version__}) lacks: upgrade transformers")
         handle = find_so8t_handle(model)
-        if handle is None:
-            raise SO8TError("SO8TMonitorCallback: the model has no SO(8) gates; attach them with attach_so8t first")
+        if handle is not None:
+            layers = list(handle.layer_indices)
+        else:
+            layers = resolve_layer_indices(list(self.config.layers or []) or ALL_INTERMEDIATE,
+                                           find_decoder_layout(model).num_layers)
         groups = trainable_groups(model, handle)
-        self._probe = SampleProbe(model, handle, groups)
+        self._probe = SampleProbe(model, handle, groups, layers)
         self._reducer = CrossProcessReducer(self._probe.reductions())
         self.latest = None
         if state.is_world_process_zero:
-            annealing = handle.config
+            annealing = handle.config if handle is not None else None
             info = RunInfo(
-                layers=tuple(handle.layer_indices), lora_groups=tuple(groups), interval=self.config.interval,
-                warmup_steps=annealing.warmup_steps, gate_target=annealing.alpha_target,
-                residual_threshold=self.config.residual_threshold, world_size=world_size(),
+                layers=tuple(layers), lora_groups=tuple(groups), interval=self.config.interval,
+                warmup_steps=annealing.warmup_steps if annealing else None,
+                gate_target=annealing.alpha_target if annealing else None,
+                residual_threshold=self.config.residual_threshold, world_size=world_size(), gated=handle is not None,
             )
             thresholds = AlertThresholds(
                 self.config.residual_threshold, self.config.dead_gradient_samples, self.config.gate_saturation
@@ -86,7 +94,7 @@ class SO8TMonitorCallback(TrainerCallback):
             atexit.register(self._close_at_exit)
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._sampling = self._probe is not None and self.sampled(state.global_step + 1)
+        self._sampling = self._probe is not None and self.sampled(state.global_step + 1, state.max_steps)
         if self._sampling:
             self._probe.begin()
 
@@ -107,7 +115,11 @@ class SO8TMonitorCallback(TrainerCallback):
             control.should_training_stop = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.latest is None or logs is None:
+        if logs is None:
+            return
+        if self.recorder is not None:  # the training loss, or the eval loss after an evaluation
+            self.recorder.add_losses(state.global_step, logs)
+        if self.latest is None:
             return
         scalars = compact_scalars(self.latest)
         logs.update(scalars)

@@ -17,6 +17,8 @@ class MonitorConfig:
     stop_on_nonfinite: stop training (after the current step) at the first non-finite value.
     plots: draw plots/*.png (matplotlib) at each flush.
     directory: where the files go; default ``<output_dir>/monitoring``.
+    layers: in a model without gates (a baseline run), the decoder layers whose outputs are measured;
+        default 1 … L−2, where the gates would go. A gated model measures its gated layers.
     """
 
     interval: int = 10
@@ -28,6 +30,7 @@ class MonitorConfig:
     stop_on_nonfinite: bool = False
     plots: bool = True
     directory: str | None = None
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         for name in ("interval", "flush_every", "buffer_size", "dead_gradient_samples"):

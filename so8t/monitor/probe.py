@@ -2,7 +2,8 @@
 
 Order within a sampled optimizer step (HF Trainer callbacks):
 1. ``begin()`` (step begin): the gates write activation stats, and two forward hooks accumulate them
-   and the logit stats over the step's micro-batches.
+   and the logit stats over the step's micro-batches. Without gates (a baseline run), forward hooks on
+   the measured decoder layers compute the same statistics of their outputs with ``logit_stats``.
 2. ``capture()`` (before the optimizer step): hooks off; gradient norms, parameter and rotation
    statistics of the step.
 3. ``vector()`` (step end): everything as one tensor, still on the device. The caller reduces it across
@@ -21,9 +22,11 @@ from torch import nn
 from so8t_kernels import logit_stats
 
 from ..placement import SO8THandle, find_decoder_layout, unwrap_peft
+from .schema import METRICS
 
 SUM, MEAN, MAX, MIN = "sum", "mean", "max", "min"
 OTHER_GROUP = "other"
+GATE_FIELDS = tuple(metric.name for metric in METRICS if metric.gates_only)  # NaN in a run without gates
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,12 @@ class Field:
     scalar: bool = False
 
 
-def trainable_groups(model: nn.Module, handle: SO8THandle) -> dict[str, list[nn.Parameter]]:
+def trainable_groups(model: nn.Module, handle: SO8THandle | None) -> dict[str, list[nn.Parameter]]:
     """Trainable parameters outside the gates (the LoRA adapters under QLoRA), grouped per decoder
     layer (``L<index>``) plus ``other`` (e.g. a classifier head saved with the adapter)."""
     layers_path = find_decoder_layout(model).path
     layer_of = re.compile(rf"(?:^|\.){re.escape(layers_path)}\.(\d+)\.")
-    gate_parameters = {id(handle.theta), id(handle.alpha)}
+    gate_parameters = {id(handle.theta), id(handle.alpha)} if handle is not None else set()
     groups = defaultdict(list)
     for name, parameter in unwrap_peft(model).named_parameters():
         if parameter.requires_grad and id(parameter) not in gate_parameters:
@@ -52,12 +55,19 @@ def trainable_groups(model: nn.Module, handle: SO8THandle) -> dict[str, list[nn.
 
 
 class SampleProbe:
-    def __init__(self, model: nn.Module, handle: SO8THandle, groups: dict[str, list[nn.Parameter]]):
+    """``handle`` None: a model without gates, whose decoder ``layers`` outputs are measured instead."""
+
+    def __init__(self, model: nn.Module, handle: SO8THandle | None, groups: dict[str, list[nn.Parameter]],
+                 layers: list[int] | None = None):
         self.model = model
         self.handle = handle
         self.groups = groups
-        self.backbone = find_decoder_layout(model).backbone
-        g, k = len(handle.layer_indices), len(groups)
+        layout = find_decoder_layout(model)
+        self.backbone = layout.backbone
+        self.layers = list(handle.layer_indices) if handle is not None else list(layers)
+        self._layer_modules = [layout.layers[index] for index in self.layers]
+        self.device = handle.theta.device if handle is not None else _parameter_device(model, groups)
+        g, k = len(self.layers), len(groups)
         self.fields = (
             Field("alpha", g, MEAN), Field("gate", g, MEAN),
             Field("ortho_residual_max", g, MAX), Field("ortho_residual_mean", g, MEAN),
@@ -84,22 +94,49 @@ class SampleProbe:
     # -- 1. forwards of the sampled step --------------------------------------------------------
     def begin(self) -> None:
         self._activations, self._elements, self._logits, self._captured = None, 0, [], None
-        self.handle.collect_activation_stats = True
         self._hooks = [
             self.backbone.register_forward_hook(self._after_backbone),
             self.model.register_forward_hook(self._after_model),
         ]
+        if self.handle is not None:
+            self.handle.collect_activation_stats = True
+        else:
+            self._hooks += [module.register_forward_hook(self._after_layer(row))
+                            for row, module in enumerate(self._layer_modules)]
+
+    def _after_layer(self, row: int):
+        """Without gates: Σ y², max |y| and the non-finite count of one layer's output, from one
+        ``logit_stats`` pass (mean, std, min, max over the finite entries, non-finite count)."""
+
+        def hook(module, args, output) -> None:
+            hidden = (output[0] if isinstance(output, tuple) else output).detach()
+            with torch.no_grad():
+                mean, std, low, high, nonfinite = logit_stats(hidden).to(self.device).unbind()
+                finite = hidden.numel() - nonfinite
+                stats = torch.stack([
+                    torch.where(finite > 0, finite * (std * std + mean * mean), 0.0),
+                    torch.nan_to_num(torch.maximum(low.abs(), high.abs()), nan=0.0),
+                    nonfinite,
+                ])
+                if self._activations is None:
+                    self._activations = torch.zeros(len(self.layers), 3, device=self.device)
+                self._activations[row, 0::2] += stats[0::2]
+                self._activations[row, 1] = torch.maximum(self._activations[row, 1], stats[1])
+
+        return hook
 
     def _after_backbone(self, module, args, output) -> None:
         # Every gated layer has written its row by now; the layers' outputs share the backbone's shape.
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        self._elements += hidden.numel()
+        if self.handle is None:
+            return
         stats = self.handle.activation_stats.detach()
         if self._activations is None:
             self._activations = stats.clone()
         else:
             self._activations[:, 0::2] += stats[:, 0::2]
             torch.maximum(self._activations[:, 1], stats[:, 1], out=self._activations[:, 1])
-        self._elements += hidden.numel()
 
     def _after_model(self, module, args, output) -> None:
         logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
@@ -112,14 +149,24 @@ class SampleProbe:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
-        self.handle.collect_activation_stats = False
+        if self.handle is not None:
+            self.handle.collect_activation_stats = False
 
     # -- 2. before the optimizer step -----------------------------------------------------------
     @torch.no_grad()
     def capture(self) -> None:
         self.release()
-        theta, alpha, device = self.handle.theta, self.handle.alpha, self.handle.theta.device
-        nan = torch.full((len(self.handle.layer_indices),), float("nan"), device=device)
+        device = self.device
+        nan = torch.full((len(self.layers),), float("nan"), device=device)
+        if self.handle is None:
+            grad_lora = self._group_gradient_norms(device)
+            self._captured = {
+                **dict.fromkeys(GATE_FIELDS, nan), **self._activation_stats(nan),
+                "grad_lora": grad_lora, "grad_nonfinite": (~torch.isfinite(grad_lora)).sum(dtype=torch.float32),
+                "lora_param_nonfinite": self._lora_nonfinite(device), **self._logit_summary(device),
+            }
+            return
+        theta, alpha = self.handle.theta, self.handle.alpha
         theta_trainable = theta.requires_grad
         alpha_trainable = alpha.requires_grad and not self.handle.bank.alpha_frozen
         grad_theta = _norm_per_layer(theta.grad, theta) if theta_trainable else nan
@@ -206,8 +253,7 @@ class SampleProbe:
     def vector(self) -> torch.Tensor:
         if self._captured is None:
             raise RuntimeError("SampleProbe.vector() before capture(): the step's gradients were never read")
-        device = self.handle.theta.device
-        pieces = [self._captured[field.name].reshape(-1).to(device, torch.float32) for field in self.fields]
+        pieces = [self._captured[field.name].reshape(-1).to(self.device, torch.float32) for field in self.fields]
         self._captured = None
         return torch.cat(pieces)
 
@@ -222,6 +268,12 @@ class SampleProbe:
         with np.errstate(divide="ignore", invalid="ignore"):
             sample["act_rms"] = np.sqrt(sample.pop("act_sum_squares") / finite)
         return sample
+
+
+def _parameter_device(model: nn.Module, groups: dict[str, list[nn.Parameter]]) -> torch.device:
+    for parameters in groups.values():
+        return parameters[0].device
+    return next(model.parameters()).device
 
 
 def _norm_per_layer(grad: torch.Tensor | None, parameter: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,10 @@ from pathlib import Path
 from .alerts import AlertChecker, AlertThresholds
 from .exporter import Exporter
 from .metrics_log import MetricsLog
-from .records import ALERT, SAMPLE, decode_alert, decode_sample, encode_alert, encode_meta, encode_sample
+from .losses import Losses
+from .records import (
+    ALERT, LOSS, SAMPLE, decode_alert, decode_sample, encode_alert, encode_losses, encode_meta, encode_sample,
+)
 from .ring import RingBuffer
 from .schema import RunInfo
 from .summary import RunningExtremes, build_summary, write_summary
@@ -36,6 +39,7 @@ class Recorder:
         self.ring = RingBuffer(info, buffer_size)
         self.extremes = RunningExtremes()
         self.alerts: list[dict] = []
+        self.losses = Losses()
         self.checker = AlertChecker(info, thresholds)
         self.log = MetricsLog(self.directory / METRICS_FILE)
         self.exporter = Exporter(self.directory, plots)
@@ -58,6 +62,14 @@ class Recorder:
         elif kind == ALERT:
             self.alerts.append(decode_alert(record))
             self.checker.raised.add(record["kind"])
+        elif kind == LOSS:
+            self.losses.add(record["step"], record)
+
+    def add_losses(self, step: int, logs: dict) -> None:
+        """Record the training or eval loss among the Trainer's ``logs`` at ``step``, if there is one."""
+        found = self.losses.add(step, logs)
+        if found:
+            self.log.write(encode_losses(step, found))
 
     def add(self, sample: dict) -> list[dict]:
         """Record one sample; returns the alerts it raised for the first time."""
@@ -79,13 +91,18 @@ class Recorder:
         self.log.sync()
         self._since_flush = 0
         if len(self.ring):
-            self.exporter.submit(self.ring.series())
+            self.exporter.submit(self._series())
+
+    def _series(self):
+        series = self.ring.series()
+        series.losses = self.losses.arrays()
+        return series
 
     def finish(self) -> dict:
         """Final flush, files rewritten in this thread, summary.json; the recorder is closed after."""
         self.log.close()
         if len(self.ring):
-            self.exporter.finish(self.ring.series())
-        summary = build_summary(self.info, self.extremes, self.ring.latest(), self.alerts)
+            self.exporter.finish(self._series())
+        summary = build_summary(self.info, self.extremes, self.ring.latest(), self.alerts, self.losses)
         write_summary(self.directory / SUMMARY_FILE, summary)
         return summary

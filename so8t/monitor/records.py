@@ -1,7 +1,8 @@
 """The lines of metrics.jsonl and how to read them back.
 
 One JSON object per line, with a ``type``: ``meta`` (once per run or resume: layers, LoRA groups,
-annealing landmarks), ``sample`` (one per sampled step) and ``alert``. Non-finite numbers are written
+annealing landmarks), ``sample`` (one per sampled step), ``alert``, and ``loss`` (the training and eval
+losses the Trainer logged at a step). Non-finite numbers are written
 as null so that strict JSON readers (jq, JavaScript) accept the file; they read back as NaN.
 A line torn by ``kill -9`` can only be the last one: the reader skips it. A bad line anywhere else
 means the file is not ours or was damaged, and reading stops with a message naming the line.
@@ -9,14 +10,16 @@ means the file is not ours or was damaged, and reading stops with a message nami
 
 import json
 import math
+from dataclasses import dataclass
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from .losses import Losses
 from .schema import EPOCH, METRICS, SCALAR, STEP, TIME, RunInfo
 
-META, SAMPLE, ALERT = "meta", "sample", "alert"
+META, SAMPLE, ALERT, LOSS = "meta", "sample", "alert", "loss"
 
 
 class MetricsFileError(ValueError):
@@ -40,6 +43,10 @@ def encode_sample(sample: dict) -> str:
 
 def encode_meta(info: RunInfo, step: int, time: float) -> str:
     return json.dumps({"type": META, STEP: step, TIME: time, **info.to_json()}, separators=(",", ":"))
+
+
+def encode_losses(step: int, losses: dict) -> str:
+    return json.dumps({"type": LOSS, STEP: int(step), **losses}, separators=(",", ":"))
 
 
 def encode_alert(alert: dict) -> str:
@@ -83,12 +90,20 @@ def iter_records(path: Path) -> Iterator[tuple[str, str, dict]]:
             yield kind, line if line.endswith("\n") else line + "\n", record
 
 
-def read_metrics(path: Path) -> tuple[RunInfo, list[dict], list[dict]]:
-    """The latest run info, every sample (in file order) and every alert of a metrics.jsonl."""
+@dataclass
+class MetricsRun:
+    info: RunInfo  # the latest meta record's
+    samples: list[dict]
+    alerts: list[dict]
+    losses: Losses
+
+
+def read_run(path: Path) -> MetricsRun:
+    """Everything a metrics.jsonl holds, in file order."""
     path = Path(path)
     if not path.is_file():
         raise MetricsFileError(f"{path} does not exist")
-    info, samples, alerts = None, [], []
+    info, samples, alerts, losses = None, [], [], Losses()
     try:
         for kind, _, record in iter_records(path):
             if kind == META:
@@ -97,10 +112,18 @@ def read_metrics(path: Path) -> tuple[RunInfo, list[dict], list[dict]]:
                 samples.append(decode_sample(record))
             elif kind == ALERT:
                 alerts.append(decode_alert(record))
+            elif kind == LOSS:
+                losses.add(record[STEP], record)
     except (KeyError, TypeError, ValueError) as error:
         if isinstance(error, MetricsFileError):
             raise
         raise MetricsFileError(f"{path}: a record lacks a field or has a wrong type ({error!r})") from error
     if info is None:
         raise MetricsFileError(f"{path} has no meta record: not written by the so8t monitor")
-    return info, samples, alerts
+    return MetricsRun(info, samples, alerts, losses)
+
+
+def read_metrics(path: Path) -> tuple[RunInfo, list[dict], list[dict]]:
+    """The latest run info, every sample (in file order) and every alert of a metrics.jsonl."""
+    run = read_run(path)
+    return run.info, run.samples, run.alerts

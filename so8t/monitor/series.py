@@ -1,7 +1,7 @@
 """Samples as arrays: ``[samples, width]`` per per-layer or per-LoRA-group metric, ``[samples]`` per
 scalar metric, plus the steps, epochs and wall times. What the writers, plots and summary consume."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,6 +16,8 @@ class Series:
     epochs: np.ndarray
     times: np.ndarray
     values: dict[str, np.ndarray]
+    # The Trainer's logged losses: ``[n, 2]`` (step, value) per key of ``losses.LOSS_KEYS`` that has any.
+    losses: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -29,8 +31,9 @@ class Series:
         return cls(info, np.zeros(length, np.int64), np.full(length, np.nan), np.full(length, np.nan), values)
 
     @classmethod
-    def from_samples(cls, info: RunInfo, samples: list[dict]) -> "Series":
+    def from_samples(cls, info: RunInfo, samples: list[dict], losses: dict[str, np.ndarray] | None = None) -> "Series":
         series = cls.empty_arrays(info, len(samples))
+        series.losses = dict(losses or {})
         for row, sample in enumerate(samples):
             series.set_row(row, sample)
         return series

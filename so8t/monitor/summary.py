@@ -1,5 +1,5 @@
 """summary.json: samples recorded, the final sample, the extremes of every metric over the whole run,
-and the alerts raised. Extremes accumulate sample by sample, so the summary covers the whole run while
+the alerts raised, and the final and lowest training and eval losses. Extremes accumulate sample by sample, so the summary covers the whole run while
 memory holds only the ring buffer."""
 
 import json
@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .export import partial_name
+from .losses import Losses
 from .schema import METRICS, SCALAR, STEP, RunInfo
 
 
@@ -33,7 +34,9 @@ class RunningExtremes:
             self.high[metric.name] = np.fmax(self.high.get(metric.name, value), value)
 
 
-def build_summary(info: RunInfo, extremes: RunningExtremes, final: dict | None, alerts: list[dict]) -> dict:
+def build_summary(
+    info: RunInfo, extremes: RunningExtremes, final: dict | None, alerts: list[dict], losses: Losses | None = None,
+) -> dict:
     def per_axis(metric, values) -> dict | float | None:
         values = np.atleast_1d(values)
         if metric.axis == SCALAR:
@@ -46,6 +49,7 @@ def build_summary(info: RunInfo, extremes: RunningExtremes, final: dict | None, 
         "last_step": extremes.last_step,
         "run": info.to_json(),
         "alerts": alerts,
+        "losses": losses.summary() if losses is not None else {},
         "final": None,
         "extremes": {},
     }

@@ -22,8 +22,9 @@ def tiny_config(**overrides):
     return Phi3Config(**(values | overrides))
 
 
-def tiny_gated_model(classifier: bool = False, seed: int = 0, warmup_steps: int = 3):
-    """(peft model, SO8T handle): a 4-layer Phi-3 (gates on layers 1 and 2) with LoRA on attention."""
+def tiny_gated_model(classifier: bool = False, seed: int = 0, warmup_steps: int = 3, gates: bool = True):
+    """(peft model, SO8T handle): a 4-layer Phi-3 (gates on layers 1 and 2) with LoRA on attention;
+    ``gates=False``: the same without gates (handle None), a baseline."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import Phi3ForCausalLM, Phi3ForSequenceClassification
@@ -41,6 +42,8 @@ def tiny_gated_model(classifier: bool = False, seed: int = 0, warmup_steps: int 
         model = Phi3ForCausalLM(tiny_config())
         lora = LoraConfig(r=4, target_modules=["qkv_proj", "o_proj"])
     peft_model = get_peft_model(model, lora)
+    if not gates:
+        return peft_model, None
     handle = attach_so8t(peft_model, SO8TConfig(warmup_steps=warmup_steps, theta_init_std=0.05))
     return peft_model, handle
 
@@ -65,7 +68,7 @@ class TokenDataset:
 
 
 def make_trainer(model, handle, output_dir, max_steps: int, monitor=None, callbacks=(), classifier=False,
-                 **arguments):
+                 eval_dataset=None, **arguments):
     from transformers import Trainer, TrainingArguments
 
     from so8t.annealing import AlphaAnnealingCallback
@@ -77,8 +80,8 @@ def make_trainer(model, handle, output_dir, max_steps: int, monitor=None, callba
     )
     trainer = Trainer(
         model=model, args=TrainingArguments(**(values | arguments)),
-        train_dataset=TokenDataset(classifier=classifier),
-        callbacks=[AlphaAnnealingCallback(handle), *callbacks],
+        train_dataset=TokenDataset(classifier=classifier), eval_dataset=eval_dataset,
+        callbacks=[AlphaAnnealingCallback(handle)] * (handle is not None) + list(callbacks),
     )
     if monitor is not None:
         monitor.add_to(trainer)

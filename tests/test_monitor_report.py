@@ -6,12 +6,14 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from monitor_helpers import SYNTHETIC_INFO, synthetic_sample
+from so8t.monitor.recorder import Recorder
 from so8t.monitor.records import encode_meta
 from so8t.report import main
 from test_monitor_files import PLOTS, PNG_SIGNATURE, record_run
@@ -83,3 +85,47 @@ def test_report_on_missing_or_bad_files_says_what_is_wrong(tmp_path, capsys):
     (monitoring / "metrics.jsonl").write_text(meta)
     assert main([str(tmp_path)]) == 1
     assert "has no samples yet" in capsys.readouterr().err
+
+
+BASELINE_INFO = replace(SYNTHETIC_INFO, gated=False, warmup_steps=None, gate_target=None)
+
+
+def record_baseline(directory):
+    recorder = Recorder(directory, BASELINE_INFO, flush_every=100, plots=False)
+    recorder.start(0)
+    for step in range(10, 60, 10):
+        recorder.add(synthetic_sample(step, BASELINE_INFO))
+        recorder.add_losses(step, {"loss": 5.0 / step})
+    recorder.finish()
+
+
+def test_report_on_a_baseline_shows_what_it_measured(tmp_path, capsys):
+    record_baseline(tmp_path / "baseline" / "monitoring")
+    assert main([str(tmp_path / "baseline")]) == 0
+    out = capsys.readouterr().out
+    assert "no gates (a baseline run): outputs of decoder layers 1 … 3 measured" in out
+    header = next(line for line in out.splitlines() if line.strip().startswith("layer"))
+    assert header.split() == ["layer", "act", "rms", "act", "max|y|"]  # no gate column
+    assert "training loss: 0.1 at step 50 (lowest 0.1)" in out
+    assert "alerts: none" in out and "--no-monitor" not in out
+
+
+def test_report_says_why_a_run_has_no_monitoring_files(tmp_path, capsys):
+    (tmp_path / "trainer_state.json").write_text("{}")
+    assert main([str(tmp_path)]) == 2
+    assert "trained with --no-monitor" in capsys.readouterr().err
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "no such directory" in capsys.readouterr().err
+
+
+def test_report_draws_several_runs_on_the_same_axes_and_says_where(run_dir, tmp_path, capsys):
+    record_baseline(tmp_path / "baseline" / "monitoring")
+    assert main([str(run_dir), str(tmp_path / "baseline")]) == 0
+    out = capsys.readouterr().out
+    target = run_dir / "monitoring" / "compare" / "baseline"
+    assert f"runs on the same axes (run, baseline): {target}/ (loss.png, logits.png, activations.png, " \
+           "gradients.png, gates.png)" in out
+    assert all((target / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE for name in ("loss", "gates"))
+    assert out.count("latest sample:") == 2  # each run's own report too
+    assert main([str(run_dir), str(tmp_path / "baseline"), "--compare-dir", str(tmp_path / "here")]) == 0
+    assert (tmp_path / "here" / "activations.png").is_file()

@@ -1,0 +1,79 @@
+"""The monitor on a model without gates (a baseline run): the same files and columns, gate metrics NaN,
+activations measured at the decoder layers' outputs where the gates would be; and the Trainer's
+training and eval losses, recorded for gated and baseline runs alike."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from monitor_helpers import TokenDataset, make_trainer, tiny_gated_model
+from so8t.monitor import SO8TMonitorCallback
+from so8t.monitor.records import read_metrics, read_run
+from so8t.monitor.schema import METRICS
+from so8t.placement import find_decoder_layout
+
+GATE_ONLY = [metric.name for metric in METRICS if metric.gates_only]
+
+
+class LayerOutputs(TrainerCallback):
+    """rms and max |y| of decoder layers' outputs per step, in float64, without so8t_kernels."""
+
+    def __init__(self, model, layers):
+        self.steps = {}
+        modules = find_decoder_layout(model).layers
+        for column, layer in enumerate(layers):
+            modules[layer].register_forward_hook(self._hook(column))
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.current = self.steps.setdefault(state.global_step + 1, {})
+
+    def _hook(self, column):
+        def hook(module, args, output):
+            hidden = (output[0] if isinstance(output, tuple) else output).detach().double()
+            self.current.setdefault(column, []).append(hidden.reshape(-1))
+        return hook
+
+
+def test_a_model_without_gates_records_the_same_columns(tmp_path):
+    model, handle = tiny_gated_model(gates=False)
+    assert handle is None
+    checker = LayerOutputs(model, [1, 2])
+    trainer = make_trainer(model, None, tmp_path, max_steps=3, monitor=SO8TMonitorCallback(interval=1),
+                           callbacks=[checker], logging_steps=1, gradient_accumulation_steps=2)
+    trainer.train()
+    info, samples, alerts = read_metrics(tmp_path / "monitoring" / "metrics.jsonl")
+    assert not info.gated and info.layers == (1, 2) and info.warmup_steps is None  # 1 … L−2 of 4 layers
+    assert [sample["step"] for sample in samples] == [1, 2, 3] and alerts == []
+    for sample in samples:
+        outputs = [torch.cat(checker.steps[sample["step"]][column]) for column in range(2)]
+        np.testing.assert_allclose(sample["act_rms"], [math.sqrt((y * y).mean().item()) for y in outputs], rtol=1e-5)
+        np.testing.assert_allclose(sample["act_max_abs"], [y.abs().max().item() for y in outputs], rtol=1e-6)
+        assert not sample["act_nonfinite"].any() and sample["logit_nonfinite"] == 0
+        assert np.isfinite(sample["logit_std"]) and (sample["grad_lora"] > 0).all()
+        for name in GATE_ONLY:
+            assert np.isnan(sample[name]).all(), name
+    table = pd.read_csv(tmp_path / "monitoring" / "timeseries.csv")
+    assert {"alpha/L1", "gate/L2", "act_rms/L1", "logit_std", "grad_lora/L0"} <= set(table.columns)
+    assert table["gate/L1"].isna().all() and table["act_rms/L2"].notna().all()
+    plots = sorted(path.stem for path in (tmp_path / "monitoring" / "plots").glob("*.png"))
+    assert plots == ["activations", "gradients", "logits", "loss"]
+
+
+def test_training_and_eval_losses_are_recorded_as_the_trainer_logs_them(tmp_path):
+    model, handle = tiny_gated_model()
+    trainer = make_trainer(model, handle, tmp_path, max_steps=5, monitor=SO8TMonitorCallback(interval=10),
+                           eval_dataset=TokenDataset(size=8), eval_strategy="steps", eval_steps=2, logging_steps=2)
+    trainer.train()
+    run = read_run(tmp_path / "monitoring" / "metrics.jsonl")
+    assert [sample["step"] for sample in run.samples] == [1, 5]  # a run shorter than the interval: its end too
+    history = trainer.state.log_history
+    expected = {key: [(entry["step"], pytest.approx(entry[key])) for entry in history if key in entry]
+                for key in ("loss", "eval_loss")}
+    assert [step for step, _ in expected["eval_loss"]][:2] == [2, 4]
+    assert run.losses.points == expected
+    summary = (tmp_path / "monitoring" / "summary.json").read_text()
+    assert '"eval_loss"' in summary and '"final"' in summary

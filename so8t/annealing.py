@@ -8,6 +8,7 @@ step's first forward, and drop α's (zero) gradient before ``optimizer.step()`` 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -15,6 +16,8 @@ from transformers import TrainerCallback
 
 from .config import SO8TConfig
 from .placement import SO8THandle
+
+logger = logging.getLogger(__name__)
 
 SIGMOID_STEEPNESS = 10.0  # the sigmoid schedule spends ~90% of its change in the middle 40% of warmup
 
@@ -44,6 +47,16 @@ def alpha_at_step(step: int, config: SO8TConfig) -> float:
     return config.alpha_init + (target - config.alpha_init) * fraction
 
 
+def short_warmup_warning(max_steps: int, config: SO8TConfig) -> str | None:
+    """What a run that ends before its α warmup does should be told before it starts."""
+    if not 0 < max_steps < config.warmup_steps:
+        return None
+    reached = 1.0 / (1.0 + math.exp(-alpha_at_step(max_steps, config)))
+    return (f"so8t: training ends at step {max_steps}, before the α warmup does (step {config.warmup_steps}): "
+            f"σ(α) will reach {reached:.3g}, not the target {config.alpha_target:g} (train longer or shorten "
+            "the warmup, --warmup-steps)")
+
+
 def apply_alpha_schedule(handle: SO8THandle, optimizer_steps_done: int) -> None:
     """Sets α for the coming optimizer step: the schedule's value up to step W, and frozen before it.
 
@@ -70,6 +83,9 @@ class AlphaAnnealingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         apply_alpha_schedule(self.handle, state.global_step)
+        warning = short_warmup_warning(state.max_steps, self.handle.config)
+        if warning and state.is_world_process_zero:
+            logger.warning(warning)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.handle.bank.alpha_frozen:

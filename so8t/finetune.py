@@ -23,6 +23,7 @@ from .training.loading import load_model_and_tokenizer
 from .training.lora import add_lora
 from .training.options import TrainOptions
 from .training.outputs import publish_outputs, staging_dir_for, write_embedded_base_record
+from .training.summary import gate_summary, outputs_summary
 
 
 @dataclass
@@ -99,14 +100,6 @@ def _loss_summary(trainer) -> str:
     return f"loss {losses[0]:.3f} → {losses[-1]:.3f}" if losses else "no loss logged"
 
 
-def _gate_summary(handle: SO8THandle) -> str:
-    activations = torch.sigmoid(handle.alpha.detach().float()).cpu()
-    rotation_sizes = handle.theta.detach().float().norm(dim=(1, 2)).cpu()  # ‖θ‖ per layer
-    layers = handle.layer_indices
-    return (f"gates on layers {layers[0]} … {layers[-1]} ({len(layers)}): σ(α) {activations.min():.3f} … "
-            f"{activations.max():.3f}, ‖θ‖ {rotation_sizes.min():.3f} … {rotation_sizes.max():.3f}")
-
-
 def finetune(options: TrainOptions) -> Path:
     """The whole task: build, train, save into a staging directory, publish as ``options.output_dir``."""
     output_dir = Path(options.output_dir).resolve()
@@ -129,7 +122,6 @@ def finetune(options: TrainOptions) -> Path:
         steps = training.trainer.state.global_step
         print(f"\nso8t train: {steps} steps in {elapsed:.1f} s, {_loss_summary(training.trainer)}")
         if training.handle is not None:
-            print(_gate_summary(training.handle))
-        print(f"outputs in {output_dir}: LoRA adapter (adapter_model.safetensors), SO8T adapter ({SO8T_ADAPTER_DIR}/), "
-              "tokenizer, trainer_state.json")
+            print(gate_summary(training.handle))
+        print(outputs_summary(output_dir, training.handle is not None, options.monitor is not None))
     return output_dir

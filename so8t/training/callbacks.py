@@ -9,9 +9,10 @@ from .options import TrainOptions
 
 def build_callbacks(options: TrainOptions, handle: SO8THandle | None) -> list:
     """The monitor (first: it samples the step before anything changes the gates), α annealing, then
-    ``options.extra_callbacks``. A run without gates gets neither."""
+    ``options.extra_callbacks``. A run without gates gets no annealing; its monitor records the same
+    files without the gate metrics (a baseline to compare with)."""
     callbacks = [AlphaAnnealingCallback(handle)] if handle is not None else []
-    if handle is not None and options.monitor is not None:
+    if options.monitor is not None:
         from ..monitor import SO8TMonitorCallback
 
         callbacks.insert(0, SO8TMonitorCallback(options.monitor))

@@ -68,8 +68,8 @@ def test_encoding_ends_with_eos_and_reports_truncation(tokenizer):
 def test_bundled_data_is_balanced_over_the_vocabulary():
     examples = read_labelled_jsonl(bundled_safety_path())
     counts = {label: sum(LABELS[e.label] == label for e in examples) for label in LABELS}
-    assert counts == {ALLOW: 50, ESCALATE: 50, DENY: 50}
-    assert len({e.text for e in examples}) == 150
+    assert counts == {ALLOW: 60, ESCALATE: 60, DENY: 60}
+    assert len({e.text for e in examples}) == 180
 
 
 @pytest.mark.parametrize(

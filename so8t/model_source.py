@@ -93,6 +93,8 @@ def convert_gguf(path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    if importlib.util.find_spec("gguf") is None:
+        raise SO8TError(f"--model {path}: reading GGUF files needs the gguf package (pip install gguf)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)

@@ -1,5 +1,5 @@
 """The base model and its tokenizer for ``so8t train`` (and for ``so8t serve``, which rebuilds the same base):
-``--model`` (a hub id or a local directory) or the embedded default, as a causal LM or as a sequence
+``--model`` (a hub id, a local directory or a ``.gguf`` file, see so8t.model_source) or the embedded default, as a causal LM or as a sequence
 classifier. One function, ``load_model_and_tokenizer``, so every way in goes through the same checks.
 
 It runs no forward: an inference forward of a 4-bit model on a CPU with avx512_bf16 repacks its weights
@@ -23,6 +23,7 @@ from transformers import (
 
 from ..demo import build_demo_tokenizer, demo_model_config
 from ..errors import SO8TError
+from ..model_source import resolve_model_source
 from .options import TrainOptions
 
 
@@ -77,8 +78,10 @@ def load_model_and_tokenizer(options: TrainOptions, labels: Sequence[str] | None
                 model.save_pretrained(checkpoint)
                 model = _from_pretrained(auto_class, checkpoint, options, labels)
         return model, tokenizer
-    # adapter_config.json records this name: an absolute path keeps the adapter loadable from anywhere.
-    source = str(Path(options.model).resolve()) if Path(options.model).is_dir() else options.model
+    # A .gguf file becomes its converted directory (cached). adapter_config.json records the name
+    # loaded: an absolute path keeps the adapter loadable from anywhere.
+    source = resolve_model_source(options.model)
+    source = str(Path(source).resolve()) if Path(source).is_dir() else source
     what = "" if labels is None else " as a sequence classifier"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -36,7 +36,7 @@ LORA_TARGETS = {
 class TrainOptions:
     """Everything ``so8t train`` can be told; the defaults are the embedded demo run."""
 
-    model: str | None = None  # hub id or local directory; None: the embedded tiny Phi-3
+    model: str | None = None  # hub id, local directory or .gguf file; None: the embedded tiny Phi-3
     data: str | None = None  # JSONL file; None: the bundled dataset of the task
     output_dir: str = DEFAULT_OUTPUT_DIR
     overwrite: bool = False
@@ -110,7 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--task", choices=TASKS, default="generate",
                       help="generate: fine-tune a causal LM; classify: train the safety judge (ALLOW/ESCALATE/DENY) "
                            "(default: %(default)s)")
-    what.add_argument("--model", help="hub id or local directory (default: the embedded tiny Phi-3, no download)")
+    what.add_argument("--model", help="hub id, local directory, or a .gguf file (converted once into a model "
+                                        "directory cached under $SO8T_CACHE_DIR or ~/.cache/so8t) (default: the "
+                                        "embedded tiny Phi-3, no download)")
     what.add_argument("--data", help="JSONL with `text`, `messages`, or `prompt`/`thinking`/`answer` rows "
                                      "(default: the bundled thinking dataset); with --task classify, "
                                      "`text`/`label` rows (default: the bundled safety dataset)")

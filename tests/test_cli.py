@@ -4,6 +4,7 @@ bitsandbytes), for every registered command, and an argument error shows the com
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,11 @@ def test_help_starts_well_under_two_seconds():
         subprocess.run([sys.executable, "-m", "so8t", "--help"], capture_output=True, check=True, timeout=60)
         durations.append(time.perf_counter() - start)
     assert min(durations) < 1.0, durations
+
+
+def test_the_readme_documents_every_command_the_version_and_the_openapi_page():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in COMMANDS:
+        assert f"so8t {name}" in readme, name
+    assert "so8t --version" in readme and "GET /docs" in readme
+    assert "folder that contains it" in " ".join(readme.split())  # the clone-named-so8t import pitfall

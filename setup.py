@@ -67,7 +67,7 @@ setup(
             "safetensors", "tokenizers", "pandas", "pyarrow", "matplotlib", "seaborn", "tqdm",
             "gguf",  # --model FILE.gguf: transformers dequantises GGUF files with it
         ],
-        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scipy"],
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scipy", "openai"],
         "serve": ["fastapi", "uvicorn", "httpx", "prometheus-client"],
     },
     entry_points={"console_scripts": ["so8t=so8t.cli:main"]},

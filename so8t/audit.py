@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import sqlite3
 import sys
 import threading
@@ -21,13 +22,14 @@ from pathlib import Path
 
 GENESIS_HASH = "0" * 64  # prev_hash of the first row
 TABLE = "audit_log"
-OUTCOMES = ("answered", "escalated", "denied", "rejected", "error")
+OUTCOMES = ("answered", "escalated", "denied", "rejected", "cancelled", "error")
 
 
 @dataclass
 class AuditRecord:
     """What the server knows about one request. ``rejected``: the request never reached the model
-    (bad input, 413/422); ``error``: it failed on the way (500)."""
+    (bad input 413/422, a full queue 503); ``cancelled``: the client went away before its answer
+    (499); ``error``: it failed on the way (500)."""
 
     request_id: str
     outcome: str
@@ -123,15 +125,19 @@ class AuditLog:
                 seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
                 values = {"seq": seq, "time": _now(), **asdict(record), "prev_hash": prev_hash}
                 values["latency_ms"] = float(values["latency_ms"])
-                if values["safety_confidence"] is not None:
-                    values["safety_confidence"] = float(values["safety_confidence"])
+                confidence = values["safety_confidence"]
+                # JSON (the row hash) has no NaN: a confidence that is not a number is no confidence.
+                values["safety_confidence"] = float(confidence) if confidence is not None and math.isfinite(confidence) else None
                 row = AuditRow(**values, row_hash=row_hash(values))
                 placeholders = ", ".join("?" for _ in COLUMNS)
                 cursor.execute(f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({placeholders})",
                                [getattr(row, name) for name in COLUMNS])
                 cursor.execute("COMMIT")
             except BaseException:
-                cursor.execute("ROLLBACK")
+                # SQLite may have rolled back already (a full disk does): a second ROLLBACK would raise
+                # "no transaction is active" and hide the real error.
+                if self._connection.in_transaction:
+                    cursor.execute("ROLLBACK")
                 raise
         return row
 

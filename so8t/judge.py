@@ -1,9 +1,11 @@
 """The safety judge: a sequence classifier with SO(8) gates that labels a prompt ALLOW, ESCALATE or DENY.
 
-It fails closed: a verdict below the confidence threshold, or a prompt longer than the judge can read
-(it would judge a truncated prompt), is ESCALATE whatever the model's top label. The label vocabulary
-below is the one everywhere: the model config's id2label, the API, the audit database. Its confidence is
-the softmax of the logits divided by the temperature fitted on held-out rows (so8t.calibration).
+It fails closed: a verdict below the confidence threshold, a prompt longer than the judge can read
+(it would judge a truncated prompt), or output that is not a probability distribution (a NaN or
+infinite logit, e.g. from weights that diverged in training) is ESCALATE whatever the model's top
+label. The label vocabulary below is the one everywhere: the model config's id2label, the API, the
+audit database. Its confidence is the softmax of the logits divided by the temperature fitted on
+held-out rows (so8t.calibration).
 
 A judge directory is what ``so8t train --task classify`` writes: a full model (the embedded default,
 trained from scratch) or a LoRA adapter over a base named in its adapter_config.json, the SO8T gates in
@@ -12,6 +14,8 @@ trained from scratch) or a LoRA adapter over a base named in its adapter_config.
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +27,8 @@ ALLOW, ESCALATE, DENY = "ALLOW", "ESCALATE", "DENY"
 LABELS = (ALLOW, ESCALATE, DENY)  # class index = position
 DEFAULT_THRESHOLD = 0.6
 PEFT_CONFIG_FILE = "adapter_config.json"
+MODEL_CONFIG_FILE = "config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def label_maps() -> tuple[dict[int, str], dict[str, int]]:
@@ -38,15 +44,28 @@ def check_threshold(threshold: float) -> float:
 @dataclass(frozen=True)
 class Verdict:
     label: str  # what the server acts on
-    confidence: float  # the model's probability of its top label
-    predicted: str  # the model's top label (differs from `label` when the judge failed closed)
-    reason: str  # "model", "low_confidence" or "too_long"
+    confidence: float | None  # the model's probability of its top label (None: the output was unusable)
+    predicted: str | None  # the model's top label (differs from `label` when the judge failed closed)
+    reason: str  # "model", "low_confidence", "too_long" or "invalid_output"
+
+
+# Softmax output sums to 1 within float32 rounding over 3 classes; anything further off is not a distribution.
+PROBABILITY_SUM_TOLERANCE = 1e-3
+
+
+def usable(probabilities: Sequence[float]) -> bool:
+    """Finite, each in [0, 1], summing to 1: what a judge's output must be before anything is read from it."""
+    values = [float(value) for value in probabilities]
+    return (all(math.isfinite(value) and 0.0 <= value <= 1.0 for value in values)
+            and abs(sum(values) - 1.0) <= PROBABILITY_SUM_TOLERANCE)
 
 
 def decide(probabilities: Sequence[float], threshold: float, truncated: bool = False) -> Verdict:
     """The verdict from class probabilities (in LABELS order)."""
     if len(probabilities) != len(LABELS):
         raise ValueError(f"expected {len(LABELS)} class probabilities, got {len(probabilities)}")
+    if not usable(probabilities):  # max() over NaN would pick index 0, ALLOW, and `NaN < threshold` is false
+        return Verdict(ESCALATE, None, None, "invalid_output")
     top = max(range(len(LABELS)), key=lambda index: probabilities[index])
     predicted, confidence = LABELS[top], float(probabilities[top])
     if truncated:
@@ -108,6 +127,43 @@ def check_label_vocabulary(config) -> None:
         raise SO8TError(f"the safety model's labels are {list(labels)}; a so8t judge has {list(LABELS)} in that order")
 
 
+def check_judge_dir(directory: str | Path) -> Path:
+    """Refuses, from its files alone (no model loading, no hub), a directory that is not a so8t judge:
+    a ``so8t train --task classify`` output has a tokenizer and either a config.json whose labels are
+    LABELS or a sequence-classification LoRA adapter_config.json."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise SO8TError(f"{directory}: no such directory")
+    missing = [name for name in TOKENIZER_FILES if not (directory / name).is_file()]
+    config, adapter_config = directory / MODEL_CONFIG_FILE, directory / PEFT_CONFIG_FILE
+    if config.is_file():
+        labels = _read_json(config).get("id2label") or {}
+        if [labels.get(str(index)) for index in range(len(labels))] != list(LABELS):
+            raise SO8TError(f"{directory} is not a so8t judge: its {MODEL_CONFIG_FILE} labels are "
+                            f"{list(labels.values())}, a judge has {list(LABELS)}")
+    elif adapter_config.is_file():
+        task = _read_json(adapter_config).get("task_type")
+        if task != "SEQ_CLS":
+            raise SO8TError(f"{directory} is not a so8t judge: its {PEFT_CONFIG_FILE} is a {task} adapter "
+                            "(a so8t train --task generate output?), a judge's is SEQ_CLS")
+    else:
+        missing.insert(0, f"{MODEL_CONFIG_FILE} or {PEFT_CONFIG_FILE}")
+    if missing:
+        raise SO8TError(f"{directory} is not a so8t judge (so8t train --task classify output): missing "
+                        + ", ".join(missing))
+    return directory
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SO8TError(f"{path}: unreadable ({error})") from None
+    if not isinstance(value, dict):
+        raise SO8TError(f"{path}: expected a JSON object")
+    return value
+
+
 def load_classifier(directory: str | Path):
     """Model (gates attached, eval mode) and tokenizer from a ``so8t train --task classify`` output."""
     import torch
@@ -115,9 +171,7 @@ def load_classifier(directory: str | Path):
 
     from .adapter import SO8T_ADAPTER_DIR, load_so8t_adapter
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise SO8TError(f"safety model {directory}: no such directory")
+    directory = check_judge_dir(directory)
     id2label, label2id = label_maps()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if (directory / PEFT_CONFIG_FILE).is_file():

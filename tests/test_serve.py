@@ -206,7 +206,7 @@ def test_a_failing_model_call_is_a_500_with_an_error_row(client, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(client.generator, "generate", broken)
+    monkeypatch.setattr(client.generator, "generate_batch", broken)
     response = client.think({"prompt": "this one fails"})
     assert response.status_code == 500
     assert response.json() == {"request_id": response.headers["x-request-id"], "error": "model call failed"}

@@ -8,8 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from so8t.audit import read_rows, verify_chain
 from so8t.cli import main
@@ -45,36 +48,112 @@ def test_serve_starts_offline_answers_and_stops_on_interrupt(tmp_path):
     assert row.request_id == response.json()["request_id"] and verify_chain([row]).ok
 
 
-def test_a_model_that_does_not_load_is_one_line_and_status_2(tmp_path):
+def so8t_line(text: str) -> str:
+    """so8t's own one-line message (third-party libraries may log to stderr on some CPUs)."""
+    [line] = [line for line in text.splitlines() if line.startswith("so8t serve:")]
+    return line
+
+
+def serve_subprocess(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "so8t", "serve", *args], capture_output=True, text=True,
+                          timeout=timeout, env=OFFLINE)
+
+
+def test_sigterm_drains_the_request_in_flight_exits_0_and_closes_the_database(tmp_path):
+    audit_db = tmp_path / "audit.db"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "so8t", "serve", "--port", "0", "--audit-db", str(audit_db), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE,
+    )
+    try:
+        url = re.search(r"on (http://127\.0\.0\.1:\d+) ", process.stdout.readline()).group(1)
+        wait_for_health(url, process=process)
+        with httpx.Client(timeout=120) as client:
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(client.post, f"{url}/think",
+                                      json={"prompt": "a long one", "max_new_tokens": 400, "temperature": 0})
+                while httpx.get(f"{url}/health").json()["queue_depth"] == 0:  # the request is in
+                    time.sleep(0.01)
+                process.send_signal(signal.SIGTERM)
+                response = pending.result()
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "Traceback" not in process.stderr.read()
+    assert response.status_code == 200 and response.json()["monitor"]["generated_tokens"] >= 1
+    # SQLite checkpoints and removes the WAL file when the last connection closes cleanly.
+    assert not (tmp_path / "audit.db-wal").exists()
+    [row] = read_rows(audit_db)
+    assert row.request_id == response.json()["request_id"] and row.outcome == "answered"
+
+
+def test_a_missing_model_directory_is_named_before_anything_loads(tmp_path):
     missing = tmp_path / "no-such-model"
-    result = subprocess.run([sys.executable, "-m", "so8t", "serve", "--model", str(missing), "--port", "0",
-                             "--audit-db", str(tmp_path / "audit.db")],
-                            capture_output=True, text=True, timeout=300, env=OFFLINE)
-    assert result.returncode == 2
-    # Search for so8t's own line: third-party libraries may log to stderr on some CPUs.
-    assert any(line.startswith(f"so8t serve: error: cannot load the model ({missing})")
-               for line in result.stderr.splitlines()), result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "audit.db").exists()  # nothing was created for a server that never started
+    result = serve_subprocess("--model", str(missing), "--port", "0", "--audit-db", str(tmp_path / "db" / "audit.db"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert so8t_line(result.stderr) == f"so8t serve: error: --model {missing}: the directory does not exist"
+    assert not (tmp_path / "db").exists()  # nothing was created for a server that never started
 
 
-def test_other_start_failures_are_status_2(tmp_path, capsys):
-    assert main(["serve", "--safety-model", str(tmp_path / "no-judge"), "--audit-db", str(tmp_path / "a.db")]) == 2
-    assert "cannot load --safety-model" in capsys.readouterr().err
+@pytest.fixture(scope="module")
+def generation_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("generate") / "run"
+    assert main(["train", "--output-dir", str(output), "--max-steps", "2", "--warmup-steps", "1", "--no-monitor"]) == 0
+    return output
 
-    (tmp_path / "file").write_text("")
-    assert main(["serve", "--audit-db", str(tmp_path / "file" / "audit.db"), "--port", "0"]) == 2
-    assert "cannot open --audit-db" in capsys.readouterr().err
 
+def test_a_generation_run_as_safety_model_is_not_a_judge(generation_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("so8t.serve.loading.load_generator", _must_not_load)
+    assert main(["serve", "--port", "0", "--safety-model", str(generation_run),
+                 "--audit-db", str(tmp_path / "db" / "audit.db")]) == 2
+    assert so8t_line(capsys.readouterr().err) == (
+        f"so8t serve: error: --safety-model: {generation_run} is not a so8t judge: its adapter_config.json is a "
+        "CAUSAL_LM adapter (a so8t train --task generate output?), a judge's is SEQ_CLS")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["serve", "--port", "0", "--safety-model", str(empty), "--audit-db", str(tmp_path / "db" / "a.db")]) == 2
+    assert so8t_line(capsys.readouterr().err) == (
+        f"so8t serve: error: --safety-model: {empty} is not a so8t judge (so8t train --task classify output): "
+        "missing config.json or adapter_config.json, tokenizer.json, tokenizer_config.json")
+    assert main(["serve", "--safety-model", str(tmp_path / "no-judge"), "--port", "0",
+                 "--audit-db", str(tmp_path / "db" / "b.db")]) == 2
+    assert "--safety-model: " in capsys.readouterr().err
+    assert not (tmp_path / "db").exists()
+
+
+def _must_not_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the check that failed")
+
+
+def test_a_taken_port_is_found_before_the_model_loads_and_creates_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("so8t.serve.loading.load_generator", _must_not_load)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert main(["serve", "--port", str(port), "--audit-db", str(tmp_path / "b.db")]) == 2
-    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+        assert main(["serve", "--port", str(port), "--audit-db", str(tmp_path / "db" / "audit.db")]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in so8t_line(capsys.readouterr().err)
+    assert not (tmp_path / "db").exists()
+
+
+def test_other_start_failures_are_status_2(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["serve", "--audit-db", str(tmp_path / "file" / "audit.db"), "--port", "0"]) == 2
+    assert "cannot open --audit-db" in capsys.readouterr().err
 
     not_an_adapter = tmp_path / "empty-adapter"
     not_an_adapter.mkdir()
     (not_an_adapter / "so8t").mkdir()
-    assert main(["serve", "--adapter", str(not_an_adapter), "--audit-db", str(tmp_path / "c.db")]) == 2
+    assert main(["serve", "--adapter", str(not_an_adapter), "--audit-db", str(tmp_path / "c.db"), "--port", "0"]) == 2
     assert "so8t_adapter.json not found" in capsys.readouterr().err
+    assert not (tmp_path / "c.db").exists()
+
+
+def test_serve_defaults_match_the_modules_they_stand_for():
+    from so8t.judge import DEFAULT_THRESHOLD
+    from so8t.serve import app, command
+
+    assert command.DEFAULT_THRESHOLD == DEFAULT_THRESHOLD
+    assert (command.DEFAULT_MAX_BATCH, command.DEFAULT_MAX_QUEUE) == (app.DEFAULT_MAX_BATCH, app.DEFAULT_MAX_QUEUE)

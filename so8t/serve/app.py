@@ -1,89 +1,94 @@
-"""The FastAPI app of ``so8t serve``: POST /think, GET /health, GET /metrics.
+"""The FastAPI app of ``so8t serve``: POST /think, the OpenAI-compatible /v1 routes (openai_api.py),
+GET /health, GET /metrics.
 
-A /think request goes: safety judge (if configured) → generation (ALLOW only) → thinking parse and
-hashes → response. Both model calls run on the one model thread (worker.py); the audit row and the
-metrics of every request, answered or not, are ThinkLedger's (ledger.py).
+A request goes: admission (503 beyond --max-queue) → safety judge (if configured) → generation
+(ALLOW only, batched with concurrent requests on the one model thread) → thinking parse and hashes →
+response. The audit row and the metrics of every request, answered or not, are the ledger's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from ..audit import AuditLog, AuditRecord
-from ..judge import ALLOW, DENY, SafetyJudge, Verdict
-from .generation import ContextOverflow, Generation, TextGenerator
-from .ledger import STATE_RECORD, STATE_REQUEST_ID, STATE_STARTED, ThinkLedger, latency_ms_since
+from ..audit import AuditLog
+from ..judge import SafetyJudge, Verdict
+from .errors import ApiError, error_body, invalid_status
+from .generation import Generation, TextGenerator
+from .ledger import STATE_REQUEST_ID, Ledger, LedgerMiddleware
 from .metrics import ServeMetrics
+from .openai_api import add_openai_routes
+from .scheduler import Scheduler
 from .schemas import Monitor, Safety, ThinkRequest, ThinkResponse
+from .service import Refusal, ServerBusy, Service, busy_refusal, model_failure
 from .thinking import parse_thinking, sha256_text
-from .worker import ModelWorker
 
 # Room for a 16,000-character prompt even if every character is a 12-byte JSON escape, and the rest.
 MAX_BODY_BYTES = 256 * 1024
-OUTCOME_OF_LABEL = {ALLOW: "answered", DENY: "denied"}  # ESCALATE (and anything else): "escalated"
-
-log = logging.getLogger("so8t.serve")
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_QUEUE = 64
 
 
 def create_app(generator: TextGenerator, audit: AuditLog, judge: SafetyJudge | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, max_batch: int = DEFAULT_MAX_BATCH,
+               max_queue: int = DEFAULT_MAX_QUEUE) -> FastAPI:
     metrics = ServeMetrics()
-    worker = ModelWorker(on_depth_change=metrics.queue_depth.set)
+    scheduler = Scheduler(generator, max_batch, max_queue, on_depth_change=metrics.queue_depth.set)
+    ledger = Ledger(audit, metrics)
+    service = Service(generator, judge, scheduler, ledger, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        worker.shutdown()
+        scheduler.shutdown()
 
-    app = FastAPI(title="so8t", summary="SO(8)-gated model with a hash-audited /think endpoint", lifespan=lifespan)
-    app.add_middleware(ThinkLedger, audit=audit, metrics=metrics, max_body_bytes=max_body_bytes)
+    app = FastAPI(title="so8t", summary="SO(8)-gated model with a hash-audited /think endpoint and an "
+                  "OpenAI-compatible /v1/chat/completions", lifespan=lifespan)
+    app.add_middleware(LedgerMiddleware, ledger=ledger, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        return _invalid(request, [{"field": _field_name(item["loc"]), "reason": _reason(item)} for item in error.errors()])
+        details = [(_field_name(item["loc"]), _reason(item)) for item in error.errors()]
+        return error_response(request, ApiError.invalid(invalid_status(request.scope["path"]), details))
 
     @app.post("/think", response_model=ThinkResponse,
-              responses={413: {"description": "body too large"}, 422: {"description": "invalid field"}})
-    async def think(request: Request, body: ThinkRequest) -> JSONResponse:
-        state = request.scope["state"]
-        request_id = state[STATE_REQUEST_ID]
-        record = AuditRecord(request_id, "error", 500, 0.0, prompt_sha256=sha256_text(body.prompt))
-        state[STATE_RECORD] = record
-        verdict = generation = None
+              responses={413: {"description": "body too large"}, 422: {"description": "invalid field"},
+                         499: {"description": "the client closed the connection first (audit row only)"},
+                         503: {"description": "server full (Retry-After) or audit log unavailable"}})
+    async def think(request: Request, body: ThinkRequest) -> Response:
+        record = service.start_record(request, sha256_text(body.prompt))
+        request_id = record.request_id
         try:
-            if judge is not None:
-                verdict = await worker.run(judge.judge, body.prompt)
-                record.safety_label, record.safety_confidence = verdict.label, verdict.confidence
-            outcome = OUTCOME_OF_LABEL.get(verdict.label, "escalated") if verdict is not None else "answered"
-            if outcome == "answered":
-                generation = await worker.run(generator.generate, body.prompt, body.max_new_tokens,
-                                              body.temperature, body.top_p)
-        except ContextOverflow as overflow:
-            record.outcome, record.latency_ms = "rejected", latency_ms_since(state[STATE_STARTED])
-            return _invalid(request, [{"field": overflow.field, "reason": overflow.reason}])
-        except Exception as error:  # the row says error; the client gets a 500 without internals
-            log.exception("model call failed for request %s", request_id)
-            record.error, record.latency_ms = type(error).__name__, latency_ms_since(state[STATE_STARTED])
-            return JSONResponse({"request_id": request_id, "error": "model call failed"}, status_code=500)
-        response = _response(request_id, outcome, body, verdict, generation, latency_ms_since(state[STATE_STARTED]))
-        record.outcome, record.latency_ms = outcome, response.latency_ms
+            with scheduler.admitted():
+                decision = await service.decide(request, record, body.prompt, body.prompt, body.max_new_tokens,
+                                                body.temperature, body.top_p)
+                generation = None
+                if decision.request is not None:
+                    generation = await service.generate(request, decision.request)
+        except ServerBusy:
+            return refuse(request, record, busy_refusal())
+        except Refusal as refusal:
+            return refuse(request, record, refusal)
+        except Exception as error:  # the judge or the model failed; the traceback goes to the log only
+            record.error = type(error).__name__
+            return refuse(request, record, model_failure(request_id, error))
+        service.finish_record(request, record, decision.outcome)
+        response = _think_response(request_id, decision.outcome, body, decision.verdict, generation, record.latency_ms)
         record.thinking_sha256 = response.thinking_sha256
         record.answer_sha256 = sha256_text(response.answer) if response.answer is not None else None
-        if generation is not None:
-            metrics.generated_tokens.inc(generation.new_tokens)
         return JSONResponse(response.body())
+
+    add_openai_routes(app, service)
 
     @app.get("/health")
     async def health() -> dict:
         gated = generator.handle.layer_indices if generator.handle is not None else []
         return {"status": "ok", "model": generator.name, "gated_layers": gated,
-                "safety_model": judge is not None, "queue_depth": worker.depth}
+                "safety_model": judge is not None, "queue_depth": scheduler.depth}
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -92,26 +97,44 @@ def create_app(generator: TextGenerator, audit: AuditLog, judge: SafetyJudge | N
     return app
 
 
-def _response(request_id: str, outcome: str, body: ThinkRequest, verdict: Verdict | None,
-              generation: Generation | None, latency_ms: float) -> ThinkResponse:
-    safety = None
-    if verdict is not None:
-        safety = Safety(label=verdict.label, confidence=verdict.confidence, predicted=verdict.predicted,
-                        reason=verdict.reason)
-    if generation is None:
-        return ThinkResponse(request_id=request_id, outcome=outcome, answer=None, thinking_sha256=None,
-                             thinking_parse=None, safety=safety, latency_ms=latency_ms)
-    parsed = parse_thinking(generation.text)
-    monitor = Monitor(
+def refuse(request: Request, record, refusal: Refusal) -> JSONResponse:
+    """The error response of a Refusal, with its outcome in the audit record."""
+    Service.finish_record(request, record, refusal.outcome)
+    return error_response(request, refusal.error, refusal.headers)
+
+
+def error_response(request: Request, error: ApiError, headers: dict | None = None) -> JSONResponse:
+    request_id = request.scope.get("state", {}).get(STATE_REQUEST_ID)
+    return JSONResponse(error_body(request.scope["path"], request_id, error), status_code=error.status,
+                        headers=headers)
+
+
+def safety_of(verdict: Verdict | None) -> Safety | None:
+    if verdict is None:
+        return None
+    return Safety(label=verdict.label, confidence=verdict.confidence, predicted=verdict.predicted, reason=verdict.reason)
+
+
+def monitor_of(generation: Generation) -> Monitor:
+    return Monitor(
         generated_tokens=generation.new_tokens, logit_mean=_finite(generation.logit_mean),
         logit_std=_finite(generation.logit_std), logit_min=_finite(generation.logit_min),
         logit_max=_finite(generation.logit_max), logit_nonfinite=generation.logit_nonfinite,
         sigma_alpha={str(layer): gate for layer, gate in generation.sigma_alpha.items()},
     )
+
+
+def _think_response(request_id: str, outcome: str, body: ThinkRequest, verdict: Verdict | None,
+                    generation: Generation | None, latency_ms: float) -> ThinkResponse:
+    safety = safety_of(verdict)
+    if generation is None:
+        return ThinkResponse(request_id=request_id, outcome=outcome, answer=None, thinking_sha256=None,
+                             thinking_parse=None, safety=safety, latency_ms=latency_ms)
+    parsed = parse_thinking(generation.text)
     return ThinkResponse(
         request_id=request_id, outcome=outcome, answer=parsed.answer, thinking_sha256=parsed.thinking_sha256,
         thinking_parse=parsed.case, thinking=parsed.thinking if body.return_thinking else None,
-        safety=safety, monitor=monitor, latency_ms=latency_ms,
+        safety=safety, monitor=monitor_of(generation), latency_ms=latency_ms,
     )
 
 
@@ -120,16 +143,13 @@ def _finite(value: float) -> float | None:
 
 
 def _field_name(location) -> str:
-    # ("body", "top_p") → "top_p"; ("body", 15), a JSON syntax error at character 15 → "body".
-    parts = [part for part in location if isinstance(part, str) and part != "body"]
+    # ("body", "top_p") → "top_p"; ("body", 15), a JSON syntax error at character 15 → "body";
+    # ("body", "messages", 0, "role") → "messages.0.role".
+    parts = [str(part) for position, part in enumerate(location)
+             if part != "body" and (isinstance(part, str) or position > 1)]
     return ".".join(parts) or "body"
 
 
 def _reason(item: dict) -> str:
     detail = (item.get("ctx") or {}).get("error")  # e.g. the JSON decoder's message
     return f"{item['msg']}: {detail}" if isinstance(detail, str) else item["msg"]
-
-
-def _invalid(request: Request, details: list[dict]) -> JSONResponse:
-    request_id = request.scope.get("state", {}).get(STATE_REQUEST_ID)
-    return JSONResponse({"request_id": request_id, "error": "invalid request", "detail": details}, status_code=422)

@@ -1,20 +1,39 @@
-"""``so8t serve``: loads the model (and the safety judge), opens the audit log, binds, serves with uvicorn.
+"""``so8t serve``: binds the port, checks the paths, loads the model (and the safety judge), opens the
+audit log, serves with uvicorn until SIGINT or SIGTERM, drains, and exits 0.
 
-Everything that can fail on bad input (a model that does not load, a busy port, an unwritable audit
-database) fails before the server starts, with one line on stderr and exit status 2.
+Everything that can fail on bad input (a taken port, a missing directory, a judge directory that is not
+a judge, a model that does not load, an unwritable audit database) fails before the server starts, with
+one line on stderr and exit status 2, and leaves no file behind: the port is bound first (seconds,
+not the model's load time, to find it taken) and the audit database is opened last.
+
+This module is imported for every ``so8t`` command's parser: torch, transformers and FastAPI are
+imported inside ``run`` only.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import socket
-import sqlite3
 import sys
+from pathlib import Path
 
 from ..errors import SO8TError
-from ..judge import DEFAULT_THRESHOLD, check_threshold
 
 DEFAULT_AUDIT_DB = "so8t-audit.db"
+DEFAULT_THRESHOLD = 0.6  # so8t.judge.DEFAULT_THRESHOLD (kept equal by a test; importing it costs torch here)
+DEFAULT_MAX_BATCH = 16  # so8t.serve.app.DEFAULT_MAX_BATCH
+DEFAULT_MAX_QUEUE = 64  # so8t.serve.app.DEFAULT_MAX_QUEUE
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
     parser.add_argument("--audit-db", default=DEFAULT_AUDIT_DB, help="SQLite audit log, created if missing "
                                                                        "(default: %(default)s)")
+    parser.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
+                        help="most prompts generated together in one batch; 1 serves one at a time "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-queue", type=_positive_int, default=DEFAULT_MAX_QUEUE,
+                        help="most requests in the server (waiting or generating); beyond, 503 with "
+                             "Retry-After (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
 
 
@@ -37,6 +62,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
+        sock.listen(2048)  # taken by another listener shows here, before anything is loaded
     except OSError:
         sock.close()
         raise
@@ -46,7 +72,49 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def build_server(app, log_level: str = "info"):
     import uvicorn
 
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, access_log=log_level in ("info", "debug")))
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's graceful shutdown on SIGINT/SIGTERM (stop accepting, finish open requests, run the
+        app's shutdown), without re-raising the signal afterwards: a drained server exits 0, not 143."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            import threading
+
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in STOP_SIGNALS}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return DrainingServer(uvicorn.Config(app, log_level=log_level, access_log=log_level in ("info", "debug")))
+
+
+def check_model_path(model: str | None) -> None:
+    """A --model that names a path must exist; only a bare ``name`` or ``owner/name`` is a hub id."""
+    if model is None or Path(model).is_dir():
+        return
+    path = Path(model).expanduser()
+    looks_like_path = (path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
+                       or path.exists() or os.sep != "/" and os.sep in model)
+    if looks_like_path:
+        what = "is not a directory" if path.exists() else "does not exist"
+        raise SO8TError(f"--model {model}: the directory {what}")
+
+
+def serve_threads(model: str | None) -> int | None:
+    """One intra-op thread for the embedded demo on CPU unless OMP_NUM_THREADS is set, as so8t train
+    does: its tensors are too small to split, and two threads wait on each other whenever another
+    process holds a core (0.5–0.8 requests/s at concurrency 16 with two on a loaded 2-core machine,
+    9.5–19 with one). None: leave torch's default."""
+    import torch
+
+    if model is None and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        return 1
+    return None
 
 
 def _fail(message: str) -> int:
@@ -55,15 +123,43 @@ def _fail(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not 0.0 <= args.safety_threshold <= 1.0:
+        return _fail(f"--safety-threshold {args.safety_threshold}: must be in [0, 1]")
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as error:
+        return _fail(f"cannot listen on {args.host}:{args.port}: {error}")
+    try:
+        return _serve(args, sock)
+    finally:
+        sock.close()
+
+
+def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
+    import sqlite3
+
+    from ..judge import check_judge_dir
+
+    try:
+        check_model_path(args.model)
+    except SO8TError as error:
+        return _fail(str(error))
+    try:
+        if args.safety_model is not None:
+            check_judge_dir(args.safety_model)
+    except SO8TError as error:
+        return _fail(f"--safety-model: {error}")
+
+    import torch
+
     from ..audit import AuditLog
     from ..judge import SafetyJudge
     from .app import create_app
     from .loading import load_generator
 
-    try:
-        check_threshold(args.safety_threshold)
-    except SO8TError as error:
-        return _fail(f"--safety-threshold: {error}")
+    threads = serve_threads(args.model)
+    if threads is not None:
+        torch.set_num_threads(threads)
     # Loading runs arbitrary library code: any exception is a model that does not load, not a crash.
     try:
         generator = load_generator(args.model, args.adapter)
@@ -79,19 +175,12 @@ def run(args: argparse.Namespace) -> int:
         audit = AuditLog(args.audit_db)
     except (sqlite3.Error, OSError) as error:
         return _fail(f"cannot open --audit-db {args.audit_db}: {error}")
-    try:
-        sock = bind_socket(args.host, args.port)
-    except OSError as error:
-        audit.close()
-        return _fail(f"cannot listen on {args.host}:{args.port}: {error}")
     host, port = sock.getsockname()[:2]
     print(f"so8t serve: {generator.name} on http://{host}:{port} (safety judge: {args.safety_model or 'none'}, "
-          f"audit log: {args.audit_db})", flush=True)
+          f"audit log: {args.audit_db}, torch threads: {torch.get_num_threads()})", flush=True)
     try:
-        build_server(create_app(generator, audit, judge), args.log_level).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C it had captured
-        pass
+        app = create_app(generator, audit, judge, max_batch=args.max_batch, max_queue=args.max_queue)
+        build_server(app, args.log_level).run(sockets=[sock])
     finally:
-        sock.close()
         audit.close()
     return 0

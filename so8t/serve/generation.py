@@ -1,12 +1,21 @@
-"""Text generation for /think: prompt → completion text (thinking tags kept), logit statistics, gates.
+"""Text generation: prompts → completion texts (thinking tags kept), logit statistics, gates, batched.
+
+A batch of prompts is left-padded (the model is decoder-only: every row's next token sits in the last
+column) and decoded step by step over one KV cache, each row with its own max_new_tokens, temperature,
+top-p and stop strings; a finished or cancelled row leaves the batch (and the cache) at the next step.
+With temperature 0 a row's completion is the one it gets alone (tests compare with Hugging Face's
+``generate`` on the single prompt).
 
 Not thread-safe (the model, the tokenizer and torch's RNG are shared): the server runs every call on
-its one model thread.
+its one model thread (scheduler.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -14,6 +23,9 @@ from so8t_kernels import logit_stats
 
 from ..dataset import THINK_CLOSE, THINK_OPEN, render_prompt
 from ..placement import SO8THandle
+from .sampling import next_tokens
+
+STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"  # why a row finished
 
 
 class ContextOverflow(ValueError):
@@ -23,6 +35,17 @@ class ContextOverflow(ValueError):
         super().__init__(reason)
         self.field = field
         self.reason = reason
+
+
+@dataclass
+class GenerationRequest:
+    input_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # the completion ends before the first of these (not included)
+    on_text: Callable[[str], None] | None = None  # the completion so far, after each step (model thread)
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(frozen=True)
@@ -35,6 +58,18 @@ class Generation:
     logit_max: float
     logit_nonfinite: int
     sigma_alpha: dict[int, float]  # gated layer index → σ(α)
+    finish_reason: str = LENGTH  # STOP (EOS or a stop string), LENGTH or CANCELLED
+
+
+class _Row:
+    """One request's progress through a batch."""
+
+    def __init__(self, request: GenerationRequest):
+        self.request = request
+        self.ids: list[int] = []  # generated, EOS included
+        self.logits: list[torch.Tensor] = []  # raw logits of each step
+        self.text = ""
+        self.finish_reason: str | None = None
 
 
 class TextGenerator:
@@ -49,16 +84,22 @@ class TextGenerator:
         # token (EOS, padding, chat markers) goes.
         self._dropped_ids = set(tokenizer.all_special_ids) - thinking_tags
         self._pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self._eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos} - {None}
+        # transformers 5 renamed `past_key_values` to `cache` (the old name warns, then goes in 5.40).
+        self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def encode(self, prompt: str, max_new_tokens: int) -> torch.Tensor:
-        """The prompt as the model saw it in training (so8t.dataset.render_prompt), checked against the context."""
-        text = render_prompt(self.tokenizer, [{"role": "user", "content": prompt}])
-        ids = self.tokenizer(text, add_special_tokens=True, return_tensors="pt")["input_ids"]
-        length = ids.shape[1]
+    def encode(self, prompt: str | list[dict], max_new_tokens: int) -> list[int]:
+        """The prompt (text, or chat messages) as the model saw it in training (so8t.dataset.render_prompt),
+        checked against the context."""
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = self.tokenizer(render_prompt(self.tokenizer, messages), add_special_tokens=True)["input_ids"]
+        length = len(ids)
         if self.context is not None and length + max_new_tokens > self.context:
             if length >= self.context:
                 raise ContextOverflow("prompt", f"the prompt is {length} tokens; the model reads at most {self.context}")
@@ -69,23 +110,90 @@ class TextGenerator:
             )
         return ids
 
-    @torch.inference_mode()
     def generate(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float) -> Generation:
-        input_ids = self.encode(prompt, max_new_tokens).to(self.device)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        output = self.model.generate(
-            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-            pad_token_id=self._pad_token_id, output_logits=True, return_dict_in_generate=True, **sampling,
-        )
-        new_ids = [token for token in output.sequences[0, input_ids.shape[1]:].tolist() if token not in self._dropped_ids]
-        # output.logits: the raw logits of each generated step (before temperature and top-p).
-        mean, std, low, high, nonfinite = logit_stats(torch.stack(output.logits)).tolist()
-        return Generation(
-            text=self.tokenizer.decode(new_ids, skip_special_tokens=False),
-            new_tokens=len(output.logits),
-            logit_mean=mean, logit_std=std, logit_min=low, logit_max=high, logit_nonfinite=int(nonfinite),
-            sigma_alpha=self.sigma_alpha(),
-        )
+        """One prompt alone (a batch of one)."""
+        request = GenerationRequest(self.encode(prompt, max_new_tokens), max_new_tokens, temperature, top_p)
+        return self.generate_batch([request])[0]
+
+    @torch.inference_mode()
+    def generate_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
+        rows = [_Row(request) for request in requests]
+        live = [row for row in rows if not row.request.cancelled.is_set()]
+        for row in rows:
+            if row not in live:
+                row.finish_reason = CANCELLED
+        if live:
+            self._decode(live)
+        gates = self.sigma_alpha()
+        return [self._result(row, gates) for row in rows]
+
+    def _decode(self, rows: list[_Row]) -> None:
+        from transformers import DynamicCache
+
+        device = self.device
+        width = max(len(row.request.input_ids) for row in rows)
+        input_ids = torch.full((len(rows), width), self._pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids = row.request.input_ids
+            input_ids[index, width - len(ids):] = torch.tensor(ids)
+            attention_mask[index, width - len(ids):] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        while True:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=True, **{self._cache_argument: cache}).logits[:, -1, :]
+            tokens = next_tokens(logits, [row.request.temperature for row in rows],
+                                 [row.request.top_p for row in rows]).tolist()
+            for index, (row, token) in enumerate(zip(rows, tokens)):
+                row.logits.append(logits[index].float())
+                row.ids.append(token)
+                self._advance(row, token)
+            keep = [index for index, row in enumerate(rows) if row.finish_reason is None]
+            if not keep:
+                return
+            if len(keep) < len(rows):  # finished rows leave the batch and the cache
+                selected = torch.tensor(keep, device=device)
+                cache.batch_select_indices(selected)
+                attention_mask, position_ids = attention_mask[selected], position_ids[selected]
+                rows, tokens = [rows[index] for index in keep], [tokens[index] for index in keep]
+            input_ids = torch.tensor(tokens, device=device).unsqueeze(-1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(rows), 1))], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+
+    def _advance(self, row: _Row, token: int) -> None:
+        request = row.request
+        if request.stop or request.on_text is not None:
+            row.text = self._decode_text(row.ids)
+            cut = min((at for at in (row.text.find(stop) for stop in request.stop) if at != -1), default=-1)
+            if cut != -1:
+                row.text = row.text[:cut]
+                row.finish_reason = STOP
+        if row.finish_reason is None:
+            if token in self._eos_ids:
+                row.finish_reason = STOP
+            elif len(row.ids) >= request.max_new_tokens:
+                row.finish_reason = LENGTH
+            elif request.cancelled.is_set():
+                row.finish_reason = CANCELLED
+        if request.on_text is not None and row.finish_reason != CANCELLED:
+            request.on_text(row.text)
+
+    def _decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([token for token in ids if token not in self._dropped_ids],
+                                     skip_special_tokens=False)
+
+    def _result(self, row: _Row, gates: dict[int, float]) -> Generation:
+        if row.logits:
+            mean, std, low, high, nonfinite = logit_stats(torch.stack(row.logits)).tolist()
+        else:  # cancelled before its first step
+            mean = std = low = high = float("nan")
+            nonfinite = 0
+        text = row.text if row.request.stop else self._decode_text(row.ids)
+        return Generation(text=text, new_tokens=len(row.ids), logit_mean=mean, logit_std=std, logit_min=low,
+                          logit_max=high, logit_nonfinite=int(nonfinite), sigma_alpha=gates,
+                          finish_reason=row.finish_reason)
 
     def sigma_alpha(self) -> dict[int, float]:
         if self.handle is None:

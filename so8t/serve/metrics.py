@@ -26,6 +26,10 @@ class ServeMetrics:
         self.generated_tokens = Counter(
             "so8t_generated_tokens", "tokens generated for /think answers", registry=self.registry,
         )
+        self.audit_write_failures = Counter(
+            "so8t_audit_write_failures", "requests answered 503 because their audit row could not be written",
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "so8t_model_queue_depth", "requests waiting for or running on the model worker", registry=self.registry,
         )

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..judge import LABELS
+from .sampling import GREEDY_BELOW
 from .thinking import CASES
 
 MAX_PROMPT_CHARS = 16_000
 MAX_NEW_TOKENS = 2048
+DEFAULT_NEW_TOKENS = 256
+MAX_STOPS = 4
 
 SafetyLabel = Literal[LABELS]
 ThinkingCase = Literal[CASES]
@@ -19,20 +22,22 @@ Outcome = Literal["answered", "escalated", "denied"]
 
 class ThinkRequest(BaseModel):
     # Unknown fields are an error: a misspelt `max_tokens` must not silently fall back to the default.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # Strict: `"max_new_tokens": "5"` or `true` and `"return_thinking": 1` are errors, not coerced.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0, description="0 decodes greedily")
+    max_new_tokens: int = Field(default=DEFAULT_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0,
+                               description=f"below {GREEDY_BELOW} (0 included) decodes greedily")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     return_thinking: bool = False
 
 
 class Safety(BaseModel):
     label: SafetyLabel  # what the server acted on
-    confidence: float  # the judge's probability of its top label
-    predicted: SafetyLabel  # the judge's top label; differs from `label` when it failed closed
-    reason: Literal["model", "low_confidence", "too_long"]
+    confidence: float | None  # the judge's probability of its top label; null when its output was unusable
+    predicted: SafetyLabel | None  # the judge's top label; differs from `label` when it failed closed
+    reason: Literal["model", "low_confidence", "too_long", "invalid_output"]
 
 
 class Monitor(BaseModel):
@@ -65,3 +70,46 @@ class ThinkResponse(BaseModel):
         """The JSON body: the optional fields appear only when they apply."""
         optional = ("thinking", "safety", "monitor")
         return {key: value for key, value in self.model_dump().items() if key not in optional or value is not None}
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat-completions request that so8t serves; anything else is refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or DEFAULT_NEW_TOKENS
+
+    @property
+    def length_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return tuple(stop for stop in stops if stop)

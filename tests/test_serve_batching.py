@@ -1,0 +1,149 @@
+"""Dynamic batching and cancellation: a left-padded batch decodes each row exactly as Hugging Face's
+``generate`` decodes it alone (greedy), with per-row max_new_tokens, temperature and stop strings;
+concurrent requests share batches; a client that goes away stops its generation and gets a
+``cancelled`` audit row."""
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from so8t.audit import AuditLog, read_rows, verify_chain
+from so8t.serve.app import create_app
+from so8t.serve.generation import CANCELLED, LENGTH, STOP, GenerationRequest
+from so8t.serve.loading import load_generator
+from serve_helpers import one_torch_thread, running_server  # noqa: F401 (autouse)
+
+PROMPTS = ["What is 16 + 25?", "hi", "Tell me a long story about a dragon and a knight in a castle far away.",
+           "2+2", "Recommend a good book about the sea."]
+MAX_NEW = [30, 12, 40, 5, 25]
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return load_generator()
+
+
+def solo_greedy_ids(generator, ids: list[int], max_new_tokens: int) -> list[int]:
+    """The oracle: Hugging Face's generate on the prompt alone, no padding."""
+    input_ids = torch.tensor([ids])
+    output = generator.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                      max_new_tokens=max_new_tokens, do_sample=False,
+                                      pad_token_id=generator.tokenizer.pad_token_id)
+    return output[0, len(ids):].tolist()
+
+
+@pytest.fixture
+def batch_ids(generator, monkeypatch):
+    """Records each finished row's generated ids (EOS included), by request."""
+    from so8t.serve import generation
+
+    recorded, result = {}, generation.TextGenerator._result
+
+    def recording(self, row, gates):
+        recorded[id(row.request)] = list(row.ids)
+        return result(self, row, gates)
+
+    monkeypatch.setattr(generation.TextGenerator, "_result", recording)
+    return recorded
+
+
+def test_a_padded_batch_decodes_each_row_as_generate_does_alone(generator, batch_ids):
+    requests = [GenerationRequest(generator.encode(prompt, limit), limit) for prompt, limit in zip(PROMPTS, MAX_NEW)]
+    requests.insert(2, GenerationRequest(generator.encode("sampled", 20), 20, temperature=1.5, top_p=0.9))
+    results = generator.generate_batch(requests)
+    assert len({len(request.input_ids) for request in requests}) > 3  # real padding
+    for request, result in zip(requests, results):
+        if request.temperature > 0:
+            continue
+        assert batch_ids[id(request)] == solo_greedy_ids(generator, request.input_ids, request.max_new_tokens)
+        assert result.new_tokens == len(batch_ids[id(request)]) <= request.max_new_tokens
+        assert result.finish_reason in (STOP, LENGTH)
+        alone = generator.generate_batch([GenerationRequest(request.input_ids, request.max_new_tokens)])[0]
+        assert (alone.text, alone.logit_max) == (result.text, pytest.approx(result.logit_max, rel=1e-5))
+
+
+def test_stop_strings_and_a_cancelled_row_leave_the_others_untouched(generator, batch_ids):
+    first = generator.generate_batch([GenerationRequest(generator.encode(PROMPTS[0], 30), 30)])[0].text
+    stop = first[5:7]
+    stopped = GenerationRequest(generator.encode(PROMPTS[0], 30), 30, stop=(stop,))
+    cancelled = GenerationRequest(generator.encode(PROMPTS[1], 30), 30)
+    cancelled.cancelled.set()
+    plain = GenerationRequest(generator.encode(PROMPTS[2], 40), 40)
+    results = generator.generate_batch([stopped, cancelled, plain])
+    assert results[0].text == first[:first.find(stop)] and results[0].finish_reason == STOP
+    assert results[1].finish_reason == CANCELLED and results[1].new_tokens == 0
+    assert batch_ids[id(plain)] == solo_greedy_ids(generator, plain.input_ids, 40)
+
+
+def test_concurrent_requests_share_batches_and_get_their_solo_answers(generator, tmp_path, monkeypatch):
+    sizes = []
+    generate_batch = generator.generate_batch
+
+    def counting(requests):
+        sizes.append(len(requests))
+        return generate_batch(requests)
+
+    monkeypatch.setattr(generator, "generate_batch", counting)
+    prompts = [f"What is {n} + {2 * n}?" for n in range(10)]
+    audit = AuditLog(tmp_path / "audit.db")
+    with running_server(create_app(generator, audit, max_batch=4)) as url:
+        async def burst():
+            async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+                return await asyncio.gather(*(http.post("/think", json={"prompt": p, "max_new_tokens": 16,
+                                                                        "temperature": 0}) for p in prompts))
+
+        responses = asyncio.run(burst())
+    audit.close()
+    assert max(sizes) > 1 and max(sizes) <= 4 and sum(sizes) == len(prompts)
+    monkeypatch.undo()
+    for prompt, response in zip(prompts, responses):
+        assert response.status_code == 200
+        assert response.json()["thinking_sha256"] is not None
+        assert response.json()["answer"] == generator.generate(prompt, 16, 0.0, 1.0).text.strip()
+    assert verify_chain(read_rows(tmp_path / "audit.db")).ok
+
+
+def wait_for_rows(path, outcome: str, count: int, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        rows = [row for row in read_rows(path) if row.outcome == outcome]
+        if len(rows) >= count:
+            return rows
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} {outcome} rows after {timeout_s} s")
+
+
+def test_a_client_that_goes_away_cancels_its_generation(generator, tmp_path, monkeypatch):
+    finished = []
+    generate_batch = generator.generate_batch
+
+    def recording(requests):
+        results = generate_batch(requests)
+        finished.extend(results)
+        return results
+
+    monkeypatch.setattr(generator, "generate_batch", recording)
+    audit = AuditLog(tmp_path / "audit.db")
+    with running_server(create_app(generator, audit)) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/think", json={"prompt": "long", "max_new_tokens": 480, "temperature": 0}, timeout=0.5)
+        [row] = wait_for_rows(tmp_path / "audit.db", "cancelled", 1)
+        assert row.status == 499 and row.answer_sha256 is None
+        streamed = threading.Event()
+        with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json={
+                "model": generator.name, "messages": [{"role": "user", "content": "long"}],
+                "max_tokens": 480, "temperature": 0, "stream": True}) as response:
+            for _ in response.iter_lines():
+                streamed.set()
+                break  # the first event, then hang up
+        assert streamed.is_set()
+        wait_for_rows(tmp_path / "audit.db", "cancelled", 2)
+        assert httpx.get(f"{url}/health").json()["queue_depth"] == 0
+    audit.close()
+    assert [result.finish_reason for result in finished] == [CANCELLED, CANCELLED]
+    assert all(result.new_tokens < 480 for result in finished)
+    assert [row.status for row in read_rows(tmp_path / "audit.db")] == [499, 499]

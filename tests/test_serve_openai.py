@@ -1,0 +1,163 @@
+"""/v1/chat/completions and /v1/models driven by the official ``openai`` client against a live server on
+127.0.0.1: plain and streamed completions equal to what the model generates, so8t's extension fields,
+the audit row, and errors surfacing as the client's exception types."""
+
+import hashlib
+
+import httpx
+import openai
+import pytest
+
+from so8t.audit import AuditLog, read_rows, verify_chain
+from so8t.serve.app import create_app
+from so8t.serve.generation import GenerationRequest
+from so8t.serve.loading import load_generator
+from so8t.serve.openai_api import AnswerStream, messages_digest
+from so8t.serve.thinking import parse_thinking
+from serve_helpers import one_torch_thread, running_server  # noqa: F401 (autouse)
+
+MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 16 + 25?"}]
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = tmp_path_factory.mktemp("openai") / "audit.db"
+    generator = load_generator()
+    audit = AuditLog(path)
+    with running_server(create_app(generator, audit)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-checked", max_retries=0, timeout=120)
+        yield client, generator, path
+    audit.close()
+
+
+def expected_answer(generator, messages, max_tokens: int) -> str:
+    request = GenerationRequest(generator.encode(messages, max_tokens), max_tokens)
+    return parse_thinking(generator.generate_batch([request])[0].text)
+
+
+def test_models_lists_the_served_model(server):
+    client, generator, _ = server
+    assert [model.id for model in client.models.list()] == [generator.name]
+
+
+def test_a_plain_completion_is_what_the_model_generates_with_its_audit_row(server):
+    client, generator, path = server
+    completion = client.chat.completions.create(model=generator.name, messages=MESSAGES, max_tokens=12, temperature=0)
+    expected = expected_answer(generator, MESSAGES, 12)
+    choice = completion.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == expected.answer
+    assert choice.finish_reason in ("stop", "length")
+    extension = completion.model_extra["so8t"]
+    assert extension["thinking_sha256"] == expected.thinking_sha256 and extension["thinking_parse"] == expected.case
+    assert extension["outcome"] == "answered" and extension["monitor"]["generated_tokens"] == completion.usage.completion_tokens
+    assert completion.id == f"chatcmpl-{extension['request_id']}" and completion.model == generator.name
+    row = next(row for row in read_rows(path) if row.request_id == extension["request_id"])
+    assert (row.outcome, row.status) == ("answered", 200)
+    assert row.prompt_sha256 == messages_digest(MESSAGES) and row.answer_sha256 == sha256(expected.answer)
+    assert row.thinking_sha256 == expected.thinking_sha256
+
+
+def test_a_streamed_completion_adds_up_to_the_plain_one(server):
+    client, generator, path = server
+    stream = client.chat.completions.create(model=generator.name, messages=MESSAGES, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    expected = expected_answer(generator, MESSAGES, 12)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == expected.answer
+    last = chunks[-1]
+    assert last.choices[0].finish_reason in ("stop", "length") and last.usage.completion_tokens >= 1
+    extension = last.model_extra["so8t"]
+    assert extension["thinking_sha256"] == expected.thinking_sha256
+    assert all(chunk.choices[0].finish_reason is None for chunk in chunks[:-1])
+    row = next(row for row in read_rows(path) if row.request_id == extension["request_id"])
+    assert (row.outcome, row.status, row.answer_sha256) == ("answered", 200, sha256(expected.answer))
+
+
+def test_stop_strings_end_the_completion_before_them(server):
+    client, generator, _ = server
+    full = expected_answer(generator, MESSAGES, 20)
+    raw = generator.generate_batch([GenerationRequest(generator.encode(MESSAGES, 20), 20)])[0].text
+    stop = raw[3:5]  # two characters the greedy completion contains
+    completion = client.chat.completions.create(model=generator.name, messages=MESSAGES, max_tokens=20,
+                                                temperature=0, stop=[stop])
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.choices[0].message.content == parse_thinking(raw[:raw.find(stop)]).answer != full.answer
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "param"),
+    [
+        ({"model": "gpt-4o"}, openai.NotFoundError, None),
+        ({"temperature": 3}, openai.BadRequestError, "temperature"),
+        ({"max_tokens": 0}, openai.BadRequestError, "max_tokens"),
+        ({"extra_body": {"max_tokens": "5"}}, openai.BadRequestError, "max_tokens"),
+        ({"extra_body": {"stream": 1}}, openai.BadRequestError, "stream"),
+        ({"messages": []}, openai.BadRequestError, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, openai.BadRequestError, "messages.0.role"),
+        ({"extra_body": {"logit_bias": {}}}, openai.BadRequestError, "logit_bias"),
+        ({"max_tokens": 2000}, openai.BadRequestError, "max_tokens"),  # over the demo model's 512 positions
+    ],
+)
+def test_errors_are_the_clients_exception_types(server, kwargs, error, param):
+    client, generator, path = server
+    arguments = {"model": generator.name, "messages": MESSAGES, "max_tokens": 4, **kwargs}
+    with pytest.raises(error) as raised:
+        client.chat.completions.create(**arguments)
+    body = raised.value.body
+    assert body["param"] == param and body["message"]
+    request_id = raised.value.response.headers["x-request-id"]
+    row = next(row for row in read_rows(path) if row.request_id == request_id)
+    assert row.outcome == "rejected" and row.status == raised.value.status_code
+
+
+def test_every_request_has_one_row_and_the_chain_holds(server):
+    _, _, path = server
+    rows = read_rows(path)
+    assert len({row.request_id for row in rows}) == len(rows) and verify_chain(rows).ok
+
+
+def test_the_answer_streams_only_after_the_thinking_and_adds_up():
+    text = "Sure. <think>16 + 25: 6 + 5 = 11, carry 1</think> It is <b>41</b>.\n\nDone <thin"
+    stream = AnswerStream()
+    deltas = [stream.feed(text[:end]) for end in range(1, len(text) + 1)]
+    closed = text.index("</think>") + len("</think>")
+    assert not any(deltas[:closed - 1])  # nothing until the block has closed
+    final = text + "k>more thinking"
+    deltas.append(stream.finish(final))
+    assert "".join(deltas) == parse_thinking(final).answer == "Sure.  It is <b>41</b>.\n\nDone"
+    unopened = AnswerStream()
+    assert [unopened.feed(prefix) for prefix in ("abc", "abc</thi")] == ["", ""]  # abc may become thinking
+    assert unopened.feed("abc</think>x") == "x" and unopened.finish("abc</think>xy") == "y"
+
+
+def test_a_busy_server_answers_503_with_retry_after(tmp_path):
+    generator = load_generator()
+    audit = AuditLog(tmp_path / "audit.db")
+    with running_server(create_app(generator, audit, max_queue=1)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+        with httpx.Client(timeout=120) as http:
+            import concurrent.futures
+
+            with concurrent.futures.ThreadPoolExecutor(6) as pool:
+                futures = [pool.submit(http.post, f"{url}/think", json={"prompt": "hi", "max_new_tokens": 60,
+                                                                         "temperature": 0}) for _ in range(6)]
+                statuses = [future.result().status_code for future in futures]
+                busy = [future.result() for future in futures if future.result().status_code == 503]
+            with pytest.raises(openai.APIStatusError) as raised:
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    pending = pool.submit(http.post, f"{url}/think", json={"prompt": "hi", "max_new_tokens": 200})
+                    while httpx.get(f"{url}/health").json()["queue_depth"] == 0:
+                        pass
+                    client.chat.completions.create(model=generator.name, messages=MESSAGES, max_tokens=4)
+            pending.result()
+    audit.close()
+    assert 200 in statuses and busy
+    assert all(response.headers["retry-after"] == "1" and response.json()["error"] == "server busy" for response in busy)
+    assert raised.value.status_code == 503 and raised.value.response.headers["retry-after"] == "1"
+    rows = read_rows(tmp_path / "audit.db")
+    assert sum(row.status == 503 and row.outcome == "rejected" for row in rows) == len(busy) + 1

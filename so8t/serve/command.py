@@ -94,14 +94,19 @@ def build_server(app, log_level: str = "info"):
 
 
 def check_model_path(model: str | None) -> None:
-    """A --model that names a path must exist; only a bare ``name`` or ``owner/name`` is a hub id."""
-    if model is None or Path(model).is_dir():
+    """A --model that names a path must exist: a directory, or a .gguf file. Only a bare ``name`` or
+    ``owner/name`` that is not on disk is a hub id."""
+    if model is None:
         return
     path = Path(model).expanduser()
+    if path.is_dir() or (path.is_file() and model.lower().endswith(".gguf")):
+        return
+    if model.lower().endswith(".gguf"):
+        raise SO8TError(f"--model {model}: no such GGUF file")
     looks_like_path = (path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
                        or path.exists() or os.sep != "/" and os.sep in model)
     if looks_like_path:
-        what = "is not a directory" if path.exists() else "does not exist"
+        what = "is not a directory (nor a .gguf file)" if path.exists() else "does not exist"
         raise SO8TError(f"--model {model}: the directory {what}")
 
 

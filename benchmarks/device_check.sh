@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# GPU check (DESIGN §5) for a lent machine with no network, in a copy of the repository:
+# GPU check (op tests on CUDA, then every benchmark suite) for a machine with no network, in a copy of the repository:
 #   OUT=/some/dir bash benchmarks/device_check.sh
 # Installs nothing. Uses the machine's python (override with PYTHON=...), which must already have
 # torch with CUDA and triton. Runs the op tests on CUDA tensors with compiled Triton, then
-# benchmarks/run.py --device cuda; everything lands under $OUT. Finishes in under 8 minutes:
+# benchmarks/run.py --device cuda --suites all; everything lands under $OUT. Finishes in under 8 minutes:
 # 2.5 for the tests, 4.5 for the benchmark (it rewrites its files after each benchmark, so a timeout
 # keeps the kernel rows, which run first), the rest for start-up.
 # Exit status: 0 when tests and benchmark both pass, 1 when either fails or times out, 2 when the
@@ -50,7 +50,7 @@ else
 fi
 
 echo "== benchmark"
-timeout 270 "$PYTHON" benchmarks/run.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/benchmark.txt"
+timeout 270 "$PYTHON" benchmarks/run.py --device cuda --suites all --out "$OUT" 2>&1 | tee "$OUT/benchmark.txt"
 bench_status=${PIPESTATUS[0]}
 [ "$bench_status" -eq 124 ] && printf '\nbenchmark: timed out after 270 s (files in $OUT hold the suites that finished)\n' | tee -a "$OUT/benchmark.txt"
 [ "$bench_status" -ne 0 ] && status=1

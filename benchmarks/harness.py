@@ -1,9 +1,9 @@
 """What every benchmark shares: timing, rows, targets, and the registry that ``run.py`` walks.
 
 A benchmark is a function ``(Context) -> list[Row]`` decorated with ``@benchmark``; its module is
-named in ``run.SUITES``. A new suite (e.g. ``benchmarks/train_step.py``, issues 3 and 4) is a few lines::
+named in ``run.SUITES``. A new suite (e.g. ``benchmarks/train_step.py``) is a few lines::
 
-    from harness import LOWER_IS_BETTER, Target, TimesReference, benchmark, register_targets
+    from harness import GOAL, LOWER_IS_BETTER, Target, TimesReference, benchmark, register_targets
 
     @benchmark
     def train_step(ctx):
@@ -13,10 +13,11 @@ named in ``run.SUITES``. A new suite (e.g. ``benchmarks/train_step.py``, issues 
                         ctx.time(step_with_gates), references=[plain])
         return [plain, gated]
 
-    register_targets(Target("DESIGN §4", "cpu", "train step", "step", TimesReference("no gates"),
+    register_targets(Target(GOAL, "cpu", "train step", "step", TimesReference("no gates"),
                             LOWER_IS_BETTER, 1.05, impls=("gates",)))
 
-and one line in ``run.SUITES``. Rows are compared only against rows measured in the same run.
+and one line in ``run.DEFAULT_SUITES`` (seconds) or ``run.LONG_SUITES`` (minutes: run only when named).
+Rows are compared only against rows measured in the same run.
 """
 
 import contextlib
@@ -209,10 +210,12 @@ def benchmark(fn: BenchmarkFn) -> BenchmarkFn:
 
 
 # ---------------------------------------------------------------------------------------------
-# Targets: stated in DESIGN / the issues, printed next to the measured value, never enforced
+# Targets: printed next to the measured value, never enforced
 # ---------------------------------------------------------------------------------------------
 LOWER_IS_BETTER = "≤"
 HIGHER_IS_BETTER = "≥"
+MINIMUM = "minimum"  # the bar so8t must clear on that device
+GOAL = "goal"  # what the project aims for (where it is stricter than the minimum)
 
 
 @dataclass(frozen=True)
@@ -262,7 +265,7 @@ class Microseconds:
 
 @dataclass(frozen=True)
 class Target:
-    source: str  # where it is stated, e.g. "issue 2 §5"
+    level: str  # MINIMUM or GOAL
     device: str  # "cpu" or "cuda"
     op: str
     pass_: str

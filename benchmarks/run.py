@@ -1,14 +1,19 @@
 """``python benchmarks/run.py``: every so8t_kernels op on every usable backend, against a copy, a sum
-and the obvious PyTorch code, all measured in the same run (DESIGN §4, issue 2 §4).
+and the obvious PyTorch code, all measured in the same run; ``--suites all`` adds the training-step suites.
 
-Prints one table and the targets, and writes ``benchmark-<device>.{csv,json,md}`` to ``--out``
-(default ``benchmarks/out/``): the CSV and JSON carry the machine, versions, commit and timestamp;
-the Markdown is a section ready to paste into ``benchmarks/RESULTS.md``. CPU: ``time.perf_counter``
-medians after warm-up on ``--threads`` threads; GPU: ``triton.testing.do_bench``. A timing never
-fails the run; an op that raises is reported and makes the exit status 1.
+The default (the ``kernels`` suite) takes about a minute on a 2-core CPU; the training-step suites train
+the demo model dozens of times (tens of minutes on such a CPU) and run only when named in ``--suites``.
+Each suite's table is printed as soon as it finishes; what the suites themselves print (Trainer logs,
+progress bars) goes to ``benchmark-<device>.log`` in ``--out``, not to the terminal. Also written there
+after every benchmark: ``benchmark-<device>.{csv,json,md}``: the CSV and JSON carry the machine,
+versions, commit and timestamp; the Markdown is a section ready to paste into ``benchmarks/RESULTS.md``.
+CPU: ``time.perf_counter`` medians after warm-up on ``--threads`` threads; GPU:
+``triton.testing.do_bench``. A timing never fails the run; an op that raises is reported and makes the
+exit status 1.
 """
 
 import argparse
+import contextlib
 import csv
 import datetime
 import importlib
@@ -38,8 +43,11 @@ BENCHMARK_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARK_DIR.parent
 # The checkout's so8t_kernels, installed or not (the GPU check runs in a copy with nothing installed).
 sys.path.insert(0, str(REPO_ROOT))
-# The modules whose @benchmark functions run, in order. A new suite is its module plus one entry here.
-SUITES = ("kernels", "train_step_gates", "train_step_monitor")
+# The modules whose @benchmark functions run, in order. A new suite is its module plus one entry here:
+# in DEFAULT_SUITES if it takes seconds, in LONG_SUITES (run only when named) if it takes minutes.
+DEFAULT_SUITES = ("kernels",)
+LONG_SUITES = ("train_step_gates", "train_step_monitor")
+SUITES = DEFAULT_SUITES + LONG_SUITES
 PASS_ORDER = ("-", "fwd", "fwd+stats", "fwd+bwd")
 
 
@@ -51,12 +59,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated so8t_kernels backends to time, if usable (default: all)")
     parser.add_argument("--dtypes", help=f"comma-separated, from {','.join(DTYPES)} (default: fp32 on CPU, fp32,bf16 on GPU)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
-    parser.add_argument("--suites", default=",".join(SUITES),
-                        help=f"comma-separated benchmark modules, from {','.join(SUITES)} (default: all)")
+    parser.add_argument("--suites", default=",".join(DEFAULT_SUITES),
+                        help=f"comma-separated benchmark modules, from {','.join(SUITES)}, or `all` (default: "
+                             f"%(default)s; the training-step suites take tens of minutes on a 2-core CPU)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1/8 of the tokens, short timings")
     parser.add_argument("--out", type=Path, default=BENCHMARK_DIR / "out")
     args = parser.parse_args(argv)
     args.dtypes = args.dtypes or ("fp32,bf16" if args.device == "cuda" else "fp32")
+    args.suites = ",".join(SUITES) if args.suites == "all" else args.suites
     for option, chosen, allowed in (("--dtypes", args.dtypes, DTYPES), ("--suites", args.suites, SUITES)):
         unknown = set(chosen.split(",")) - set(allowed)
         if unknown:
@@ -170,7 +180,7 @@ def target_line(result: TargetResult) -> str:
     else:
         verdict = "met" if result.met else "missed"
         measured = f"{result.dtype} {result.impl}: {number(result.value)} → {verdict}"
-    return f"[{target.source}] {target.describe()}: {measured}"
+    return f"[{target.level}] {target.describe()}: {measured}"
 
 
 def legend(device: torch.device) -> str:
@@ -238,7 +248,7 @@ def write_files(out: Path, info: dict, rows: list[Row], targets: list[TargetResu
     stem = out / f"benchmark-{info['device_type']}"
     records = [row_record(row) for row in rows]
     target_records = [
-        {"source": r.target.source, "target": r.target.describe(), "dtype": r.dtype, "impl": r.impl,
+        {"level": r.target.level, "target": r.target.describe(), "dtype": r.dtype, "impl": r.impl,
          "value": r.value, "met": r.met}
         for r in targets
     ]
@@ -262,6 +272,32 @@ def write_files(out: Path, info: dict, rows: list[Row], targets: list[TargetResu
     md_path = stem.with_suffix(".md")
     md_path.write_text(markdown_section(info, rows, targets, errors, wall_s))
     return [csv_path, json_path, md_path]
+
+
+@contextlib.contextmanager
+def output_to(log_path: Path):
+    """Sends everything written to stdout and stderr inside (Python, C++ and child processes alike) to
+    ``log_path``, appended; the terminal keeps only run.py's own lines."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with log_path.open("a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            # The file descriptors for C++ and child processes and for handlers that kept the old
+            # sys.stderr (logging's); sys.stdout and sys.stderr for Python code, also where they are
+            # not file descriptors 1 and 2 (a notebook, pytest's capture).
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,27 +340,44 @@ def main(argv=None) -> int:
               "run: other processes share the CPU and slow some timings more than others")
     sys.stdout.flush()
 
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / f"benchmark-{device.type}.log"
+    log_path.write_text("")  # this run's output only
+    print(f"what the suites print (training logs, progress bars) goes to {log_path}\n\n{legend(device)}", flush=True)
+
     started = time.perf_counter()
     rows: list[Row] = []
-    targets, paths, wall_s = [], [], 0.0
-    for suite, bench in BENCHMARKS:
-        context.suite = suite
-        bench_started = time.perf_counter()
-        with context.recording_errors(f"{suite}.{bench.__name__}"):
-            rows = reading_order(rows + bench(context))
-        print(f"  {suite}.{bench.__name__}: {time.perf_counter() - bench_started:.1f} s", file=sys.stderr, flush=True)
-        # Written after every benchmark, so that a run cut short (a GPU lease, a timeout) leaves its rows.
-        wall_s = time.perf_counter() - started
-        info["load_average_end"] = os.getloadavg()[0]
-        targets = evaluate_targets(rows, device.type)
-        paths = write_files(args.out, info, rows, targets, context.errors, wall_s)
+    paths, wall_s = [], 0.0
+    for suite in dict.fromkeys(name for name, _ in BENCHMARKS):
+        print(f"\n== {suite}", flush=True)
+        suite_rows: list[Row] = []
+        for bench in (bench for name, bench in BENCHMARKS if name == suite):
+            context.suite = suite
+            print(f"  {bench.__name__} …", end="", flush=True)
+            bench_started, new_rows = time.perf_counter(), []
+            with output_to(log_path), context.recording_errors(f"{suite}.{bench.__name__}"):
+                new_rows = bench(context)
+            print(f" {time.perf_counter() - bench_started:.1f} s", flush=True)
+            suite_rows += new_rows
+            rows = reading_order(rows + new_rows)
+            # Written after every benchmark, so that a run cut short (a GPU lease, a timeout) leaves its rows.
+            wall_s = time.perf_counter() - started
+            info["load_average_end"] = os.getloadavg()[0]
+            paths = write_files(args.out, info, rows, evaluate_targets(rows, device.type), context.errors, wall_s)
+        print(f"\n{text_table(reading_order(suite_rows))}", flush=True)
+        measured = {row.op for row in suite_rows}
+        suite_targets = [result for result in evaluate_targets(suite_rows, device.type) if result.target.op in measured]
+        if suite_targets:
+            print(f"\nTargets ({device.type}; reported, never enforced):")
+            for result in suite_targets:
+                print(f"  {target_line(result)}")
 
-    print(f"\n{legend(device)}\n\n{text_table(rows)}\n\nTargets ({device.type}; reported, never enforced):")
-    for result in targets:
-        print(f"  {target_line(result)}")
     for error in context.errors:
         print(f"error: {error}")
-    print(f"\n{wall_s:.0f} s; wrote {', '.join(str(path) for path in paths)}")
+    not_run = [suite for suite in SUITES if suite not in args.suites.split(",")]
+    if not_run:
+        print(f"\nnot run: {', '.join(not_run)} (name them in --suites, or --suites all)")
+    print(f"\n{wall_s:.0f} s; wrote {', '.join(str(path) for path in paths)}; suite output in {log_path}")
     return 1 if context.errors else 0
 
 

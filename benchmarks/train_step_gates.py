@@ -1,5 +1,5 @@
 """Training-step time with SO(8) gates on every intermediate layer against the same QLoRA training
-without gates (issue 3 §4), as a ratio measured in one run.
+without gates, as a ratio measured in one run (the minimum: ≤ 1.15× on CPU, ≤ 1.03× on a GPU).
 
 CPU: the ``so8t train`` demo (embedded tiny Phi-3, 4-bit NF4 base, LoRA, bundled data, batch 8).
 CUDA: the same recipe at Phi-3-mini shapes (hidden 3072, 32 layers, vocabulary 32064; random weights,
@@ -11,7 +11,7 @@ hits both alike. A sample is the mean step time of one run after its warm-up ste
 import tempfile
 from pathlib import Path
 
-from harness import LOWER_IS_BETTER, Context, Target, TimesReference, benchmark, register_targets, summarize
+from harness import LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, benchmark, register_targets, summarize
 from train_step_monitor import step_clock
 
 STEPS, WARMUP_STEPS, ROUNDS = 50, 10, 3
@@ -56,8 +56,8 @@ def train_step_gates(ctx: Context) -> list:
 
 
 register_targets(
-    Target("issue 3 §4", "cpu", "train step (gates)", "step", TimesReference(NO_GATES), LOWER_IS_BETTER, 1.15,
+    Target(MINIMUM, "cpu", "train step (gates)", "step", TimesReference(NO_GATES), LOWER_IS_BETTER, 1.15,
            impls=(GATES,)),
-    Target("issue 3 §4", "cuda", "train step (gates)", "step", TimesReference(NO_GATES), LOWER_IS_BETTER, 1.03,
+    Target(MINIMUM, "cuda", "train step (gates)", "step", TimesReference(NO_GATES), LOWER_IS_BETTER, 1.03,
            impls=(GATES,)),
 )

@@ -1,5 +1,5 @@
 """α warmup: for the first W optimizer steps α follows a schedule from α₀ to logit(target) and is not
-trained; from step W on it is an ordinary trainable parameter that nothing overwrites (DESIGN §1).
+trained; from step W on it is an ordinary trainable parameter that nothing overwrites.
 
 For a custom loop: call ``apply_alpha_schedule(handle, optimizer_steps_done)`` before each optimizer
 step's first forward, and drop α's (zero) gradient before ``optimizer.step()`` while

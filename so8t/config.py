@@ -14,7 +14,7 @@ SCHEDULES = ("linear", "cosine", "sigmoid")
 
 @dataclass
 class SO8TConfig:
-    """Gate placement and annealing (DESIGN §1). Gate parameters are always fp32.
+    """Gate placement and annealing. Gate parameters are always fp32.
 
     layers: ``"all_intermediate"`` (decoder layers 1 … L−2, 0-based) or explicit 0-based indices.
     alpha_init: α at step 0 (σ(−5) ≈ 0.0067: the gates start almost closed).

@@ -1,7 +1,7 @@
 """Attaching SO(8) gates to the outputs of a decoder's layers, and detaching them again.
 
 Each gated layer ℓ gets a forward hook that replaces its output hidden state h by
-h + σ(α_ℓ)(R_ℓ h − h) per 8-wide chunk (DESIGN §1), inside the forward pass, so everything
+h + σ(α_ℓ)(R_ℓ h − h) per 8-wide chunk (R_ℓ = exp(A(θ)) ∈ SO(8)), inside the forward pass, so everything
 downstream (later layers, the final norm, the logits) sees the rotated residual stream.
 The module that owns the layer list (the "backbone", e.g. ``Phi3Model``) gets a forward pre-hook
 that builds every gated layer's rotations with one ``so8_exp`` call per forward.

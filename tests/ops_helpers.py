@@ -46,7 +46,7 @@ def relative_error(actual: torch.Tensor, oracle: torch.Tensor, scale: float | No
 def assert_matches_oracle(
     actual, oracle, reference, dtype: torch.dtype, what: str, absolute_bound: float, scale: float | None = None
 ):
-    """The DESIGN §3 rule: a backend's error against the float64 oracle is at most twice the PyTorch
+    """The accuracy rule for every backend: its error against the float64 oracle is at most twice the PyTorch
     reference's error in the same dtype, and the reference itself is within ``absolute_bound``.
 
     Both errors are relative to max |oracle|, or to ``scale`` for a sum that cancels (there the honest

@@ -1,4 +1,5 @@
-"""SO8TConfig: defaults from DESIGN §1, JSON round-trip, and clear errors for bad values."""
+"""SO8TConfig: the documented defaults (all intermediate layers, α from −5 to σ(α) = 0.1, θ = 0), JSON
+round-trip, and clear errors for bad values."""
 
 import pytest
 

@@ -25,7 +25,7 @@ def random_rotations(num_blocks: int, generator: torch.Generator, scale: float =
 
 
 def oracle_rotate(x, rotation, alpha):
-    """Independent float64 formula, straight from DESIGN §1: y_b = x_b + g(R_b x_b − x_b)."""
+    """Independent float64 formula, straight from the definition: y_b = x_b + g(R_b x_b − x_b), g = σ(α)."""
     gate = torch.sigmoid(alpha)
     blocks = x.unflatten(-1, (-1, 8))
     rotated = (rotation * blocks.unsqueeze(-2)).sum(-1)  # (R x)_i = Σ_j R_ij x_j

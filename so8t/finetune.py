@@ -7,23 +7,24 @@ rest, so every rank holds the same gates.
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from .adapter import SO8T_ADAPTER_DIR, save_so8t_adapter
 from .dataset import PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl
 from .placement import SO8THandle, attach_so8t, find_decoder_layout, resolve_layer_indices
-from .training.callbacks import build_callbacks
+from .training.heldout import split_held_out
 from .training.loading import load_model_and_tokenizer
 from .training.lora import add_lora
 from .training.options import TrainOptions
-from .training.outputs import publish_outputs, staging_dir_for, write_embedded_base_record
+from .training.outputs import TRAINER_STATE_FILE, write_embedded_base_record
+from .training.runner import run_training
 from .training.summary import gate_summary, outputs_summary
+from .training.trainer import build_trainer
 
 
 @dataclass
@@ -43,44 +44,20 @@ def build_training(options: TrainOptions, output_dir: str | Path, demo_overrides
     Every check that can fail on bad input runs before anything is written.
     """
     options.validate()
-    pairs = read_jsonl(options.data or bundled_dataset_path())
+    pairs, held_out = split_held_out(read_jsonl(options.data or bundled_dataset_path()), options, read_jsonl)
     model, tokenizer = load_model_and_tokenizer(options, demo_overrides=demo_overrides)
     config = options.so8t_config() if options.gates else None
     if config is not None:  # fail on layout problems before LoRA is added or anything is written
         layout = find_decoder_layout(model)
         resolve_layer_indices(config.layers, layout.num_layers)
     dataset = TokenizedDataset(tokenizer, pairs, options.max_length)
+    eval_dataset = TokenizedDataset(tokenizer, held_out, options.max_length) if held_out is not None else None
 
     model = add_lora(options, model)
     # After get_peft_model, which freezes every parameter that is not a LoRA one.
     handle = attach_so8t(model, config) if config is not None else None
-
-    arguments = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=options.max_steps,
-        per_device_train_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.grad_accum,
-        learning_rate=options.learning_rate,
-        lr_scheduler_type="constant",
-        logging_steps=max(1, options.max_steps // 10),
-        logging_first_step=True,
-        save_strategy="no",
-        report_to="none",
-        seed=options.seed,
-        bf16=options.bf16,
-        dataloader_num_workers=0,
-        # accelerate runs torchrun's processes as a gloo group on CPU only when told the run is CPU-only.
-        use_cpu=not torch.cuda.is_available(),
-        # Every trainable parameter gets a gradient every step (α a zero one during warmup).
-        ddp_find_unused_parameters=False,
-    )
-    trainer = Trainer(
-        model=model,
-        args=arguments,
-        train_dataset=dataset,
-        data_collator=PaddingCollator(tokenizer.pad_token_id),
-        callbacks=build_callbacks(options, handle),
-    )
+    trainer = build_trainer(options, model, handle, output_dir, dataset, eval_dataset,
+                            PaddingCollator(tokenizer.pad_token_id))
     return Training(trainer=trainer, model=model, tokenizer=tokenizer, handle=handle, options=options)
 
 
@@ -90,7 +67,7 @@ def save_outputs(training: Training, directory: Path) -> None:
     if training.handle is not None:
         save_so8t_adapter(training.handle, directory / SO8T_ADAPTER_DIR)
     training.tokenizer.save_pretrained(directory)
-    training.trainer.save_state()
+    training.trainer.state.save_to_json(str(directory / TRAINER_STATE_FILE))
     if training.options.model is None:
         write_embedded_base_record(directory, training.options.seed)
 
@@ -101,24 +78,13 @@ def _loss_summary(trainer) -> str:
 
 
 def finetune(options: TrainOptions) -> Path:
-    """The whole task: build, train, save into a staging directory, publish as ``options.output_dir``."""
+    """The whole task: build, train in ``options.output_dir``, publish the final files there."""
     output_dir = Path(options.output_dir).resolve()
-    staging = staging_dir_for(output_dir)
-    training = build_training(options, staging)
-    is_main = training.trainer.is_world_process_zero()
-    if is_main:  # left over from a run that was killed
-        shutil.rmtree(staging, ignore_errors=True)
-    try:
-        started = time.perf_counter()
-        training.trainer.train()
-        elapsed = time.perf_counter() - started
-        if is_main:
-            save_outputs(training, staging)
-            publish_outputs(staging, output_dir)
-    finally:
-        if is_main and staging.exists():
-            shutil.rmtree(staging)
-    if is_main:
+    training = build_training(options, output_dir)
+    started = time.perf_counter()
+    run_training(training.trainer, options, training.handle, lambda directory: save_outputs(training, directory))
+    elapsed = time.perf_counter() - started
+    if training.trainer.is_world_process_zero():
         steps = training.trainer.state.global_step
         print(f"\nso8t train: {steps} steps in {elapsed:.1f} s, {_loss_summary(training.trainer)}")
         if training.handle is not None:

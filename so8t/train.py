@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     except SO8TError as error:
         print(f"so8t train: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nso8t train: interrupted; checkpoints and monitoring stay in {args.output_dir} "
+              "(--resume continues from the newest checkpoint)", file=sys.stderr)
+        return 130
     return 0
 
 

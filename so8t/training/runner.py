@@ -1,0 +1,54 @@
+"""Running a built Trainer the way ``so8t train`` does, for either task: hold the output directory,
+resume, train, refuse weights that are not finite, publish the final files."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import SO8TError
+from ..placement import SO8THandle
+from .checkpoints import checkpoints, find_checkpoint, is_complete, nonfinite_parameters, restore_so8t_state
+from .options import TrainOptions
+from .outputs import claimed_output_dir, describe_os_error, publish
+from .trainer import monitoring_dir
+
+
+def kept_checkpoints(output_dir: Path) -> str:
+    complete = [path.name for path in checkpoints(output_dir) if is_complete(path)]
+    if not complete:
+        return ""
+    return f"; checkpoints kept in {output_dir} ({', '.join(complete)}): continue with --resume"
+
+
+def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
+                 write_final: Callable[[Path], None]) -> Path:
+    """Trains ``trainer`` into ``options.output_dir`` and publishes ``write_final(directory)``'s files
+    there (rank 0). Failures a user can act on are SO8TErrors: a full or read-only disk, weights that
+    are not finite. Returns the output directory."""
+    output_dir = Path(options.output_dir).resolve()
+    is_main = trainer.is_world_process_zero()
+    resume = options.resume is not None
+    held = claimed_output_dir(output_dir, options.overwrite, resume) if is_main else contextlib.nullcontext()
+    with held:
+        checkpoint = find_checkpoint(output_dir, options.resume) if resume else None
+        if checkpoint is not None:
+            restore_so8t_state(checkpoint, handle, monitoring_dir(options), is_main)
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        except OSError as error:
+            raise SO8TError(f"training stopped, cannot write: {describe_os_error(error)}"
+                            f"{kept_checkpoints(output_dir)}") from None
+        bad = nonfinite_parameters(trainer.model)
+        if bad:
+            raise SO8TError(f"training diverged: {len(bad)} trainable tensors hold NaN or infinity at step "
+                            f"{trainer.state.global_step} (e.g. {bad[0]}); nothing published, try a lower "
+                            f"--learning-rate{kept_checkpoints(output_dir)} (each saved with finite weights)")
+        if is_main:
+            try:
+                publish(output_dir, write_final)
+            except OSError as error:
+                raise SO8TError(f"cannot write the final files into {output_dir}: {describe_os_error(error)}; "
+                                f"the previous final files are unchanged{kept_checkpoints(output_dir)}") from None
+    return output_dir

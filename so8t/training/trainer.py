@@ -1,0 +1,84 @@
+"""The HF Trainer of a ``so8t train`` run, for either task: its arguments from ``TrainOptions`` and its
+callbacks in the order they must run."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ..placement import BANK_ATTRIBUTE, SO8THandle
+from .callbacks import build_callbacks
+from .checkpoints import CheckpointCallback
+from .options import TrainOptions
+from .outputs import MONITORING_DIR
+
+# The loss is logged (and, by default, the held-out set evaluated) every 10% of the run's steps.
+LOG_EVERY = 0.1
+
+
+class SO8TTrainer(Trainer):
+    """The HF Trainer, plus: α (the gate logits) is never weight-decayed, since decay would pull every
+    gate towards σ(0) = 0.5; each eval loss is logged with its perplexity."""
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [name for name in super().get_decay_parameter_names(model)
+                if not name.endswith(f"{BANK_ATTRIBUTE}.alpha")]
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(logs["eval_loss"]) if logs["eval_loss"] < 700 else math.inf
+        super().log(logs, *args, **kwargs)
+
+
+def training_arguments(options: TrainOptions, output_dir: Path) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=options.max_steps if options.num_epochs is None else -1,
+        num_train_epochs=options.num_epochs or 1.0,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=options.grad_accum,
+        learning_rate=options.learning_rate,
+        lr_scheduler_type=options.lr_scheduler,
+        warmup_steps=options.lr_warmup_ratio,  # below 1: a fraction of the steps
+        weight_decay=options.weight_decay,
+        max_grad_norm=options.max_grad_norm,
+        logging_steps=LOG_EVERY,
+        logging_first_step=True,
+        eval_strategy="steps" if options.evaluates else "no",
+        eval_steps=(options.eval_steps or LOG_EVERY) if options.evaluates else None,
+        eval_on_start=options.evaluates and options.resume is None,  # a resumed run was evaluated there
+        save_strategy="steps" if options.save_steps else "no",
+        save_steps=options.save_steps or 1,
+        save_total_limit=None,  # CheckpointCallback rotates once a checkpoint is complete
+        report_to=options.report_to,
+        seed=options.seed,
+        bf16=options.bf16,
+        dataloader_num_workers=0,
+        # accelerate runs torchrun's processes as a gloo group on CPU only when told the run is CPU-only.
+        use_cpu=not torch.cuda.is_available(),
+        # Every trainable parameter gets a gradient every step (α a zero one during warmup).
+        ddp_find_unused_parameters=False,
+    )
+
+
+def monitoring_dir(options: TrainOptions) -> Path | None:
+    if options.monitor is None:
+        return None
+    return Path(options.monitor.directory or Path(options.output_dir).resolve() / MONITORING_DIR)
+
+
+def build_trainer(options: TrainOptions, model, handle: SO8THandle | None, output_dir: str | Path,
+                  train_dataset, eval_dataset, data_collator) -> SO8TTrainer:
+    callbacks = build_callbacks(options, handle)
+    if options.save_steps:
+        callbacks.append(CheckpointCallback(handle, monitoring_dir(options), options.save_total_limit))
+    trainer = SO8TTrainer(model=model, args=training_arguments(options, Path(output_dir)),
+                          train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=data_collator)
+    # Ahead of the Trainer's own callbacks, so that the reporting ones (TensorBoard, W&B, MLflow) see the
+    # so8t/* scalars the monitor adds to each log.
+    trainer.callback_handler.callbacks[:0] = callbacks
+    return trainer

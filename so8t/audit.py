@@ -1,43 +1,69 @@
-"""The audit log of ``so8t serve`` (SQLite, WAL) and ``so8t audit verify DB``.
+"""The audit log of ``so8t serve`` (SQLite, WAL), keyed, with anchors outside it; ``so8t audit verify``.
 
-One row per /think request, whatever became of it: the hashes of what went in and out (never the text
-itself), the safety verdict, the latency, and a hash chain: each row stores the previous row's hash and
-its own, SHA-256 over a canonical serialization of every other column, so editing, inserting or
-deleting a row breaks the chain at that row. Deleting rows from the end leaves a valid shorter chain:
-``verify`` prints the head hash, to be noted somewhere the database's owner cannot rewrite.
+One row per request, whatever became of it: keyed digests of what went in and out (never the text
+itself), the safety verdict, the latency, and a chain: each row stores the previous row's MAC and its
+own, HMAC-SHA256 under the server's key over a canonical serialization of every other column. Without
+the key nobody can edit, insert, append or rehash a row undetected, nor test guessed prompts against
+the digests. The key lives in its own file (``--audit-key-file``, created with mode 0600 on first use),
+never in the database; the database records only the key's id, so a wrong key is told apart from
+tampering.
+
+Deleting rows from the end (or all of them) leaves a valid shorter chain, and an attacker who also has
+the key can rewrite and re-MAC everything. Anchors catch both: the head (row count and MAC of the last
+row) is appended to a file outside the database every ``anchor_every`` rows, when the log opens and
+when it closes, and logged; ``verify --anchors FILE`` (or ``--expect-head N:MAC`` noted anywhere)
+checks the log still holds each anchored head.
+
+Format: ``so8t-audit/2``. A database from an older so8t (format 1, unkeyed SHA-256 chain) is refused by
+both the server and ``verify`` with a message saying so: it cannot be made keyed after the fact.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import hmac
 import json
+import logging
 import math
+import os
+import secrets
 import sqlite3
+import stat
 import sys
 import threading
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-GENESIS_HASH = "0" * 64  # prev_hash of the first row
+FORMAT = "so8t-audit/2 hmac-sha256"
+GENESIS_MAC = "0" * 64  # prev_mac of the first row; the head of an empty log
 TABLE = "audit_log"
+META_TABLE = "audit_meta"
 OUTCOMES = ("answered", "escalated", "denied", "rejected", "cancelled", "error")
+KEY_BYTES = 32
+DEFAULT_ANCHOR_EVERY = 10
+
+log = logging.getLogger("so8t.audit")
+
+
+class AuditFileError(Exception):
+    """The file (database, key or anchors) cannot be used at all, as opposed to a chain that does not verify."""
 
 
 @dataclass
 class AuditRecord:
     """What the server knows about one request. ``rejected``: the request never reached the model
-    (bad input 413/422, a full queue 503); ``cancelled``: the client went away before its answer
-    (499); ``error``: it failed on the way (500)."""
+    (bad input 400/404/413/422, a full queue 503); ``cancelled``: the client went away before its
+    answer (499); ``error``: it failed on the way (500). Digests are AuditKey.digest of the text."""
 
     request_id: str
     outcome: str
     status: int
     latency_ms: float
-    prompt_sha256: str | None = None
-    thinking_sha256: str | None = None
-    answer_sha256: str | None = None
+    prompt_hmac: str | None = None
+    thinking_hmac: str | None = None
+    answer_hmac: str | None = None
     safety_label: str | None = None
     safety_confidence: float | None = None
     error: str | None = None
@@ -45,7 +71,7 @@ class AuditRecord:
 
 @dataclass(frozen=True)
 class AuditRow:
-    """A stored row: the record plus its position, time and chain hashes."""
+    """A stored row: the record plus its position, time and chain MACs."""
 
     seq: int
     time: str  # UTC, ISO 8601 with microseconds
@@ -53,17 +79,17 @@ class AuditRow:
     outcome: str
     status: int
     latency_ms: float
-    prompt_sha256: str | None
-    thinking_sha256: str | None
-    answer_sha256: str | None
+    prompt_hmac: str | None
+    thinking_hmac: str | None
+    answer_hmac: str | None
     safety_label: str | None
     safety_confidence: float | None
     error: str | None
-    prev_hash: str
-    row_hash: str
+    prev_mac: str
+    row_mac: str
 
-    def expected_hash(self) -> str:
-        return row_hash({name: value for name, value in asdict(self).items() if name != "row_hash"})
+    def chained_values(self) -> dict:
+        return {name: value for name, value in asdict(self).items() if name != "row_mac"}
 
 
 COLUMNS = tuple(field.name for field in fields(AuditRow))
@@ -75,44 +101,129 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     outcome TEXT NOT NULL,
     status INTEGER NOT NULL,
     latency_ms REAL NOT NULL,
-    prompt_sha256 TEXT,
-    thinking_sha256 TEXT,
-    answer_sha256 TEXT,
+    prompt_hmac TEXT,
+    thinking_hmac TEXT,
+    answer_hmac TEXT,
     safety_label TEXT,
     safety_confidence REAL,
     error TEXT,
-    prev_hash TEXT NOT NULL,
-    row_hash TEXT NOT NULL
-)
+    prev_mac TEXT NOT NULL,
+    row_mac TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {META_TABLE} (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
-def row_hash(values: dict) -> str:
-    """SHA-256 of the canonical JSON of a row's columns (all but row_hash): sorted keys, no spaces,
-    ASCII only. Floats go through repr, which SQLite's 8-byte REAL gives back unchanged."""
-    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+class AuditKey:
+    """The server's secret: MACs the chain and keys the text digests."""
+
+    def __init__(self, secret: bytes):
+        if len(secret) < 16:
+            raise ValueError("an audit key has at least 16 bytes")
+        self._secret = secret
+
+    @classmethod
+    def generate(cls) -> AuditKey:
+        return cls(secrets.token_bytes(KEY_BYTES))
+
+    @classmethod
+    def load(cls, path: str | Path) -> AuditKey:
+        """The key in ``path`` (hex); refuses a file that others can read."""
+        path = Path(path)
+        try:
+            mode = path.stat().st_mode
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            raise AuditFileError(f"key file {path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise AuditFileError(f"key file {path}: unreadable ({error})") from None
+        if mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise AuditFileError(f"key file {path}: readable by others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+        try:
+            return cls(bytes.fromhex(text))
+        except ValueError:
+            raise AuditFileError(f"key file {path}: expected at least 32 hex digits") from None
+
+    @classmethod
+    def load_or_create(cls, path: str | Path) -> tuple[AuditKey, bool]:
+        """The key in ``path``, or a new one written there with mode 0600; True when it was created."""
+        path = Path(path)
+        if path.exists():
+            return cls.load(path), False
+        key = cls.generate()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
+        with os.fdopen(descriptor, "w") as file:
+            file.write(key._secret.hex() + "\n")
+        return key, True
+
+    @property
+    def key_id(self) -> str:
+        """Names the key in the database without revealing it."""
+        return hmac.new(self._secret, b"so8t audit key id", hashlib.sha256).hexdigest()[:16]
+
+    def digest(self, text: str) -> str:
+        """HMAC-SHA256 of the UTF-8 text: without the key, a guessed prompt cannot be checked against it."""
+        return hmac.new(self._secret, b"text\x00" + text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def mac(self, values: dict) -> str:
+        """HMAC-SHA256 of a row's chained columns as canonical JSON (sorted keys, no spaces, ASCII).
+        Floats go through repr, which SQLite's 8-byte REAL gives back unchanged."""
+        canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return hmac.new(self._secret, b"row\x00" + canonical.encode("ascii"), hashlib.sha256).hexdigest()
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _check_format(connection: sqlite3.Connection, path: Path, key: AuditKey | None) -> None:
+    """Refuses an older (unkeyed) log, a log of another key, or a database that is something else."""
+    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if TABLE in tables:
+        columns = {row[1] for row in connection.execute(f"PRAGMA table_info({TABLE})")}
+        if "row_hash" in columns:
+            raise AuditFileError(f"{path}: an unkeyed audit log from an older so8t (format 1, plain SHA-256 "
+                                 "chain); it cannot be keyed after the fact: serve with a new --audit-db")
+        if META_TABLE not in tables or not set(COLUMNS) <= columns:
+            raise AuditFileError(f"{path}: not a so8t audit log (unexpected columns)")
+    meta = dict(connection.execute(f"SELECT name, value FROM {META_TABLE}")) if META_TABLE in tables else {}
+    if meta and meta.get("format") != FORMAT:
+        raise AuditFileError(f"{path}: audit log format {meta.get('format')!r}, this so8t reads {FORMAT!r}")
+    if key is not None and meta.get("key_id") not in (None, key.key_id):
+        raise AuditFileError(f"{path}: written with another key (key id {meta['key_id']}, this key's is {key.key_id})")
+
+
 class AuditLog:
     """Appends chained rows; safe to share between threads (and between processes, through SQLite's
-    write lock: the previous hash is read inside the same write transaction)."""
+    write lock: the previous MAC is read inside the same write transaction)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, key: AuditKey, anchors: str | Path | None = None,
+                 anchor_every: int = DEFAULT_ANCHOR_EVERY):
         self.path = Path(path)
+        self.key = key
+        self.anchors = Path(anchors) if anchors is not None else None
+        self.anchor_every = anchor_every
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are the explicit BEGIN IMMEDIATE … COMMIT below.
         self._connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.Lock()
-        mode = self._connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise sqlite3.OperationalError(f"{self.path}: cannot switch to WAL mode (got {mode})")
-        self._connection.execute("PRAGMA synchronous=FULL")  # an acknowledged request's row survives a crash
-        self._connection.execute(SCHEMA)
+        try:
+            _check_format(self._connection, self.path, key)
+            mode = self._connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise sqlite3.OperationalError(f"{self.path}: cannot switch to WAL mode (got {mode})")
+            self._connection.execute("PRAGMA synchronous=FULL")  # an acknowledged request's row survives a crash
+            self._connection.executescript(SCHEMA)
+            self._connection.execute(f"INSERT OR IGNORE INTO {META_TABLE} VALUES ('format', ?), ('key_id', ?)",
+                                     (FORMAT, key.key_id))
+        except BaseException:
+            self._connection.close()
+            raise
+        self.write_anchor()
+
+    def digest(self, text: str) -> str:
+        return self.key.digest(text)
 
     def append(self, record: AuditRecord) -> AuditRow:
         if record.outcome not in OUTCOMES:
@@ -121,14 +232,14 @@ class AuditLog:
             cursor = self._connection.cursor()
             cursor.execute("BEGIN IMMEDIATE")
             try:
-                last = cursor.execute(f"SELECT seq, row_hash FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
-                seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS_HASH)
-                values = {"seq": seq, "time": _now(), **asdict(record), "prev_hash": prev_hash}
+                last = cursor.execute(f"SELECT seq, row_mac FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
+                seq, prev_mac = (last[0] + 1, last[1]) if last else (1, GENESIS_MAC)
+                values = {"seq": seq, "time": _now(), **asdict(record), "prev_mac": prev_mac}
                 values["latency_ms"] = float(values["latency_ms"])
                 confidence = values["safety_confidence"]
-                # JSON (the row hash) has no NaN: a confidence that is not a number is no confidence.
+                # JSON (the row MAC) has no NaN: a confidence that is not a number is no confidence.
                 values["safety_confidence"] = float(confidence) if confidence is not None and math.isfinite(confidence) else None
-                row = AuditRow(**values, row_hash=row_hash(values))
+                row = AuditRow(**values, row_mac=self.key.mac(values))
                 placeholders = ", ".join("?" for _ in COLUMNS)
                 cursor.execute(f"INSERT INTO {TABLE} ({', '.join(COLUMNS)}) VALUES ({placeholders})",
                                [getattr(row, name) for name in COLUMNS])
@@ -139,15 +250,42 @@ class AuditLog:
                 if self._connection.in_transaction:
                     cursor.execute("ROLLBACK")
                 raise
+        if row.seq % self.anchor_every == 0:
+            self.write_anchor((row.seq, row.row_mac))
         return row
 
+    def head(self) -> tuple[int, str]:
+        """(rows, MAC of the last row)."""
+        with self._lock:
+            last = self._connection.execute(f"SELECT seq, row_mac FROM {TABLE} ORDER BY seq DESC LIMIT 1").fetchone()
+        return (last[0], last[1]) if last else (0, GENESIS_MAC)
+
+    def write_anchor(self, head: tuple[int, str] | None = None) -> None:
+        """Appends the head to the anchors file (fsynced) and logs it. A failure is logged, not raised:
+        the rows are safe in the database, only this anchor is missing."""
+        rows, mac = head if head is not None else self.head()
+        log.info("audit anchor: %s rows=%d head=%s", self.path, rows, mac)
+        if self.anchors is None:
+            return
+        line = json.dumps({"time": _now(), "rows": rows, "head": mac}, separators=(",", ":")) + "\n"
+        try:
+            descriptor = os.open(self.anchors, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(descriptor, line.encode("ascii"))
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+        except OSError:
+            log.exception("cannot append the audit anchor to %s", self.anchors)
+
     def close(self) -> None:
+        self.write_anchor()
         with self._lock:
             self._connection.close()
 
 
 def read_rows(path: str | Path) -> list[AuditRow]:
-    """Every row in chain order; raises AuditFileError for a file that is not an audit log."""
+    """Every row in chain order; raises AuditFileError for a file that is not a (current) audit log."""
     path = Path(path)
     if not path.is_file():
         raise AuditFileError(f"{path}: no such file")
@@ -155,6 +293,7 @@ def read_rows(path: str | Path) -> list[AuditRow]:
         # Read-only: verifying must not create, migrate or checkpoint anything.
         connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
         try:
+            _check_format(connection, path, None)
             cursor = connection.execute(f"SELECT {', '.join(COLUMNS)} FROM {TABLE} ORDER BY seq")
             return [AuditRow(*values) for values in cursor]
         finally:
@@ -163,63 +302,135 @@ def read_rows(path: str | Path) -> list[AuditRow]:
         raise AuditFileError(f"{path}: not a so8t audit log ({error})") from None
 
 
-class AuditFileError(Exception):
-    """The file cannot be read as an audit log at all (as opposed to a chain that does not verify)."""
+def read_key_id(path: str | Path) -> str | None:
+    connection = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        row = connection.execute(f"SELECT value FROM {META_TABLE} WHERE name = 'key_id'").fetchone()
+    except sqlite3.DatabaseError:
+        row = None
+    finally:
+        connection.close()
+    return row[0] if row else None
+
+
+@dataclass(frozen=True)
+class Anchor:
+    rows: int
+    head: str
+    source: str  # where it came from, for messages: "anchors.txt:3" or "--expect-head"
+
+
+def read_anchors(path: str | Path) -> list[Anchor]:
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise AuditFileError(f"anchors file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise AuditFileError(f"anchors file {path}: unreadable ({error})") from None
+    anchors = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            anchors.append(Anchor(int(entry["rows"]), str(entry["head"]), f"{path.name}:{number}"))
+        except (ValueError, KeyError, TypeError):
+            raise AuditFileError(f"anchors file {path}:{number}: not an anchor line") from None
+    return anchors
+
+
+def parse_head(text: str) -> Anchor:
+    rows, _, head = text.partition(":")
+    if not rows.isdigit() or len(head) != 64:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ROWS:MAC, e.g. 120:{'ab' * 32}")
+    return Anchor(int(rows), head.lower(), "--expect-head")
 
 
 @dataclass(frozen=True)
 class Verification:
     rows: int
-    head_hash: str  # row_hash of the last row (GENESIS_HASH for an empty log)
+    head_mac: str  # row_mac of the last row (GENESIS_MAC for an empty log)
     first_bad_seq: int | None = None
     first_bad_request_id: str | None = None
     reason: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.first_bad_seq is None
+        return self.reason is None
 
 
-def verify_chain(rows: list[AuditRow]) -> Verification:
-    """Walks the chain from the first row; stops at the first row whose position, link or hash is wrong."""
-    prev_hash = GENESIS_HASH
+def verify_chain(rows: list[AuditRow], key: AuditKey, anchors: list[Anchor] = ()) -> Verification:
+    """Walks the chain from the first row, stopping at the first row whose position, link or MAC is
+    wrong; then checks that the log still holds every anchored head."""
+    prev_mac = GENESIS_MAC
     for position, row in enumerate(rows, start=1):
         reason = None
         if row.seq != position:
             reason = f"sequence number {row.seq} where {position} was expected (a row was deleted or inserted)"
-        elif row.prev_hash != prev_hash:
-            reason = "prev_hash does not match the previous row's hash (a row before it was removed or replaced)"
+        elif row.prev_mac != prev_mac:
+            reason = "prev_mac does not match the previous row's MAC (a row before it was removed or replaced)"
         else:
             try:
-                expected = row.expected_hash()
+                expected = key.mac(row.chained_values())
             except (TypeError, ValueError) as error:  # e.g. a column edited to a type JSON cannot hold
                 expected = f"unhashable: {error}"
-            if row.row_hash != expected:
-                reason = "row_hash does not match the row's contents (the row was edited)"
+            if not hmac.compare_digest(row.row_mac, expected):
+                reason = "row_mac does not match the row's contents under this key (the row was edited or forged)"
         if reason is not None:
-            return Verification(len(rows), prev_hash, row.seq, row.request_id, reason)
-        prev_hash = row.row_hash
-    return Verification(len(rows), prev_hash)
+            return Verification(len(rows), prev_mac, row.seq, row.request_id, reason)
+        prev_mac = row.row_mac
+    for anchor in anchors:
+        if anchor.rows > len(rows):
+            return Verification(len(rows), prev_mac, None, None,
+                                f"{anchor.source} saw {anchor.rows} rows, the log has {len(rows)} "
+                                "(rows were deleted from the end)")
+        held = rows[anchor.rows - 1].row_mac if anchor.rows else GENESIS_MAC
+        if held != anchor.head:
+            bad = rows[anchor.rows - 1] if anchor.rows else None
+            return Verification(len(rows), prev_mac, bad.seq if bad else None, bad.request_id if bad else None,
+                                f"{anchor.source}: row {anchor.rows} is not the row anchored then "
+                                "(the log was rewritten with the key)")
+    return Verification(len(rows), prev_mac)
 
 
 # ---------------------------------------------------------------------------------------------
-# so8t audit verify DB
+# so8t audit verify DB --key-file K [--anchors FILE | --expect-head N:MAC]
 # ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="audit_action", required=True, metavar="action")
-    verify = actions.add_parser("verify", help="check the hash chain; name the first bad row (exit status 1)")
+    verify = actions.add_parser("verify", help="check the keyed chain and the anchors; name the first bad row "
+                                               "(exit status 1)")
     verify.add_argument("database", type=Path, help="the SQLite file of so8t serve --audit-db")
+    verify.add_argument("--key-file", type=Path, required=True, help="the server's --audit-key-file")
+    heads = verify.add_mutually_exclusive_group()
+    heads.add_argument("--anchors", type=Path, help="the server's --audit-anchors file: every head in it must "
+                                                    "still be in the log")
+    heads.add_argument("--expect-head", type=parse_head, metavar="ROWS:MAC",
+                       help="a head noted earlier (printed by verify, logged by the server)")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        result = verify_chain(read_rows(args.database))
+        key = AuditKey.load(args.key_file)
+        rows = read_rows(args.database)
+        key_id = read_key_id(args.database)
+        if key_id is not None and key_id != key.key_id:
+            raise AuditFileError(f"{args.database}: written with another key (key id {key_id}, "
+                                 f"{args.key_file}'s is {key.key_id})")
+        anchors = read_anchors(args.anchors) if args.anchors is not None else []
     except AuditFileError as error:
         print(f"so8t audit: error: {error}", file=sys.stderr)
         return 2
+    if args.expect_head is not None:
+        anchors = [args.expect_head]
+    result = verify_chain(rows, key, anchors)
     if not result.ok:
-        print(f"so8t audit: {args.database}: chain broken at row {result.first_bad_seq} "
-              f"(request {result.first_bad_request_id}): {result.reason}", file=sys.stderr)
+        where = (f" at row {result.first_bad_seq} (request {result.first_bad_request_id})"
+                 if result.first_bad_seq is not None else "")
+        print(f"so8t audit: {args.database}: chain broken{where}: {result.reason}", file=sys.stderr)
         return 1
-    print(f"so8t audit: {args.database}: {result.rows} rows, chain intact, head {result.head_hash}")
+    checked = f", {len(anchors)} anchored head(s) held" if anchors else \
+        " (no anchors given: rows deleted from the end would go unnoticed)"
+    print(f"so8t audit: {args.database}: {result.rows} rows, chain intact{checked}, head {result.rows}:{result.head_mac}")
     return 0

@@ -4,12 +4,14 @@ it writes: Prometheus text and audit rows."""
 import contextlib
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from so8t.audit import AuditKey, AuditLog, Verification, read_anchors, read_rows, verify_chain
 from so8t.serve.command import bind_socket, build_server
 
 STARTUP_TIMEOUT_S = 60
@@ -77,3 +79,16 @@ def request_counts(metrics_text: str) -> dict[tuple[str, str, str], float]:
     samples = parse_metrics(metrics_text)["so8t_think_requests"]["samples"]["so8t_think_requests_total"]
     return {(dict(labels)["label"], dict(labels)["outcome"], dict(labels)["status"]): value
             for labels, value in samples.items()}
+
+
+def open_audit(path) -> AuditLog:
+    """An audit log with its key and anchors next to it, as so8t serve's defaults put them."""
+    key, _ = AuditKey.load_or_create(f"{path}.key")
+    return AuditLog(path, key, f"{path}.anchors")
+
+
+def verify(path, audit_or_key) -> Verification:
+    """The chain of the log at ``path`` checked with the key (an AuditLog's or an AuditKey) and its anchors."""
+    key = audit_or_key.key if isinstance(audit_or_key, AuditLog) else audit_or_key
+    anchors = read_anchors(f"{path}.anchors") if Path(f"{path}.anchors").is_file() else []
+    return verify_chain(read_rows(path), key, anchors)

@@ -1,32 +1,46 @@
-"""The audit log: WAL, the hash chain over every column, each kind of tampering found at the right row,
-concurrent writers, and ``so8t audit verify`` exit statuses and messages."""
+"""The keyed audit log: WAL, the HMAC chain over every column, each kind of tampering found (edits,
+deletions, a forged append, a rehashed rewrite without the key, and — through the anchors — truncation,
+deletion of everything and a rewrite with the key), the key file, the refused format-1 log, concurrent
+writers, and ``so8t audit verify`` exit statuses and messages."""
 
+import hashlib
+import logging
+import os
 import sqlite3
 import threading
 
 import pytest
 
-from so8t.audit import GENESIS_HASH, AuditLog, AuditRecord, read_rows, verify_chain
+from so8t.audit import (
+    GENESIS_MAC, AuditFileError, AuditKey, AuditLog, AuditRecord, read_anchors, read_rows, verify_chain,
+)
 from so8t.cli import main
 
 
 def record(index: int, **overrides) -> AuditRecord:
     values = dict(request_id=f"req-{index}", outcome="answered", status=200, latency_ms=10.5 + index,
-                  prompt_sha256="a" * 64, thinking_sha256="b" * 64, answer_sha256="c" * 64,
+                  prompt_hmac="a" * 64, thinking_hmac="b" * 64, answer_hmac="c" * 64,
                   safety_label="ALLOW", safety_confidence=0.875)
     return AuditRecord(**{**values, **overrides})
 
 
 @pytest.fixture
-def database(tmp_path):
+def key_file(tmp_path):
+    path = tmp_path / "audit.key"
+    AuditKey.load_or_create(path)
+    return path
+
+
+@pytest.fixture
+def database(tmp_path, key_file):
     path = tmp_path / "audit.db"
-    log = AuditLog(path)
+    log = AuditLog(path, AuditKey.load(key_file), tmp_path / "anchors", anchor_every=2)
     log.append(record(1))
-    log.append(record(2, outcome="denied", safety_label="DENY", thinking_sha256=None, answer_sha256=None))
-    log.append(record(3, outcome="rejected", status=422, prompt_sha256=None, thinking_sha256=None,
-                      answer_sha256=None, safety_label=None, safety_confidence=None))
+    log.append(record(2, outcome="denied", safety_label="DENY", thinking_hmac=None, answer_hmac=None))
+    log.append(record(3, outcome="rejected", status=422, prompt_hmac=None, thinking_hmac=None,
+                      answer_hmac=None, safety_label=None, safety_confidence=None))
     log.append(record(4, outcome="error", status=500, error="RuntimeError"))
-    log.append(record(5))
+    log.append(record(5, outcome="cancelled", status=499))
     log.close()
     return path
 
@@ -38,77 +52,181 @@ def execute(path, statement, *parameters):
     connection.close()
 
 
-def test_rows_are_chained_in_wal_mode(database):
+def check(database, key_file, anchors=()):
+    return verify_chain(read_rows(database), AuditKey.load(key_file), anchors)
+
+
+def test_rows_are_chained_by_macs_in_wal_mode(database, key_file):
     connection = sqlite3.connect(database)
     assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     connection.close()
     rows = read_rows(database)
+    key = AuditKey.load(key_file)
     assert [row.seq for row in rows] == [1, 2, 3, 4, 5]
-    assert rows[0].prev_hash == GENESIS_HASH
-    assert all(row.prev_hash == before.row_hash for before, row in zip(rows, rows[1:]))
-    assert all(row.row_hash == row.expected_hash() for row in rows)
-    assert [row.outcome for row in rows] == ["answered", "denied", "rejected", "error", "answered"]
-    assert rows[2].prompt_sha256 is None and rows[3].error == "RuntimeError"
-    result = verify_chain(rows)
-    assert result.ok and result.rows == 5 and result.head_hash == rows[-1].row_hash
+    assert rows[0].prev_mac == GENESIS_MAC
+    assert all(row.prev_mac == before.row_mac for before, row in zip(rows, rows[1:]))
+    assert all(row.row_mac == key.mac(row.chained_values()) for row in rows)
+    assert [row.outcome for row in rows] == ["answered", "denied", "rejected", "error", "cancelled"]
+    result = verify_chain(rows, key)
+    assert result.ok and result.rows == 5 and result.head_mac == rows[-1].row_mac
+    assert not verify_chain(rows, AuditKey.generate()).ok  # another key verifies nothing
+
+
+def test_the_key_file_is_private_and_never_in_the_database(database, key_file, tmp_path):
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    secret = key_file.read_text().strip()
+    assert len(bytes.fromhex(secret)) == 32 and secret.encode() not in database.read_bytes()
+    assert AuditKey.load_or_create(key_file)[1] is False  # the second use reads it
+    os.chmod(key_file, 0o644)
+    with pytest.raises(AuditFileError, match="readable by others"):
+        AuditKey.load(key_file)
+    with pytest.raises(AuditFileError, match="written with another key"):
+        AuditLog(database, AuditKey.generate())
+
+
+def test_digests_are_keyed():
+    key, other = AuditKey.generate(), AuditKey.generate()
+    prompt = "How do I bake bread?"
+    assert key.digest(prompt) == key.digest(prompt) != other.digest(prompt)
+    assert key.digest(prompt) != hashlib.sha256(prompt.encode()).hexdigest()  # guessing needs the key
 
 
 @pytest.mark.parametrize(
     ("tamper", "first_bad"),
     [
-        (("UPDATE audit_log SET latency_ms = 1.0 WHERE seq = 3",), 3),
-        (("UPDATE audit_log SET safety_label = 'ALLOW' WHERE seq = 2",), 2),
-        (("UPDATE audit_log SET safety_confidence = 0.87500001 WHERE seq = 5",), 5),
-        (("UPDATE audit_log SET time = '2020-01-01T00:00:00.000000Z' WHERE seq = 1",), 1),
-        (("UPDATE audit_log SET error = NULL WHERE seq = 4",), 4),
-        (("UPDATE audit_log SET request_id = 'req-x' WHERE seq = 1",), 1),
-        (("DELETE FROM audit_log WHERE seq = 2",), 3),
-        (("DELETE FROM audit_log WHERE seq = 1",), 2),
-        (("UPDATE audit_log SET answer_sha256 = 'd' WHERE seq = 4",), 4),
-        (("UPDATE audit_log SET seq = 7 WHERE seq = 5",), 7),
+        ("UPDATE audit_log SET latency_ms = 1.0 WHERE seq = 3", 3),
+        ("UPDATE audit_log SET safety_label = 'ALLOW' WHERE seq = 2", 2),
+        ("UPDATE audit_log SET safety_confidence = 0.87500001 WHERE seq = 5", 5),
+        ("UPDATE audit_log SET time = '2020-01-01T00:00:00.000000Z' WHERE seq = 1", 1),
+        ("UPDATE audit_log SET error = NULL WHERE seq = 4", 4),
+        ("UPDATE audit_log SET request_id = 'req-x' WHERE seq = 1", 1),
+        ("DELETE FROM audit_log WHERE seq = 2", 3),
+        ("DELETE FROM audit_log WHERE seq = 1", 2),
+        ("UPDATE audit_log SET answer_hmac = 'd' WHERE seq = 4", 4),
+        ("UPDATE audit_log SET seq = 7 WHERE seq = 5", 7),
     ],
 )
-def test_tampering_is_found_at_the_first_bad_row(database, tamper, first_bad):
-    execute(database, *tamper)
-    result = verify_chain(read_rows(database))
+def test_tampering_is_found_at_the_first_bad_row(database, key_file, tamper, first_bad):
+    execute(database, tamper)
+    result = check(database, key_file)
     assert not result.ok and result.first_bad_seq == first_bad
 
 
-def test_a_consistently_rehashed_edit_breaks_the_next_link(database):
+def test_a_rehashed_rewrite_without_the_key_is_found_at_the_edited_row(database, key_file):
     rows = read_rows(database)
-    forged = rows[1].__class__(**{**rows[1].__dict__, "safety_label": "ALLOW", "row_hash": ""})
-    execute(database, "UPDATE audit_log SET safety_label = 'ALLOW', row_hash = ? WHERE seq = 2", forged.expected_hash())
-    result = verify_chain(read_rows(database))
-    assert result.first_bad_seq == 3 and "prev_hash" in result.reason
+    guessed = AuditKey.generate()  # anything but the server's key: a plain SHA-256 fails the same way
+    for row in rows[1:]:  # rewrite row 2 and re-chain everything after it
+        values = {**row.chained_values(), "safety_label": "ALLOW" if row.seq == 2 else row.safety_label}
+        if row.seq > 2:
+            values["prev_mac"] = previous
+        previous = guessed.mac(values)
+        execute(database, "UPDATE audit_log SET safety_label = ?, prev_mac = ?, row_mac = ? WHERE seq = ?",
+                values["safety_label"], values["prev_mac"], previous, row.seq)
+    result = check(database, key_file)
+    assert result.first_bad_seq == 2 and "under this key" in result.reason
 
 
-def test_verify_command_exit_status_and_messages(database, tmp_path, capsys):
-    assert main(["audit", "verify", str(database)]) == 0
+def test_a_forged_append_is_found(database, key_file):
+    rows = read_rows(database)
+    forged = {**rows[-1].chained_values(), "seq": 6, "request_id": "forged", "prev_mac": rows[-1].row_mac}
+    mac = hashlib.sha256(repr(forged).encode()).hexdigest()
+    execute(database, f"INSERT INTO audit_log VALUES ({', '.join('?' * 14)})", *forged.values(), mac)
+    result = check(database, key_file)
+    assert result.first_bad_seq == 6 and result.first_bad_request_id == "forged"
+
+
+def test_anchors_find_truncation_deletion_of_everything_and_a_rewrite_with_the_key(database, key_file, tmp_path):
+    anchors = read_anchors(tmp_path / "anchors")
+    # Opened (0 rows), every 2 rows (2, 4), closed (5).
+    assert [anchor.rows for anchor in anchors] == [0, 2, 4, 5]
+    assert check(database, key_file, anchors).ok
+
+    execute(database, "DELETE FROM audit_log WHERE seq = 5")  # truncation: a valid shorter chain
+    assert check(database, key_file).ok
+    result = check(database, key_file, anchors)
+    assert not result.ok and "saw 5 rows, the log has 4" in result.reason
+
+    execute(database, "DELETE FROM audit_log")  # everything
+    assert check(database, key_file).ok and check(database, key_file).rows == 0
+    assert "saw 2 rows, the log has 0" in check(database, key_file, anchors).reason
+
+
+def test_a_rewrite_with_the_stolen_key_is_found_by_the_anchors(database, key_file, tmp_path):
+    key = AuditKey.load(key_file)
+    rows = read_rows(database)
+    previous = rows[0].row_mac
+    for row in rows[1:]:
+        values = {**row.chained_values(), "prev_mac": previous}
+        if row.seq == 2:
+            values["safety_label"] = "ALLOW"
+        previous = key.mac(values)
+        execute(database, "UPDATE audit_log SET safety_label = ?, prev_mac = ?, row_mac = ? WHERE seq = ?",
+                values["safety_label"], values["prev_mac"], previous, row.seq)
+    assert check(database, key_file).ok  # the chain alone cannot tell
+    result = check(database, key_file, read_anchors(tmp_path / "anchors"))
+    assert not result.ok and result.first_bad_seq == 2 and "rewritten with the key" in result.reason
+
+
+def test_anchors_are_logged(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="so8t.audit"):
+        log = AuditLog(tmp_path / "a.db", AuditKey.generate(), tmp_path / "anchors", anchor_every=3)
+        rows = [log.append(record(index)) for index in range(3)]
+        log.close()
+    assert f"rows=3 head={rows[-1].row_mac}" in caplog.text
+
+
+def test_a_format_1_log_is_refused_with_a_clear_message(tmp_path, key_file, capsys):
+    legacy = tmp_path / "legacy.db"
+    execute(legacy, "CREATE TABLE audit_log (seq INTEGER PRIMARY KEY, time TEXT, request_id TEXT, outcome TEXT, "
+                    "status INTEGER, latency_ms REAL, prompt_sha256 TEXT, thinking_sha256 TEXT, answer_sha256 TEXT, "
+                    "safety_label TEXT, safety_confidence REAL, error TEXT, prev_hash TEXT, row_hash TEXT)")
+    with pytest.raises(AuditFileError, match="unkeyed audit log from an older so8t"):
+        AuditLog(legacy, AuditKey.load(key_file))
+    assert main(["audit", "verify", str(legacy), "--key-file", str(key_file)]) == 2
+    assert "cannot be keyed after the fact" in capsys.readouterr().err
+
+
+def test_verify_command_exit_status_and_messages(database, key_file, tmp_path, capsys):
+    key, anchors = ["--key-file", str(key_file)], ["--anchors", str(tmp_path / "anchors")]
+    assert main(["audit", "verify", str(database), *key, *anchors]) == 0
     out = capsys.readouterr().out
-    assert "5 rows, chain intact" in out and read_rows(database)[-1].row_hash in out
+    head = read_rows(database)[-1].row_mac
+    assert f"5 rows, chain intact, 4 anchored head(s) held, head 5:{head}" in out
+    assert main(["audit", "verify", str(database), *key]) == 0
+    assert "no anchors given" in capsys.readouterr().out
+    assert main(["audit", "verify", str(database), *key, "--expect-head", f"5:{head}"]) == 0
+    capsys.readouterr()
 
-    execute(database, "UPDATE audit_log SET answer_sha256 = ? WHERE seq = 4", "0" * 64)
-    assert main(["audit", "verify", str(database)]) == 1
-    err = capsys.readouterr().err
-    assert "chain broken at row 4 (request req-4)" in err and "edited" in err
+    execute(database, "DELETE FROM audit_log WHERE seq >= 4")
+    assert main(["audit", "verify", str(database), *key, "--expect-head", f"5:{head}"]) == 1
+    assert "saw 5 rows, the log has 3 (rows were deleted from the end)" in capsys.readouterr().err
+    execute(database, "UPDATE audit_log SET answer_hmac = ? WHERE seq = 1", "0" * 64)
+    assert main(["audit", "verify", str(database), *key]) == 1
+    assert "chain broken at row 1 (request req-1)" in capsys.readouterr().err
 
+    other_key = tmp_path / "other.key"
+    AuditKey.load_or_create(other_key)
+    assert main(["audit", "verify", str(database), "--key-file", str(other_key)]) == 2
+    assert "written with another key" in capsys.readouterr().err
     not_a_database = tmp_path / "notes.db"
     not_a_database.write_text("hello")
-    assert main(["audit", "verify", str(not_a_database)]) == 2
+    assert main(["audit", "verify", str(not_a_database), *key]) == 2
     assert "not a so8t audit log" in capsys.readouterr().err
-    assert main(["audit", "verify", str(tmp_path / "missing.db")]) == 2
+    assert main(["audit", "verify", str(tmp_path / "missing.db"), *key]) == 2
     assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["audit", "verify", str(database), *key, "--expect-head", "five"])
 
 
-def test_an_empty_log_verifies(tmp_path, capsys):
-    AuditLog(tmp_path / "empty.db").close()
-    assert main(["audit", "verify", str(tmp_path / "empty.db")]) == 0
+def test_an_empty_log_verifies(tmp_path, key_file, capsys):
+    AuditLog(tmp_path / "empty.db", AuditKey.load(key_file)).close()
+    assert main(["audit", "verify", str(tmp_path / "empty.db"), "--key-file", str(key_file)]) == 0
     assert "0 rows" in capsys.readouterr().out
 
 
 def test_threads_and_two_connections_append_one_chain(tmp_path):
-    path = tmp_path / "shared.db"
-    logs = [AuditLog(path), AuditLog(path)]  # two writers, as two server processes would be
+    path, key = tmp_path / "shared.db", AuditKey.generate()
+    logs = [AuditLog(path, key), AuditLog(path, key)]  # two writers, as two server processes would be
 
     def write(log, offset):
         for index in range(25):
@@ -123,11 +241,11 @@ def test_threads_and_two_connections_append_one_chain(tmp_path):
         log.close()
     rows = read_rows(path)
     assert len(rows) == 100 and len({row.request_id for row in rows}) == 100
-    assert verify_chain(rows).ok
+    assert verify_chain(rows, key).ok
 
 
 def test_unknown_outcome_is_refused(tmp_path):
-    log = AuditLog(tmp_path / "a.db")
+    log = AuditLog(tmp_path / "a.db", AuditKey.generate())
     with pytest.raises(ValueError, match="outcome"):
         log.append(record(1, outcome="maybe"))
     log.close()

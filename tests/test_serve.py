@@ -20,14 +20,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from so8t.audit import AuditLog, read_rows, verify_chain
+from so8t.audit import read_rows
 from so8t.cli import main
 from so8t.serve.app import MAX_BODY_BYTES, create_app
 from so8t.serve.loading import load_generator
 from so8t.serve.thinking import CASES, parse_thinking
 from so8t.training.loading import load_model_and_tokenizer
 from so8t.training.options import TrainOptions
-from serve_helpers import one_torch_thread, parse_metrics, request_counts, running_server  # noqa: F401 (autouse)
+from serve_helpers import (  # noqa: F401 (one_torch_thread: autouse)
+    one_torch_thread, open_audit, parse_metrics, request_counts, running_server, verify,
+)
 
 PROMPT = "What is 16 + 25?"
 
@@ -41,6 +43,7 @@ class Client:
     url: str
     audit_path: object
     generator: object
+    audit: object
     sent: list = field(default_factory=list)  # (request id, prompt or None, status, response json)
 
     def think(self, body=None, **kwargs) -> httpx.Response:
@@ -64,9 +67,9 @@ def adapter_dir(tmp_path_factory):
 def client(adapter_dir, tmp_path_factory):
     audit_path = tmp_path_factory.mktemp("audit") / "audit.db"
     generator = load_generator(adapter=str(adapter_dir))
-    audit = AuditLog(audit_path)
+    audit = open_audit(audit_path)
     with running_server(create_app(generator, audit)) as url:
-        yield Client(url, audit_path, generator)
+        yield Client(url, audit_path, generator, audit)
     audit.close()
 
 
@@ -211,7 +214,8 @@ def test_a_failing_model_call_is_a_500_with_an_error_row(client, monkeypatch):
     assert response.status_code == 500
     assert response.json() == {"request_id": response.headers["x-request-id"], "error": "model call failed"}
     row = next(row for row in read_rows(client.audit_path) if row.request_id == response.headers["x-request-id"])
-    assert (row.outcome, row.status, row.error, row.prompt_sha256) == ("error", 500, "RuntimeError", sha256("this one fails"))
+    assert (row.outcome, row.status, row.error) == ("error", 500, "RuntimeError")
+    assert row.prompt_hmac == client.audit.digest("this one fails") != sha256("this one fails")
 
 
 def test_every_request_has_one_audit_row(client):
@@ -222,15 +226,17 @@ def test_every_request_has_one_audit_row(client):
         assert row.status == status
         assert row.safety_label is None and row.safety_confidence is None
         if status == 200:
-            assert row.outcome == "answered" and row.prompt_sha256 == sha256(prompt)
-            assert row.thinking_sha256 == payload["thinking_sha256"]
-            assert row.answer_sha256 == sha256(payload["answer"])
+            assert row.outcome == "answered" and row.prompt_hmac == client.audit.digest(prompt)
+            assert row.thinking_hmac is not None and row.thinking_hmac != payload["thinking_sha256"]  # keyed
+            if "thinking" in payload:
+                assert row.thinking_hmac == client.audit.digest(payload["thinking"])
+            assert row.answer_hmac == client.audit.digest(payload["answer"])
             assert row.latency_ms == pytest.approx(payload["latency_ms"])
         elif status in (413, 422):
-            assert row.outcome == "rejected" and row.thinking_sha256 is None and row.answer_sha256 is None
+            assert row.outcome == "rejected" and row.thinking_hmac is None and row.answer_hmac is None
         else:
             assert row.outcome == "error"
-    assert verify_chain(list(rows.values())).ok
+    assert verify(client.audit_path, client.audit).ok
 
 
 def test_metrics_count_every_request_by_label_outcome_and_status(client):
@@ -254,17 +260,18 @@ def test_metrics_count_every_request_by_label_outcome_and_status(client):
 
 
 def test_audit_verify_command_on_the_live_log_and_a_tampered_copy(client, tmp_path, capsys):
-    assert main(["audit", "verify", str(client.audit_path)]) == 0
+    key = ["--key-file", f"{client.audit_path}.key"]
+    assert main(["audit", "verify", str(client.audit_path), *key, "--anchors", f"{client.audit_path}.anchors"]) == 0
     assert f"{len(client.sent)} rows, chain intact" in capsys.readouterr().out
     copy = tmp_path / "copy.db"
     source, target = sqlite3.connect(client.audit_path), sqlite3.connect(copy)
     source.backup(target)
     source.close()
     with target:
-        target.execute("UPDATE audit_log SET answer_sha256 = ? WHERE seq = 2", ("f" * 64,))
+        target.execute("UPDATE audit_log SET answer_hmac = ? WHERE seq = 2", ("f" * 64,))
     target.close()
     # The real command line, once: exit status and message as an operator sees them.
-    tampered = subprocess.run([sys.executable, "-m", "so8t", "audit", "verify", str(copy)],
+    tampered = subprocess.run([sys.executable, "-m", "so8t", "audit", "verify", str(copy), *key],
                               capture_output=True, text=True, timeout=300)
     second = read_rows(copy)[1].request_id
     assert tampered.returncode == 1

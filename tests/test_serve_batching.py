@@ -11,11 +11,11 @@ import httpx
 import pytest
 import torch
 
-from so8t.audit import AuditLog, read_rows, verify_chain
+from so8t.audit import read_rows
 from so8t.serve.app import create_app
 from so8t.serve.generation import CANCELLED, LENGTH, STOP, GenerationRequest
 from so8t.serve.loading import load_generator
-from serve_helpers import one_torch_thread, running_server  # noqa: F401 (autouse)
+from serve_helpers import one_torch_thread, open_audit, running_server, verify  # noqa: F401 (autouse)
 
 PROMPTS = ["What is 16 + 25?", "hi", "Tell me a long story about a dragon and a knight in a castle far away.",
            "2+2", "Recommend a good book about the sea."]
@@ -89,7 +89,7 @@ def test_concurrent_requests_share_batches_and_get_their_solo_answers(generator,
 
     monkeypatch.setattr(generator, "generate_batch", counting)
     prompts = [f"What is {n} + {2 * n}?" for n in range(10)]
-    audit = AuditLog(tmp_path / "audit.db")
+    audit = open_audit(tmp_path / "audit.db")
     with running_server(create_app(generator, audit, max_batch=4)) as url:
         async def burst():
             async with httpx.AsyncClient(base_url=url, timeout=120) as http:
@@ -104,7 +104,7 @@ def test_concurrent_requests_share_batches_and_get_their_solo_answers(generator,
         assert response.status_code == 200
         assert response.json()["thinking_sha256"] is not None
         assert response.json()["answer"] == generator.generate(prompt, 16, 0.0, 1.0).text.strip()
-    assert verify_chain(read_rows(tmp_path / "audit.db")).ok
+    assert verify(tmp_path / "audit.db", audit).ok
 
 
 def wait_for_rows(path, outcome: str, count: int, timeout_s: float = 60):
@@ -127,12 +127,12 @@ def test_a_client_that_goes_away_cancels_its_generation(generator, tmp_path, mon
         return results
 
     monkeypatch.setattr(generator, "generate_batch", recording)
-    audit = AuditLog(tmp_path / "audit.db")
+    audit = open_audit(tmp_path / "audit.db")
     with running_server(create_app(generator, audit)) as url:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/think", json={"prompt": "long", "max_new_tokens": 480, "temperature": 0}, timeout=0.5)
         [row] = wait_for_rows(tmp_path / "audit.db", "cancelled", 1)
-        assert row.status == 499 and row.answer_sha256 is None
+        assert row.status == 499 and row.answer_hmac is None
         streamed = threading.Event()
         with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json={
                 "model": generator.name, "messages": [{"role": "user", "content": "long"}],

@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from so8t.audit import read_rows, verify_chain
+from so8t.audit import AuditKey, read_rows
 from so8t.cli import main
-from serve_helpers import one_torch_thread, wait_for_health  # noqa: F401 (autouse)
+from serve_helpers import one_torch_thread, verify, wait_for_health  # noqa: F401 (autouse)
 
 # One torch thread for the tiny model, as in the in-process tests (see serve_helpers.one_torch_thread).
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -45,7 +45,11 @@ def test_serve_starts_offline_answers_and_stops_on_interrupt(tmp_path):
             process.wait()
     assert "Traceback" not in process.stderr.read()
     [row] = read_rows(audit_db)
-    assert row.request_id == response.json()["request_id"] and verify_chain([row]).ok
+    assert row.request_id == response.json()["request_id"]
+    key_file = tmp_path / "audit.db.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600  # created on first use, for its owner only
+    assert key_file.read_text().strip() not in (tmp_path / "audit.db").read_bytes().hex()
+    assert verify(audit_db, AuditKey.load(key_file)).ok
 
 
 def so8t_line(text: str) -> str:
@@ -152,8 +156,9 @@ def test_other_start_failures_are_status_2(tmp_path, capsys):
 
 
 def test_serve_defaults_match_the_modules_they_stand_for():
+    from so8t.audit import DEFAULT_ANCHOR_EVERY
     from so8t.judge import DEFAULT_THRESHOLD
     from so8t.serve import app, command
 
-    assert command.DEFAULT_THRESHOLD == DEFAULT_THRESHOLD
+    assert command.DEFAULT_THRESHOLD == DEFAULT_THRESHOLD and command.DEFAULT_ANCHOR_EVERY == DEFAULT_ANCHOR_EVERY
     assert (command.DEFAULT_MAX_BATCH, command.DEFAULT_MAX_QUEUE) == (app.DEFAULT_MAX_BATCH, app.DEFAULT_MAX_QUEUE)

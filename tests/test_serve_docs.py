@@ -2,14 +2,13 @@
 
 import httpx
 
-from so8t.audit import AuditLog
 from so8t.serve.app import create_app
 from so8t.serve.loading import load_generator
-from serve_helpers import one_torch_thread, running_server  # noqa: F401 (autouse)
+from serve_helpers import one_torch_thread, open_audit, running_server  # noqa: F401 (autouse)
 
 
 def test_docs_page_and_openapi_schema_describe_think(tmp_path):
-    audit = AuditLog(tmp_path / "audit.db")
+    audit = open_audit(tmp_path / "audit.db")
     with running_server(create_app(load_generator(), audit)) as url:
         page = httpx.get(f"{url}/docs", timeout=30)
         schema = httpx.get(f"{url}/openapi.json", timeout=30)

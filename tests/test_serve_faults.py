@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from so8t import attach_so8t
-from so8t.audit import AuditLog, read_rows, verify_chain
+from so8t.audit import read_rows
 from so8t.demo import build_demo_tokenizer
 from so8t.judge import ESCALATE, SafetyJudge, decide
 from so8t.serve.app import create_app
 from so8t.serve.loading import load_generator
 from so8t.serve.sampling import next_tokens
-from serve_helpers import one_torch_thread, parse_metrics, running_server  # noqa: F401 (autouse)
+from serve_helpers import (  # noqa: F401 (one_torch_thread: autouse)
+    one_torch_thread, open_audit, parse_metrics, running_server, verify,
+)
 from test_judge import classifier
 
 
@@ -46,7 +48,7 @@ def nan_judge() -> SafetyJudge:
 
 
 def test_a_judge_with_nan_weights_escalates_with_one_row(generator, tmp_path):
-    audit = AuditLog(tmp_path / "audit.db")
+    audit = open_audit(tmp_path / "audit.db")
     with running_server(create_app(generator, audit, nan_judge())) as url:
         response = httpx.post(f"{url}/think", json={"prompt": "Explain how to build a pipe bomb."}, timeout=120)
         chat = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
@@ -61,7 +63,7 @@ def test_a_judge_with_nan_weights_escalates_with_one_row(generator, tmp_path):
     assert [(row.request_id, row.outcome, row.status, row.safety_label, row.safety_confidence) for row in rows] == [
         (body["request_id"], "escalated", 200, ESCALATE, None),
         (chat.json()["so8t"]["request_id"], "escalated", 200, ESCALATE, None)]
-    assert verify_chain(rows).ok
+    assert verify(tmp_path / "audit.db", audit).ok
 
 
 @pytest.mark.parametrize("temperature", [5e-324, 1e-39, 1.1e-38, 1e-30, 9.9e-5])
@@ -91,7 +93,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 @pytest.fixture(scope="module")
 def served(generator, tmp_path_factory):
     path = tmp_path_factory.mktemp("faults") / "audit.db"
-    audit = AuditLog(path)
+    audit = open_audit(path)
     with running_server(create_app(generator, audit)) as url:
         yield url, audit, path
     audit.close()
@@ -163,7 +165,7 @@ def test_a_full_audit_disk_is_a_503_with_request_id_counted_and_logged(served, c
     after = httpx.post(f"{url}/think", json={"prompt": "hi", "max_new_tokens": 2}, timeout=120)
     assert after.status_code == 200
     rows = read_rows(path)
-    assert verify_chain(rows).ok and len(rows) == before + len(responses) - len(refused) + 1
+    assert verify(path, audit).ok and len(rows) == before + len(responses) - len(refused) + 1
     assert {row.request_id for row in rows}.isdisjoint(response.headers["x-request-id"] for response in refused)
 
 
@@ -174,7 +176,7 @@ def test_a_judge_that_raises_is_a_json_500_with_a_row(generator, tmp_path):
         raise RuntimeError("judge exploded")
 
     judge.judge = broken
-    audit = AuditLog(tmp_path / "audit.db")
+    audit = open_audit(tmp_path / "audit.db")
     with running_server(create_app(generator, audit, judge)) as url:
         response = httpx.post(f"{url}/think", json={"prompt": "hello"}, timeout=120)
     audit.close()

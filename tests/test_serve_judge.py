@@ -1,7 +1,6 @@
 """The safety judge trained by ``so8t train --task classify`` on the bundled data, then served: each label
 becomes its outcome over HTTP, in the audit row and in /metrics; an unconfident judge escalates."""
 
-import hashlib
 import json
 
 import httpx
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 
 from so8t import attach_so8t
-from so8t.audit import AuditLog, read_rows, verify_chain
+from so8t.audit import read_rows
 from so8t.classify import bundled_safety_path, read_labelled_jsonl
 from so8t.cli import main
 from so8t.demo import build_demo_tokenizer
@@ -17,7 +16,9 @@ from so8t.judge import ALLOW, DENY, ESCALATE, LABELS, SafetyJudge
 from so8t.monitor.records import read_metrics
 from so8t.serve.app import create_app
 from so8t.serve.loading import load_generator
-from serve_helpers import one_torch_thread, request_counts, running_server  # noqa: F401 (autouse)
+from serve_helpers import (  # noqa: F401 (one_torch_thread: autouse)
+    one_torch_thread, open_audit, request_counts, running_server, verify,
+)
 from test_judge import classifier
 
 TRAIN_STEPS = 150  # 93% of the bundled data at 150 steps (84% at 80), ~1 s of CPU per 4 steps
@@ -59,10 +60,6 @@ def test_the_trained_judge_learnt_the_bundled_data(judge_dir, examples):
     assert {verdict.label for verdict in verdicts} == set(LABELS)
 
 
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def test_each_label_is_its_outcome_over_http_in_the_audit_log_and_in_metrics(judge_dir, examples, tmp_path):
     judge = SafetyJudge.load(judge_dir)
     # One bundled prompt per label that the judge gives confidently, chosen before serving.
@@ -73,7 +70,7 @@ def test_each_label_is_its_outcome_over_http_in_the_audit_log_and_in_metrics(jud
             chosen.setdefault(verdict.label, (example.text, verdict))
     assert set(chosen) == set(LABELS)
 
-    audit = AuditLog(tmp_path / "audit.db")
+    audit = open_audit(tmp_path / "audit.db")
     with running_server(create_app(load_generator(), audit, judge)) as url:
         assert httpx.get(f"{url}/health").json()["safety_model"] is True
         bodies = {}
@@ -94,14 +91,14 @@ def test_each_label_is_its_outcome_over_http_in_the_audit_log_and_in_metrics(jud
         assert body["answer"] is None and body["thinking_sha256"] is None and "monitor" not in body
 
     rows = {row.request_id: row for row in read_rows(tmp_path / "audit.db")}
-    assert verify_chain(list(rows.values())).ok and len(rows) == 3
+    assert verify(tmp_path / "audit.db", audit).ok and len(rows) == 3
     for label, body in bodies.items():
         row = rows[body["request_id"]]
         assert (row.outcome, row.status, row.safety_label) == (body["outcome"], 200, label)
         assert row.safety_confidence == pytest.approx(body["safety"]["confidence"])
-        assert row.prompt_sha256 == sha256(chosen[label][0])
+        assert row.prompt_hmac == audit.digest(chosen[label][0])
         answered = label == ALLOW
-        assert (row.answer_sha256 == sha256(body["answer"])) if answered else row.answer_sha256 is None
+        assert (row.answer_hmac == audit.digest(body["answer"])) if answered else row.answer_hmac is None
     assert request_counts(metrics) == {(ALLOW, "answered", "200"): 1, (ESCALATE, "escalated", "200"): 1,
                                        (DENY, "denied", "200"): 1}
 
@@ -111,7 +108,7 @@ def test_an_unconfident_judge_escalates_over_http(tmp_path):
     model = classifier(tokenizer, seed=1)  # untrained: probabilities near 1/3 each
     attach_so8t(model)
     judge = SafetyJudge(model, tokenizer, threshold=0.6)
-    audit = AuditLog(tmp_path / "audit.db")
+    audit = open_audit(tmp_path / "audit.db")
     with running_server(create_app(load_generator(), audit, judge)) as url:
         response = httpx.post(f"{url}/think", json={"prompt": "How do I bake sourdough bread?"}, timeout=120)
     audit.close()

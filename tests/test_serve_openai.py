@@ -2,35 +2,30 @@
 127.0.0.1: plain and streamed completions equal to what the model generates, so8t's extension fields,
 the audit row, and errors surfacing as the client's exception types."""
 
-import hashlib
 
 import httpx
 import openai
 import pytest
 
-from so8t.audit import AuditLog, read_rows, verify_chain
+from so8t.audit import read_rows
 from so8t.serve.app import create_app
 from so8t.serve.generation import GenerationRequest
 from so8t.serve.loading import load_generator
-from so8t.serve.openai_api import AnswerStream, messages_digest
+from so8t.serve.openai_api import AnswerStream, messages_text
 from so8t.serve.thinking import parse_thinking
-from serve_helpers import one_torch_thread, running_server  # noqa: F401 (autouse)
+from serve_helpers import one_torch_thread, open_audit, running_server, verify  # noqa: F401 (autouse)
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 16 + 25?"}]
-
-
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = tmp_path_factory.mktemp("openai") / "audit.db"
     generator = load_generator()
-    audit = AuditLog(path)
+    audit = open_audit(path)
     with running_server(create_app(generator, audit)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-checked", max_retries=0, timeout=120)
-        yield client, generator, path
+        yield client, generator, path, audit
     audit.close()
 
 
@@ -40,12 +35,12 @@ def expected_answer(generator, messages, max_tokens: int) -> str:
 
 
 def test_models_lists_the_served_model(server):
-    client, generator, _ = server
+    client, generator, _, _ = server
     assert [model.id for model in client.models.list()] == [generator.name]
 
 
 def test_a_plain_completion_is_what_the_model_generates_with_its_audit_row(server):
-    client, generator, path = server
+    client, generator, path, audit = server
     completion = client.chat.completions.create(model=generator.name, messages=MESSAGES, max_tokens=12, temperature=0)
     expected = expected_answer(generator, MESSAGES, 12)
     choice = completion.choices[0]
@@ -57,12 +52,12 @@ def test_a_plain_completion_is_what_the_model_generates_with_its_audit_row(serve
     assert completion.id == f"chatcmpl-{extension['request_id']}" and completion.model == generator.name
     row = next(row for row in read_rows(path) if row.request_id == extension["request_id"])
     assert (row.outcome, row.status) == ("answered", 200)
-    assert row.prompt_sha256 == messages_digest(MESSAGES) and row.answer_sha256 == sha256(expected.answer)
-    assert row.thinking_sha256 == expected.thinking_sha256
+    assert row.prompt_hmac == audit.digest(messages_text(MESSAGES)) and row.answer_hmac == audit.digest(expected.answer)
+    assert row.thinking_hmac == audit.digest(expected.thinking)
 
 
 def test_a_streamed_completion_adds_up_to_the_plain_one(server):
-    client, generator, path = server
+    client, generator, path, audit = server
     stream = client.chat.completions.create(model=generator.name, messages=MESSAGES, max_tokens=12, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
@@ -75,11 +70,11 @@ def test_a_streamed_completion_adds_up_to_the_plain_one(server):
     assert extension["thinking_sha256"] == expected.thinking_sha256
     assert all(chunk.choices[0].finish_reason is None for chunk in chunks[:-1])
     row = next(row for row in read_rows(path) if row.request_id == extension["request_id"])
-    assert (row.outcome, row.status, row.answer_sha256) == ("answered", 200, sha256(expected.answer))
+    assert (row.outcome, row.status, row.answer_hmac) == ("answered", 200, audit.digest(expected.answer))
 
 
 def test_stop_strings_end_the_completion_before_them(server):
-    client, generator, _ = server
+    client, generator, _, _ = server
     full = expected_answer(generator, MESSAGES, 20)
     raw = generator.generate_batch([GenerationRequest(generator.encode(MESSAGES, 20), 20)])[0].text
     stop = raw[3:5]  # two characters the greedy completion contains
@@ -104,7 +99,7 @@ def test_stop_strings_end_the_completion_before_them(server):
     ],
 )
 def test_errors_are_the_clients_exception_types(server, kwargs, error, param):
-    client, generator, path = server
+    client, generator, path, _ = server
     arguments = {"model": generator.name, "messages": MESSAGES, "max_tokens": 4, **kwargs}
     with pytest.raises(error) as raised:
         client.chat.completions.create(**arguments)
@@ -116,9 +111,9 @@ def test_errors_are_the_clients_exception_types(server, kwargs, error, param):
 
 
 def test_every_request_has_one_row_and_the_chain_holds(server):
-    _, _, path = server
+    _, _, path, audit = server
     rows = read_rows(path)
-    assert len({row.request_id for row in rows}) == len(rows) and verify_chain(rows).ok
+    assert len({row.request_id for row in rows}) == len(rows) and verify(path, audit).ok
 
 
 def test_the_answer_streams_only_after_the_thinking_and_adds_up():
@@ -137,7 +132,7 @@ def test_the_answer_streams_only_after_the_thinking_and_adds_up():
 
 def test_a_busy_server_answers_503_with_retry_after(tmp_path):
     generator = load_generator()
-    audit = AuditLog(tmp_path / "audit.db")
+    audit = open_audit(tmp_path / "audit.db")
     with running_server(create_app(generator, audit, max_queue=1)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
         with httpx.Client(timeout=120) as http:

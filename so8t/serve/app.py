@@ -25,7 +25,7 @@ from .openai_api import add_openai_routes
 from .scheduler import Scheduler
 from .schemas import Monitor, Safety, ThinkRequest, ThinkResponse
 from .service import Refusal, ServerBusy, Service, busy_refusal, model_failure
-from .thinking import parse_thinking, sha256_text
+from .thinking import ParsedCompletion, parse_thinking
 
 # Room for a 16,000-character prompt even if every character is a 12-byte JSON escape, and the rest.
 MAX_BODY_BYTES = 256 * 1024
@@ -60,7 +60,7 @@ def create_app(generator: TextGenerator, audit: AuditLog, judge: SafetyJudge | N
                          499: {"description": "the client closed the connection first (audit row only)"},
                          503: {"description": "server full (Retry-After) or audit log unavailable"}})
     async def think(request: Request, body: ThinkRequest) -> Response:
-        record = service.start_record(request, sha256_text(body.prompt))
+        record = service.start_record(request, body.prompt)
         request_id = record.request_id
         try:
             with scheduler.admitted():
@@ -77,9 +77,11 @@ def create_app(generator: TextGenerator, audit: AuditLog, judge: SafetyJudge | N
             record.error = type(error).__name__
             return refuse(request, record, model_failure(request_id, error))
         service.finish_record(request, record, decision.outcome)
-        response = _think_response(request_id, decision.outcome, body, decision.verdict, generation, record.latency_ms)
-        record.thinking_sha256 = response.thinking_sha256
-        record.answer_sha256 = sha256_text(response.answer) if response.answer is not None else None
+        parsed = parse_thinking(generation.text) if generation is not None else None
+        if parsed is not None:
+            service.record_outputs(record, parsed)
+        response = _think_response(request_id, decision.outcome, body, decision.verdict, generation, parsed,
+                                   record.latency_ms)
         return JSONResponse(response.body())
 
     add_openai_routes(app, service)
@@ -125,12 +127,11 @@ def monitor_of(generation: Generation) -> Monitor:
 
 
 def _think_response(request_id: str, outcome: str, body: ThinkRequest, verdict: Verdict | None,
-                    generation: Generation | None, latency_ms: float) -> ThinkResponse:
+                    generation: Generation | None, parsed: ParsedCompletion | None, latency_ms: float) -> ThinkResponse:
     safety = safety_of(verdict)
     if generation is None:
         return ThinkResponse(request_id=request_id, outcome=outcome, answer=None, thinking_sha256=None,
                              thinking_parse=None, safety=safety, latency_ms=latency_ms)
-    parsed = parse_thinking(generation.text)
     return ThinkResponse(
         request_id=request_id, outcome=outcome, answer=parsed.answer, thinking_sha256=parsed.thinking_sha256,
         thinking_parse=parsed.case, thinking=parsed.thinking if body.return_thinking else None,

@@ -26,6 +26,7 @@ DEFAULT_AUDIT_DB = "so8t-audit.db"
 DEFAULT_THRESHOLD = 0.6  # so8t.judge.DEFAULT_THRESHOLD (kept equal by a test; importing it costs torch here)
 DEFAULT_MAX_BATCH = 16  # so8t.serve.app.DEFAULT_MAX_BATCH
 DEFAULT_MAX_QUEUE = 64  # so8t.serve.app.DEFAULT_MAX_QUEUE
+DEFAULT_ANCHOR_EVERY = 10  # so8t.audit.DEFAULT_ANCHOR_EVERY
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -46,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
     parser.add_argument("--audit-db", default=DEFAULT_AUDIT_DB, help="SQLite audit log, created if missing "
                                                                        "(default: %(default)s)")
+    parser.add_argument("--audit-key-file", help="the audit log's HMAC key, created (mode 0600) if missing; never "
+                                                 "stored in the database (default: AUDIT_DB.key)")
+    parser.add_argument("--audit-anchors", help="append-only file the log's head (rows, MAC) is written to "
+                                                "(default: AUDIT_DB.anchors)")
+    parser.add_argument("--audit-anchor-every", type=_positive_int, default=DEFAULT_ANCHOR_EVERY,
+                        help="write an anchor every this many rows, and at start and shutdown (default: %(default)s)")
     parser.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
                         help="most prompts generated together in one batch; 1 serves one at a time "
                              "(default: %(default)s)")
@@ -122,6 +129,26 @@ def serve_threads(model: str | None) -> int | None:
     return None
 
 
+def audit_files(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The key file and the anchors file: as given, or next to the database."""
+    return (Path(args.audit_key_file or f"{args.audit_db}.key"),
+            Path(args.audit_anchors or f"{args.audit_db}.anchors"))
+
+
+def open_audit_log(args: argparse.Namespace):
+    """The key (created on first use), then the log; a key created for a log that does not open is removed."""
+    from ..audit import AuditKey, AuditLog
+
+    key_file, anchors = audit_files(args)
+    key, created = AuditKey.load_or_create(key_file)
+    try:
+        return AuditLog(args.audit_db, key, anchors, args.audit_anchor_every)
+    except BaseException:
+        if created:
+            key_file.unlink()
+        raise
+
+
 def _fail(message: str) -> int:
     print(f"so8t serve: error: {message}", file=sys.stderr)
     return 2
@@ -157,7 +184,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
 
     import torch
 
-    from ..audit import AuditLog
+    from ..audit import AuditFileError
     from ..judge import SafetyJudge
     from .app import create_app
     from .loading import load_generator
@@ -177,12 +204,12 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         except Exception as error:
             return _fail(f"cannot load --safety-model {args.safety_model}: {type(error).__name__}: {error}")
     try:
-        audit = AuditLog(args.audit_db)
-    except (sqlite3.Error, OSError) as error:
+        audit = open_audit_log(args)
+    except (sqlite3.Error, OSError, AuditFileError) as error:
         return _fail(f"cannot open --audit-db {args.audit_db}: {error}")
     host, port = sock.getsockname()[:2]
     print(f"so8t serve: {generator.name} on http://{host}:{port} (safety judge: {args.safety_model or 'none'}, "
-          f"audit log: {args.audit_db}, torch threads: {torch.get_num_threads()})", flush=True)
+          f"audit log: {args.audit_db}, key: {audit_files(args)[0]}, anchors: {audit_files(args)[1]}, torch threads: {torch.get_num_threads()})", flush=True)
     try:
         app = create_app(generator, audit, judge, max_batch=args.max_batch, max_queue=args.max_queue)
         build_server(app, args.log_level).run(sockets=[sock])

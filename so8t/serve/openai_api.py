@@ -17,7 +17,6 @@ If that row cannot be written the stream ends with an ``error`` event instead.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 
@@ -30,17 +29,16 @@ from .generation import STOP, Generation
 from .ledger import AUDIT_UNAVAILABLE, STATE_DEFERRED, STATE_RECORDED
 from .schemas import ChatCompletionRequest
 from .service import Decision, Refusal, ServerBusy, Service, busy_refusal, model_failure
-from .thinking import parse_thinking, sha256_text
+from .thinking import parse_thinking
 
 OWNER = "so8t"
 FINISH_REASON = {STOP: "stop"}  # anything else the model stopped for is "length"
 CONTENT_FILTER = "content_filter"
 
 
-def messages_digest(messages: list[dict]) -> str:
-    """SHA-256 of the conversation as canonical JSON (sorted keys, no spaces, UTF-8)."""
-    canonical = json.dumps(messages, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+def messages_text(messages: list[dict]) -> str:
+    """The conversation as canonical JSON (sorted keys, no spaces): what the audit row's prompt digest is of."""
+    return json.dumps(messages, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def add_openai_routes(app: FastAPI, service: Service) -> None:
@@ -58,7 +56,7 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
                                                  503: {"description": "server full (Retry-After) or audit log unavailable"}})
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
         messages = [message.model_dump() for message in body.messages]
-        record = service.start_record(request, messages_digest(messages))
+        record = service.start_record(request, messages_text(messages))
         request_id = record.request_id
         if body.model != service.generator.name:
             service.finish_record(request, record, "rejected")
@@ -115,8 +113,8 @@ def _completion(service: Service, record, body: ChatCompletionRequest, decision:
         finish_reason, completion_tokens = CONTENT_FILTER, 0
     else:
         parsed = parse_thinking(generation.text)
-        record.thinking_sha256 = extension["thinking_sha256"] = parsed.thinking_sha256
-        record.answer_sha256 = sha256_text(parsed.answer)
+        service.record_outputs(record, parsed)
+        extension["thinking_sha256"] = parsed.thinking_sha256
         extension["thinking_parse"] = parsed.case
         extension["monitor"] = monitor_of(generation).model_dump()
         message = {"role": "assistant", "content": parsed.answer}

@@ -17,6 +17,7 @@ from .generation import ContextOverflow, Generation, GenerationRequest, TextGene
 from .ledger import STATE_RECORD, STATE_REQUEST_ID, STATE_STARTED, Ledger, latency_ms_since
 from .metrics import ServeMetrics
 from .scheduler import Scheduler, ServerBusy
+from .thinking import ParsedCompletion
 
 OUTCOME_OF_LABEL = {ALLOW: "answered", DENY: "denied"}  # ESCALATE (and anything else): "escalated"
 CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request": nobody reads the response
@@ -51,13 +52,18 @@ class Service:
         self.ledger = ledger
         self.metrics = metrics
 
-    @staticmethod
-    def start_record(request: Request, prompt_digest: str) -> AuditRecord:
+    def start_record(self, request: Request, prompt_text: str) -> AuditRecord:
         """The request's audit record, left where the ledger finds it; "error" until something better is known."""
         state = request.scope["state"]
-        record = AuditRecord(state[STATE_REQUEST_ID], "error", 500, 0.0, prompt_sha256=prompt_digest)
+        record = AuditRecord(state[STATE_REQUEST_ID], "error", 500, 0.0,
+                             prompt_hmac=self.ledger.audit.digest(prompt_text))
         state[STATE_RECORD] = record
         return record
+
+    def record_outputs(self, record: AuditRecord, parsed: ParsedCompletion) -> None:
+        """Keyed digests of the thinking and the answer (the client gets the plain SHA-256 of the thinking)."""
+        record.thinking_hmac = self.ledger.audit.digest(parsed.thinking)
+        record.answer_hmac = self.ledger.audit.digest(parsed.answer)
 
     @staticmethod
     def finish_record(request: Request, record: AuditRecord, outcome: str) -> None:

@@ -116,6 +116,9 @@ def check_output_dir(directory: Path, overwrite: bool, resume: bool) -> None:
     if directory.exists() and not directory.is_dir():
         raise SO8TError(f"--output-dir {directory} exists and is not a directory")
     if not directory.is_dir():
+        ancestor = next(parent for parent in directory.parents if parent.exists())
+        if not ancestor.is_dir():
+            raise SO8TError(f"cannot write into --output-dir {directory}: {ancestor} is not a directory")
         return
     pid = lock_holder(directory)
     if pid is not None and pid != os.getpid():

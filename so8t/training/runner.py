@@ -15,11 +15,19 @@ from .outputs import claimed_output_dir, describe_os_error, publish
 from .trainer import monitoring_dir
 
 
-def kept_checkpoints(output_dir: Path) -> str:
+def kept_checkpoints(output_dir: Path, which: str = "checkpoints") -> str:
     complete = [path.name for path in checkpoints(output_dir) if is_complete(path)]
     if not complete:
         return ""
-    return f"; checkpoints kept in {output_dir} ({', '.join(complete)}): continue with --resume"
+    return f"; {which} kept in {output_dir}: {', '.join(complete)} (continue with --resume)"
+
+
+def _end_progress_bars(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
 
 
 def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
@@ -37,14 +45,17 @@ def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
             restore_so8t_state(checkpoint, handle, monitoring_dir(options), is_main)
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-        except OSError as error:
+        except BaseException as error:
+            _end_progress_bars(trainer)  # so that the error starts on a line of its own
+            if not isinstance(error, OSError):
+                raise
             raise SO8TError(f"training stopped, cannot write: {describe_os_error(error)}"
                             f"{kept_checkpoints(output_dir)}") from None
         bad = nonfinite_parameters(trainer.model)
         if bad:
             raise SO8TError(f"training diverged: {len(bad)} trainable tensors hold NaN or infinity at step "
-                            f"{trainer.state.global_step} (e.g. {bad[0]}); nothing published, try a lower "
-                            f"--learning-rate{kept_checkpoints(output_dir)} (each saved with finite weights)")
+                            f"{trainer.state.global_step} (e.g. {bad[0]}); nothing published, try a lower --learning-rate"
+                            f"{kept_checkpoints(output_dir, 'checkpoints with finite weights')}")
         if is_main:
             try:
                 publish(output_dir, write_final)

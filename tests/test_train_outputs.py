@@ -1,0 +1,202 @@
+"""The output directory of ``so8t train`` when things go wrong: a kill in the middle of publishing, a full
+disk, a directory that cannot be written, Ctrl-C, and training that diverges to NaN. Each ends with one
+error line and exit status 2 (130 for Ctrl-C), and the previous output intact or the new one complete."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from so8t.train import main
+from so8t.training.checkpoints import CHECKPOINT_FILE
+from so8t.training.outputs import LOCK_FILE, PUBLISH_DIR, claimed_output_dir, publish
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHORT = ["--max-steps", "4", "--batch-size", "4", "--max-length", "64", "--warmup-steps", "2", "--no-monitor-plots"]
+PREVIOUS = {"adapter_config.json": '{"previous": true}', "so8t/so8t_adapter.json": '{"previous": true}',
+            "precious.txt": "keep me"}
+
+
+def previous_output(directory: Path) -> Path:
+    for name, text in PREVIOUS.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_text(text)
+    return directory
+
+
+def assert_previous_intact(directory: Path) -> None:
+    for name, text in PREVIOUS.items():
+        assert (directory / name).read_text() == text, name
+    assert not (directory / PUBLISH_DIR).exists() and not (directory / LOCK_FILE).exists()
+
+
+def one_error_line(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("so8t train: error: ") and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+KILLED_WHILE_PUBLISHING = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from so8t.training import outputs
+
+    def write(directory):
+        (directory / "adapter_config.json").write_text('{"new": true}')
+        (directory / "so8t").mkdir()
+        (directory / "so8t" / "so8t_adapter.json").write_text('{"new": true}')
+
+    renames = 0
+    original = Path.rename
+    def rename_then_die(self, target):
+        global renames
+        result = original(self, target)
+        renames += 1
+        if renames == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+
+    Path.rename = rename_then_die
+    outputs.publish(Path(sys.argv[1]), write)
+""")
+
+
+@pytest.mark.parametrize("renames", [1, 2, 3])
+def test_a_kill_between_the_renames_of_a_publish_is_finished_by_the_next_run(tmp_path, renames):
+    output = previous_output(tmp_path / "run")
+    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    process = subprocess.run([sys.executable, "-c", KILLED_WHILE_PUBLISHING, str(output), str(renames)],
+                             env=environment, capture_output=True, text=True, timeout=120)
+    assert process.returncode == -signal.SIGKILL, process.stderr[-2000:]
+    assert (output / PUBLISH_DIR).is_dir()  # cut short: some files old, some new, none half-written
+    with claimed_output_dir(output, overwrite=False, resume=True):
+        pass  # what every run into the directory does first
+    assert json.loads((output / "adapter_config.json").read_text()) == {"new": True}
+    assert json.loads((output / "so8t" / "so8t_adapter.json").read_text()) == {"new": True}
+    assert sorted(path.name for path in output.iterdir()) == ["adapter_config.json", "so8t"]
+
+
+def test_a_publish_that_fails_while_writing_leaves_the_previous_files(tmp_path):
+    output = previous_output(tmp_path / "run")
+
+    def write_until_the_disk_is_full(directory):
+        (directory / "adapter_config.json").write_text('{"new": true}')
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "adapter_model.safetensors"))
+
+    with pytest.raises(OSError):
+        publish(output, write_until_the_disk_is_full)
+    assert_previous_intact(output)
+
+
+def test_disk_full_while_publishing_is_one_line_and_keeps_the_previous_output(tmp_path, monkeypatch, capsys):
+    import so8t.finetune
+
+    output = previous_output(tmp_path / "run")
+
+    def save_until_the_disk_is_full(training, directory):
+        training.model.save_pretrained(directory)
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / "so8t" / "so8t_adapter.safetensors"))
+
+    monkeypatch.setattr(so8t.finetune, "save_outputs", save_until_the_disk_is_full)
+    assert main([*SHORT, "--save-steps", "2", "--output-dir", str(output), "--overwrite"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "No space left on device" in line and "the previous final files are unchanged" in line
+    assert "checkpoints kept" in line and "checkpoint-4" in line
+    assert_previous_intact(output)
+    assert (output / "checkpoint-4" / CHECKPOINT_FILE).is_file() and (output / "monitoring" / "metrics.jsonl").is_file()
+
+
+def test_disk_full_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    import so8t.training.checkpoints
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "so8t_adapter.safetensors")
+
+    monkeypatch.setattr(so8t.training.checkpoints, "save_so8t_adapter", full)
+    output = previous_output(tmp_path / "run")
+    assert main([*SHORT, "--save-steps", "2", "--output-dir", str(output), "--overwrite"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "training stopped, cannot write: so8t_adapter.safetensors: No space left on device" in line
+    assert_previous_intact(output)
+
+
+def test_an_output_dir_under_a_regular_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    assert main([*SHORT, "--output-dir", str(tmp_path / "file" / "run")]) == 2
+    assert "cannot write into --output-dir" in one_error_line(capsys.readouterr().err)
+
+
+def make_read_only(directory: Path) -> None:
+    """chmod works for a normal user; root needs the immutable attribute (ext2/3/4 and CAP_LINUX_IMMUTABLE)."""
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        return
+    result = subprocess.run(["chattr", "+i", str(directory)], capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"running as root, and chattr +i failed ({result.stderr.strip()}): no way to make a "
+                    "directory read-only for root here")
+
+
+def make_writable(directory: Path) -> None:
+    if os.geteuid() != 0:
+        directory.chmod(0o755)
+    else:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+
+
+def test_a_read_only_output_dir_is_one_line_and_keeps_the_previous_output(tmp_path, capsys):
+    output = previous_output(tmp_path / "run")
+    make_read_only(output)
+    try:
+        assert main([*SHORT, "--output-dir", str(output), "--overwrite"]) == 2
+    finally:
+        make_writable(output)
+    assert "cannot write into --output-dir" in one_error_line(capsys.readouterr().err)
+    assert_previous_intact(output)
+
+
+def test_ctrl_c_keeps_the_checkpoints_and_monitoring_and_releases_the_directory(tmp_path):
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "so8t", "train", *SHORT, "--max-steps", "100000", "--save-steps", "3",
+               "--output-dir", str(output)]
+    process = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (output / "checkpoint-3" / CHECKPOINT_FILE).is_file():
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-3000:]
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert stderr.rstrip().splitlines()[-1].startswith("so8t train: interrupted; checkpoints and monitoring stay in")
+    assert (output / "checkpoint-3" / CHECKPOINT_FILE).is_file()
+    assert (output / "monitoring" / "metrics.jsonl").is_file()
+    assert not (output / LOCK_FILE).exists() and not (output / "adapter_config.json").exists()
+
+
+@pytest.mark.parametrize("task", ["classify", "generate"])
+def test_training_that_diverges_publishes_nothing(task, tmp_path, capsys):
+    output = tmp_path / "run"
+    code = main(["--task", task, "--learning-rate", "1e6", "--max-steps", "6", "--save-steps", "1",
+                 "--save-total-limit", "0", "--batch-size", "4", "--max-length", "64", "--no-monitor-plots",
+                 "--output-dir", str(output)])
+    assert code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "training diverged" in line and "nothing published" in line
+    names = {path.name for path in output.iterdir()}
+    assert not names & {"adapter_model.safetensors", "model.safetensors", "so8t", "adapter_config.json"}, names
+    # The checkpoints the message names are the ones kept, each with finite weights.
+    kept = [path for path in output.iterdir() if path.name.startswith("checkpoint-")]
+    named = line.partition("checkpoints with finite weights kept in ")[2]
+    assert sorted(named.split(": ")[1].split(" (")[0].split(", ") if named else []) == sorted(p.name for p in kept)
+    for checkpoint in kept:
+        weights = checkpoint / ("model.safetensors" if task == "classify" else "adapter_model.safetensors")
+        assert all(tensor.isfinite().all() for tensor in load_file(weights).values())

@@ -6,12 +6,17 @@ every weight trainable) on the bundled ``data/safety.jsonl``, offline, in second
 full). The SO8T monitor (``--monitor-*`` options) records the class-logit statistics and the gates
 as for ``--task generate``.
 The output directory is the judge ``so8t serve --safety-model`` reads (see so8t.judge).
+
+Held-out rows (``--eval-data``, ``--eval-fraction``; for the bundled data by default its
+``data/safety_heldout.jsonl``, built from tasks in no training row) give the accuracy on prompts the judge
+never trained on, and calibrate its confidence: the temperature fitted on them (so8t.calibration) is
+written to ``judge_calibration.json`` next to the judge, which applies it.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -19,6 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .adapter import SO8T_ADAPTER_DIR, save_so8t_adapter
+from .calibration import Calibration, fit_temperature, write_calibration
 from .dataset import iter_jsonl_objects
 from .errors import SO8TError
 from .judge import LABELS, encode_for_judge, label_maps
@@ -33,6 +39,10 @@ from .training.trainer import build_trainer
 
 def bundled_safety_path() -> Path:
     return Path(str(resources.files("so8t") / "data" / "safety.jsonl"))
+
+
+def bundled_heldout_path() -> Path:
+    return Path(str(resources.files("so8t") / "data" / "safety_heldout.jsonl"))
 
 
 @dataclass(frozen=True)
@@ -102,15 +112,33 @@ def build_classifier(options: TrainOptions):
 
 
 @torch.no_grad()
-def accuracy(model, dataset: ClassificationDataset, collator: ClassificationCollator, batch_size: int) -> float:
+def class_logits(model, dataset: ClassificationDataset, collator: ClassificationCollator,
+                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's class logits (fp32, CPU) for every row of ``dataset``, and the rows' labels."""
     model.eval()
-    correct = 0
+    logits, labels = [], []
+    device = next(model.parameters()).device
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
-        device = next(model.parameters()).device
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        correct += (logits.argmax(dim=-1).cpu() == batch["labels"]).sum().item()
-    return correct / len(dataset)
+        output = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        logits.append(output.logits.float().cpu())
+        labels.append(batch["labels"])
+    return torch.cat(logits), torch.cat(labels)
+
+
+def accuracy(model, dataset: ClassificationDataset, collator: ClassificationCollator, batch_size: int) -> float:
+    logits, labels = class_logits(model, dataset, collator, batch_size)
+    return (logits.argmax(dim=-1) == labels).double().mean().item()
+
+
+def held_out_summary(calibration: Calibration | None) -> str:
+    if calibration is None:
+        return ("no held-out rows (--eval-data or --eval-fraction): accuracy on unseen prompts unknown, "
+                "confidence not calibrated (temperature 1)")
+    return (f"held-out accuracy {calibration.held_out_accuracy:.0%} on {calibration.held_out_rows} rows never trained "
+            f"on; confidence calibrated on them: temperature {calibration.temperature:.2f}, mean NLL "
+            f"{calibration.nll_before:.3f} → {calibration.nll_after:.3f}, calibration error "
+            f"{calibration.ece_before:.1%} → {calibration.ece_after:.1%}")
 
 
 def _save_judge(model, tokenizer, handle, trainer, directory: Path) -> None:
@@ -128,6 +156,8 @@ def _save_judge(model, tokenizer, handle, trainer, directory: Path) -> None:
 def train_classifier(options: TrainOptions) -> Path:
     """Builds, trains and publishes the judge into ``options.output_dir``; returns that directory."""
     check_options(options)
+    if options.data is None and not options.evaluates:  # the bundled data comes with its held-out rows
+        options = replace(options, eval_data=str(bundled_heldout_path()))
     examples, held_out = split_held_out(read_labelled_jsonl(options.data or bundled_safety_path()), options,
                                         read_labelled_jsonl)
     model, tokenizer = build_classifier(options)
@@ -142,11 +172,20 @@ def train_classifier(options: TrainOptions) -> Path:
     output_dir = Path(options.output_dir).resolve()
     trainer = build_trainer(options, model, handle, output_dir, dataset, eval_dataset, collator)
     started = time.perf_counter()
-    run_training(trainer, options, handle, lambda directory: _save_judge(model, tokenizer, handle, trainer, directory))
+    calibrations = []
+
+    def write_judge(directory: Path) -> None:
+        _save_judge(model, tokenizer, handle, trainer, directory)
+        if eval_dataset is not None:  # fitted on the trained judge, published with it
+            calibrations.append(fit_temperature(*class_logits(model, eval_dataset, collator, options.batch_size)))
+            write_calibration(calibrations[-1], directory)
+
+    run_training(trainer, options, handle, write_judge)
     elapsed = time.perf_counter() - started
     train_accuracy = accuracy(model, dataset, collator, options.batch_size)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     print(f"\nso8t train --task classify: {trainer.state.global_step} steps in {elapsed:.1f} s, "
           f"loss {losses[0]:.3f} → {losses[-1]:.3f}, accuracy on the training data {train_accuracy:.0%}")
+    print(held_out_summary(calibrations[-1] if calibrations else None))
     print(f"safety judge in {output_dir} (labels {', '.join(LABELS)}); serve it with so8t serve --safety-model {output_dir}")
     return output_dir

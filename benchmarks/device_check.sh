@@ -5,7 +5,7 @@
 # torch with CUDA and triton. Runs the op tests on CUDA tensors with compiled Triton, then
 # benchmarks/run.py --device cuda --suites all; everything lands under $OUT. Finishes in under 8 minutes:
 # 2.5 for the tests, 4.5 for the benchmark (it rewrites its files after each benchmark, so a timeout
-# keeps the kernel rows, which run first), the rest for start-up.
+# keeps the kernel rows, which run first), the rest for start-up and at most 75 s for the FSDP check.
 # Exit status: 0 when tests and benchmark both pass, 1 when either fails or times out, 2 when the
 # machine lacks what the check needs.
 set -uo pipefail
@@ -47,6 +47,16 @@ if "$PYTHON" -c "import pytest" 2>/dev/null; then
 else
     echo "op tests: MISSING pytest on this machine; tests not run" | tee "$OUT/pytest.txt"
     status=1
+fi
+
+# FSDP (cannot run on CPU: accelerate shards only on GPUs): QLoRA + gates, one process per GPU.
+echo "== FSDP: accelerate launch --use_fsdp, QLoRA + gates (tests/test_train_fsdp.py)"
+if "$PYTHON" -c "import accelerate, peft, transformers, bitsandbytes" 2>/dev/null; then
+    SO8T_TEST_DEVICE=cuda timeout 75 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_train_fsdp.py \
+        2>&1 | tee "$OUT/fsdp.txt" | tail -n 30
+    [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+else
+    echo "FSDP: MISSING accelerate/peft/transformers/bitsandbytes on this machine; not run" | tee "$OUT/fsdp.txt"
 fi
 
 echo "== benchmark"

@@ -17,6 +17,7 @@ from transformers import Trainer
 from .adapter import SO8T_ADAPTER_DIR, save_so8t_adapter
 from .dataset import PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl
 from .placement import SO8THandle, attach_so8t, find_decoder_layout, resolve_layer_indices
+from .training.distributed import check_sharding
 from .training.heldout import split_held_out
 from .training.loading import load_model_and_tokenizer
 from .training.lora import add_lora
@@ -44,6 +45,7 @@ def build_training(options: TrainOptions, output_dir: str | Path, demo_overrides
     Every check that can fail on bad input runs before anything is written.
     """
     options.validate()
+    check_sharding(on_cpu=not torch.cuda.is_available())
     pairs, held_out = split_held_out(read_jsonl(options.data or bundled_dataset_path()), options, read_jsonl)
     model, tokenizer = load_model_and_tokenizer(options, demo_overrides=demo_overrides)
     config = options.so8t_config() if options.gates else None

@@ -42,7 +42,8 @@ def training_arguments(options: TrainOptions, output_dir: Path) -> TrainingArgum
         per_device_eval_batch_size=options.batch_size,
         gradient_accumulation_steps=options.grad_accum,
         learning_rate=options.learning_rate,
-        lr_scheduler_type=options.lr_scheduler,
+        # HF's "constant" ignores the warmup; "constant_with_warmup" is the same without one.
+        lr_scheduler_type="constant_with_warmup" if options.lr_scheduler == "constant" else options.lr_scheduler,
         warmup_steps=options.lr_warmup_ratio,  # below 1: a fraction of the steps
         weight_decay=options.weight_decay,
         max_grad_norm=options.max_grad_norm,

@@ -121,17 +121,19 @@ def _layer_labels(series: Series) -> list[str]:
 
 def _loss(series: Series, axes) -> None:
     (ax,) = axes
-    _loss_lines(ax, series, "tab:blue", "")
+    _loss_lines(ax, series, "tab:blue", "", eval_colour="tab:orange")
     ax.set_ylabel("loss")
     ax.set_title("Loss (as the Trainer logged it)")
     _legend_outside(ax)
 
 
-def _loss_lines(ax, series: Series, colour, prefix: str) -> None:
+def _loss_lines(ax, series: Series, colour, prefix: str, eval_colour=None) -> None:
+    """Eval losses dashed with square markers (evaluations are few), in ``eval_colour`` if given."""
     for key, points in series.losses.items():
         eval_loss = key == "eval_loss"
         style = {"ls": "--", "marker": "s", "markersize": 4} if eval_loss else _points(len(points))
-        ax.plot(points[:, 0], points[:, 1], color=colour, label=f"{prefix}{LOSS_LABELS[key]}", **style)
+        ax.plot(points[:, 0], points[:, 1], color=(eval_colour or colour) if eval_loss else colour,
+                label=f"{prefix}{LOSS_LABELS[key]}", **style)
 
 
 def _orthogonality(series: Series, axes) -> None:

@@ -124,7 +124,9 @@ def main() -> None:
                    "heldout_perplexity": math.exp(loss), "median_step_s": sorted(clock.seconds)[len(clock.seconds) // 2]}
             if training.handle is not None:
                 run["sigma_alpha_mean"] = torch.sigmoid(training.handle.alpha.detach()).mean().item()
-                run["theta_norm_max"] = training.handle.theta.detach().norm(dim=(1, 2)).max().item()
+                # ‖θ‖ of a whole layer (all its blocks together), largest over layers; not the monitor's
+                # theta_norm_max, which is the largest single block's ‖θ_b‖.
+                run["layer_theta_norm_max"] = training.handle.theta.detach().norm(dim=(1, 2)).max().item()
             results[name] = run
             print(f"{name}: {json.dumps(run)}", flush=True)
             del training

@@ -106,6 +106,25 @@ def test_resume_drops_later_records_and_appends_in_step_order(tmp_path):
     assert pd.read_csv(tmp_path / "timeseries.csv")["step"].tolist() == steps
 
 
+def test_resume_keeps_the_losses_logged_up_to_the_checkpoint(tmp_path):
+    first = record_run(tmp_path, range(10, 70, 10), plots=False)
+    for step in range(10, 70, 10):
+        first.add_losses(step, {"loss": 10.0 / step, "grad_norm": 1.0})
+    first.add_losses(50, {"eval_loss": 0.5, "eval_runtime": 1.0})
+    first.add_losses(60, {"eval_loss": float("nan")})  # a non-finite loss is not a point
+    first.log.close()
+    resumed = Recorder(tmp_path, SYNTHETIC_INFO, plots=False)
+    resumed.start(50)
+    assert resumed.losses.points == {"loss": [(s, 10.0 / s) for s in range(10, 60, 10)], "eval_loss": [(50, 0.5)]}
+    resumed.add(synthetic_sample(60))
+    resumed.add_losses(60, {"loss": 0.1})
+    summary = resumed.finish()
+    assert summary["losses"] == {"loss": {"step": 60, "final": 0.1, "min": 0.1},
+                                 "eval_loss": {"step": 50, "final": 0.5, "min": 0.5}}
+    arrays = resumed.series().losses
+    assert arrays["loss"][:, 0].tolist() == [10, 20, 30, 40, 50, 60]
+
+
 def test_metrics_log_resume_without_a_file_starts_fresh(tmp_path):
     log = MetricsLog(tmp_path / "sub" / "metrics.jsonl")
     log.resume(30, lambda kind, record: pytest.fail("nothing to replay"))

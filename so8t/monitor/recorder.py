@@ -91,9 +91,10 @@ class Recorder:
         self.log.sync()
         self._since_flush = 0
         if len(self.ring):
-            self.exporter.submit(self._series())
+            self.exporter.submit(self.series())
 
-    def _series(self):
+    def series(self):
+        """The samples in memory and every loss: what the exporter writes and draws."""
         series = self.ring.series()
         series.losses = self.losses.arrays()
         return series
@@ -102,7 +103,7 @@ class Recorder:
         """Final flush, files rewritten in this thread, summary.json; the recorder is closed after."""
         self.log.close()
         if len(self.ring):
-            self.exporter.finish(self._series())
+            self.exporter.finish(self.series())
         summary = build_summary(self.info, self.extremes, self.ring.latest(), self.alerts, self.losses)
         write_summary(self.directory / SUMMARY_FILE, summary)
         return summary

@@ -59,6 +59,11 @@ def _unrecognized(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     return message
 
 
+def run_command(name: str, argv: list[str] | None = None) -> int:
+    """``python -m so8t.<module> ARGS`` (e.g. under torchrun) as ``so8t <name> ARGS``."""
+    return main([name, *(sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv: list[str] | None = None) -> int:
     silence_import_noise()
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -220,9 +220,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="so8t generate", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from .cli import run_command
+
+    return run_command("generate", argv)
 
 
 if __name__ == "__main__":

@@ -66,3 +66,15 @@ def test_the_readme_documents_every_command_the_version_and_the_openapi_page():
         assert f"so8t {name}" in readme, name
     assert "so8t --version" in readme and "GET /docs" in readme
     assert "folder that contains it" in " ".join(readme.split())  # the clone-named-so8t import pitfall
+
+
+@pytest.mark.parametrize("module", ["so8t.train", "so8t.report", "so8t.generate"])
+def test_python_dash_m_on_a_command_module_is_that_command(module):
+    """``python -m so8t.train`` (what torchrun runs) parses, errs and stays light like ``so8t train``."""
+    name = module.rsplit(".", 1)[1]
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--no-such-option"],
+                            capture_output=True, text=True, timeout=120)
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert result.returncode == 2 and not imported & HEAVY, sorted(imported & HEAVY)
+    assert f"so8t {name}: error: " in result.stderr and f"usage: so8t {name} " in result.stderr

@@ -159,7 +159,8 @@ def test_compact_scalars_reach_the_trainer_logs_and_reporting_callbacks(tmp_path
     assert history[1]["so8t/gate_max"] == pytest.approx(step_4["gate"].max())
 
 
-def test_the_monitor_syncs_with_the_host_once_per_sample_and_never_otherwise(tmp_path, monkeypatch):
+@pytest.mark.parametrize("gates", [True, False], ids=["gated", "baseline"])
+def test_the_monitor_syncs_with_the_host_once_per_sample_and_never_otherwise(tmp_path, monkeypatch, gates):
     from so8t.monitor import callback as callback_module
     from so8t.monitor import probe as probe_module
 
@@ -193,14 +194,14 @@ def test_the_monitor_syncs_with_the_host_once_per_sample_and_never_otherwise(tmp
 
     for name in ("on_step_begin", "on_pre_optimizer_step", "on_step_end", "on_log"):
         watched(callback_module.SO8TMonitorCallback, name)
-    for name in ("_after_backbone", "_after_model"):
+    for name in ("_after_backbone", "_after_model", "_after_layer"):
         watched(probe_module.SampleProbe, name)
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
             clock["step"] = state.global_step + 1
 
-    model, handle = tiny_gated_model()
+    model, handle = tiny_gated_model(gates=gates)
     monitor = SO8TMonitorCallback(interval=3, plots=False)
     make_trainer(model, handle, tmp_path, max_steps=7, monitor=monitor, callbacks=[Clock()],
                  gradient_accumulation_steps=2).train()

@@ -11,6 +11,7 @@ Order within a sampled optimizer step (HF Trainer callbacks):
 Nothing here synchronises with the host, and steps that are not sampled run none of it.
 """
 
+import functools
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -101,29 +102,25 @@ class SampleProbe:
         if self.handle is not None:
             self.handle.collect_activation_stats = True
         else:
-            self._hooks += [module.register_forward_hook(self._after_layer(row))
+            self._hooks += [module.register_forward_hook(functools.partial(self._after_layer, row))
                             for row, module in enumerate(self._layer_modules)]
 
-    def _after_layer(self, row: int):
+    @torch.no_grad()
+    def _after_layer(self, row: int, module, args, output) -> None:
         """Without gates: Σ y², max |y| and the non-finite count of one layer's output, from one
         ``logit_stats`` pass (mean, std, min, max over the finite entries, non-finite count)."""
-
-        def hook(module, args, output) -> None:
-            hidden = (output[0] if isinstance(output, tuple) else output).detach()
-            with torch.no_grad():
-                mean, std, low, high, nonfinite = logit_stats(hidden).to(self.device).unbind()
-                finite = hidden.numel() - nonfinite
-                stats = torch.stack([
-                    torch.where(finite > 0, finite * (std * std + mean * mean), 0.0),
-                    torch.nan_to_num(torch.maximum(low.abs(), high.abs()), nan=0.0),
-                    nonfinite,
-                ])
-                if self._activations is None:
-                    self._activations = torch.zeros(len(self.layers), 3, device=self.device)
-                self._activations[row, 0::2] += stats[0::2]
-                self._activations[row, 1] = torch.maximum(self._activations[row, 1], stats[1])
-
-        return hook
+        hidden = (output[0] if isinstance(output, tuple) else output).detach()
+        mean, std, low, high, nonfinite = logit_stats(hidden).to(self.device).unbind()
+        finite = hidden.numel() - nonfinite
+        stats = torch.stack([
+            torch.where(finite > 0, finite * (std * std + mean * mean), 0.0),
+            torch.nan_to_num(torch.maximum(low.abs(), high.abs()), nan=0.0),
+            nonfinite,
+        ])
+        if self._activations is None:
+            self._activations = torch.zeros(len(self.layers), 3, device=self.device)
+        self._activations[row, 0::2] += stats[0::2]
+        self._activations[row, 1] = torch.maximum(self._activations[row, 1], stats[1])
 
     def _after_backbone(self, module, args, output) -> None:
         # Every gated layer has written its row by now; the layers' outputs share the backbone's shape.

@@ -21,7 +21,8 @@ from .import_noise import silence_import_noise
 COMMANDS = {
     "train": ("so8t.train", "QLoRA fine-tuning with SO(8) gates on the intermediate decoder layers"),
     "info": ("so8t.info", "versions, devices and the kernel backend each op uses"),
-    "report": ("so8t.report", "rebuild a run's monitoring plots and summary, print the latest values per layer"),
+    "report": ("so8t.report", "rebuild a run's monitoring plots and summary, print the latest values per layer; "
+                              "several runs: also on the same axes"),
     "serve": ("so8t.serve.command", "the /think endpoint (FastAPI) with a safety judge and a hash-chained audit log"),
     "generate": ("so8t.generate", "answer a prompt or chat in the terminal, streaming, with a so8t train adapter"),
     "audit": ("so8t.audit", "check the hash chain of a so8t serve audit log"),

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directories", nargs="+", type=Path, metavar="RUN",
                         help="a run's output directory, or its monitoring/ directory; two or more are also "
                              "drawn on the same axes")
-    parser.add_argument("--compare-dir", type=Path,
+    parser.add_argument("--compare-dir", type=Path, metavar="DIR",
                         help="where the plots of several runs go (default: the first run's "
                              f"monitoring/{COMPARISON_DIR}/<the other runs' names>/)")
 

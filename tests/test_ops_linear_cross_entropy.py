@@ -249,11 +249,11 @@ def test_no_tensor_holds_all_logits(backend):
 
 
 def test_default_chunk_size_follows_vocab_and_hidden_size():
-    assert default_chunk_size(576, 49152) == 64
-    assert default_chunk_size(3072, 32064) == 128
-    assert default_chunk_size(64, 1000) == 1024
-    assert default_chunk_size(4096, 256000) == 64  # large H keeps enough rows for BLAS
-    assert default_chunk_size(64, 256000) == 16
+    assert default_chunk_size(576, 49152) == 256  # the real model: 50 MB of fp32 logits per chunk
+    assert default_chunk_size(3072, 32064) == 512  # Phi-3.5: 66 MB
+    assert default_chunk_size(64, 1000) == 64  # no more logits than the head's weight holds
+    assert default_chunk_size(4096, 256000) == 64
+    assert default_chunk_size(8, 10) == 16 and default_chunk_size(8192, 1000) == 1024
 
 
 def test_float64_gradcheck_of_reference():

@@ -7,6 +7,7 @@ rest, so every rank holds the same gates.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from transformers import Trainer
 
 from .adapter import SO8T_ADAPTER_DIR, save_so8t_adapter
 from .dataset import PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl
+from .fused_loss import apply_fused_loss
 from .placement import SO8THandle, attach_so8t, find_decoder_layout, resolve_layer_indices
 from .training.distributed import check_sharding
 from .training.heldout import split_held_out
@@ -58,6 +60,10 @@ def build_training(options: TrainOptions, output_dir: str | Path, demo_overrides
     model = add_lora(options, model)
     # After get_peft_model, which freezes every parameter that is not a LoRA one.
     handle = attach_so8t(model, config) if config is not None else None
+    if options.fused_loss:  # before the Trainer, which reads the forward's signature
+        why_not = apply_fused_loss(model)
+        if why_not is not None:
+            print(f"so8t train: the model's own loss is used (--no-fused-loss implied): {why_not}", file=sys.stderr)
     trainer = build_trainer(options, model, handle, output_dir, dataset, eval_dataset,
                             PaddingCollator(tokenizer.pad_token_id))
     return Training(trainer=trainer, model=model, tokenizer=tokenizer, handle=handle, options=options)

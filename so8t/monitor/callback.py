@@ -161,6 +161,8 @@ def compact_scalars(sample: dict) -> dict[str, float]:
         "so8t/act_rms_max": _over_finite(np.max, sample["act_rms"]),
         "so8t/logit_mean": sample["logit_mean"],
         "so8t/logit_std": sample["logit_std"],
+        "so8t/entropy": sample["entropy"],
+        "so8t/top1_accuracy": sample["top1_accuracy"],
         "so8t/grad_theta_max": _over_finite(np.max, sample["grad_theta"]),
         "so8t/grad_lora_min": _over_finite(np.min, sample["grad_lora"]),
     }

@@ -5,6 +5,8 @@ GUI backend, safe off the main thread).
 - orthogonality.png: residual max per layer × step (heatmap, log10) and its max over layers (log scale).
 - gate.png: σ(α) per layer vs step, with the end of warmup and the target σ(α).
 - logits.png: mean ± std band with min and max; non-finite logits marked.
+- predictions.png: the mean entropy of the predicted distribution and the top-1 accuracy (only when
+  they were measured: the fused loss of ``so8t train`` reduces them, the model's own loss does not).
 - activations.png: rms and max |y| of the gate output per layer.
 - gradients.png: gradient norms of θ and α per layer and of the LoRA groups (log scale; exact zeros
   marked, since they vanish on a log axis and are what the dead-gradient alert is about).
@@ -78,7 +80,10 @@ def build_figures(series: Series) -> list[tuple[str, object]]:
     plots = [("loss", _loss, 1)] if series.losses else []
     if gated:
         plots += [("orthogonality", _orthogonality, 2), ("gate", _gate, 1)]
-    plots += [("logits", _logits, 1), ("activations", _activations, 2), ("gradients", _gradients, 3 if gated else 1)]
+    plots += [("logits", _logits, 1)]
+    if np.isfinite(series.values["entropy"]).any() or np.isfinite(series.values["top1_accuracy"]).any():
+        plots += [("predictions", _predictions, 2)]
+    plots += [("activations", _activations, 2), ("gradients", _gradients, 3 if gated else 1)]
     figures = []
     for name, draw, rows in plots:
         figure, axes = _figure(rows)
@@ -212,6 +217,21 @@ def _logits(series: Series, axes) -> None:
     ax.set_ylabel("logit")
     ax.set_title("Output logits")
     _legend_outside(ax)
+
+
+def _predictions(series: Series, axes) -> None:
+    entropy_ax, accuracy_ax = axes
+    steps, values = series.steps, series.values
+    points = _points(len(series))
+    entropy_ax.plot(steps, values["entropy"], color="tab:purple", label="mean entropy", **points)
+    entropy_ax.set_ylabel("nats")
+    entropy_ax.set_title("Entropy of the predicted distribution (mean over predicted tokens)")
+    _legend_outside(entropy_ax)
+    accuracy_ax.plot(steps, values["top1_accuracy"], color="tab:green", label="top-1 accuracy", **points)
+    accuracy_ax.set_ylim(-0.02, 1.02)
+    accuracy_ax.set_ylabel("fraction")
+    accuracy_ax.set_title("Top-1 accuracy (label has the largest logit)")
+    _legend_outside(accuracy_ax)
 
 
 def _activations(series: Series, axes) -> None:

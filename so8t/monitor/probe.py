@@ -22,6 +22,7 @@ from torch import nn
 
 from so8t_kernels import logit_stats
 
+from ..fused_loss import set_fused_loss_stats
 from ..placement import SO8THandle, find_decoder_layout, unwrap_peft
 from .schema import METRICS
 
@@ -81,11 +82,13 @@ class SampleProbe:
             Field("grad_nonfinite", 1, SUM, True), Field("lora_param_nonfinite", 1, SUM, True),
             Field("logit_mean", 1, MEAN, True), Field("logit_std", 1, MEAN, True),
             Field("logit_min", 1, MIN, True), Field("logit_max", 1, MAX, True), Field("logit_nonfinite", 1, SUM, True),
+            Field("entropy", 1, MEAN, True), Field("top1_accuracy", 1, MEAN, True),
         )
         self._hooks = []
         self._activations = None  # [G, 3]: Σ y², max |y|, non-finite count, over the step's forwards
         self._elements = 0  # gate output elements per layer over the step's forwards (a host int)
         self._logits = []  # (logit_stats, element count) per forward
+        self._predictions = []  # ([entropy, top-1 accuracy], scored tokens) per fused-loss forward
         self._captured = None
 
     def reductions(self) -> list[str]:
@@ -95,6 +98,8 @@ class SampleProbe:
     # -- 1. forwards of the sampled step --------------------------------------------------------
     def begin(self) -> None:
         self._activations, self._elements, self._logits, self._captured = None, 0, [], None
+        self._predictions = []
+        set_fused_loss_stats(self.model, True)
         self._hooks = [
             self.backbone.register_forward_hook(self._after_backbone),
             self.model.register_forward_hook(self._after_model),
@@ -140,12 +145,19 @@ class SampleProbe:
         if logits is not None:
             with torch.no_grad():
                 self._logits.append((logit_stats(logits.detach()), logits.numel()))
+            return
+        # The fused loss made no logits tensor: its op reduced them (so8t.fused_loss.FusedCausalLMOutput).
+        fused = output.get("logit_stats") if isinstance(output, dict) else None
+        if fused is not None:
+            self._logits.append((fused[:5], output["num_logits"]))
+            self._predictions.append((fused[5:], output["scored_tokens"]))
 
     def release(self) -> None:
         """Hooks off, activation stats off (also when a sampled step never reached its optimizer step)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        set_fused_loss_stats(self.model, False)
         if self.handle is not None:
             self.handle.collect_activation_stats = False
 
@@ -224,6 +236,19 @@ class SampleProbe:
         return (~torch.isfinite(norms)).sum(dtype=torch.float32)
 
     def _logit_summary(self, device: torch.device) -> dict:
+        return self._logit_moments(device) | self._prediction_summary(device)
+
+    def _prediction_summary(self, device: torch.device) -> dict:
+        """Entropy and top-1 accuracy over the step's fused-loss forwards, weighted by their scored tokens."""
+        nan = torch.full((), float("nan"), device=device)
+        if not self._predictions:
+            return {"entropy": nan, "top1_accuracy": nan}
+        values = torch.stack([v.to(device).double() for v, _ in self._predictions])
+        tokens = torch.stack([n.to(device).double() for _, n in self._predictions])
+        weighted = torch.where(tokens[:, None] > 0, values * tokens[:, None], 0).sum(dim=0) / tokens.sum()
+        return {"entropy": weighted[0], "top1_accuracy": weighted[1]}
+
+    def _logit_moments(self, device: torch.device) -> dict:
         nan = torch.full((), float("nan"), device=device)
         if not self._logits:
             return dict.fromkeys(("logit_mean", "logit_std", "logit_min", "logit_max"), nan) | {

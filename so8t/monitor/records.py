@@ -56,11 +56,10 @@ def encode_alert(alert: dict) -> str:
 def decode_sample(record: dict) -> dict:
     sample = {STEP: int(record[STEP]), EPOCH: _nan_if_none(record.get(EPOCH)), TIME: _nan_if_none(record.get(TIME))}
     for metric in METRICS:
-        value = record[metric.name]
-        if metric.axis == SCALAR:
-            sample[metric.name] = _nan_if_none(value)
+        if metric.axis == SCALAR:  # absent from files written before the metric existed: NaN
+            sample[metric.name] = _nan_if_none(record.get(metric.name))
         else:
-            sample[metric.name] = np.array([_nan_if_none(v) for v in value], dtype=np.float64)
+            sample[metric.name] = np.array([_nan_if_none(v) for v in record[metric.name]], dtype=np.float64)
     return sample
 
 

@@ -46,6 +46,10 @@ METRICS = (
     Metric("logit_min", SCALAR, "min of the finite output logits", "logit min"),
     Metric("logit_max", SCALAR, "max of the finite output logits", "logit max"),
     Metric("logit_nonfinite", SCALAR, "count of non-finite output logits", "logits non-finite"),
+    # From the fused loss (so8t train's default for causal LMs) only: NaN with the model's own loss.
+    Metric("entropy", SCALAR, "mean over the predicted tokens of the softmax entropy, in nats", "entropy"),
+    Metric("top1_accuracy", SCALAR, "fraction of the predicted tokens whose label has the largest logit",
+           "top-1 accuracy"),
 )
 METRIC = {metric.name: metric for metric in METRICS}
 # θ_b and R_b: what the labels' subscript means.

@@ -68,6 +68,7 @@ class TrainOptions:
     grad_accum: int = 1
     max_length: int = 256
     gradient_checkpointing: bool = False
+    fused_loss: bool = True  # causal LM: the loss from so8t.fused_loss, no logits tensor (--no-fused-loss)
     bf16: bool = False
     seed: int = 0
     save_steps: int = 500  # 0: no checkpoints
@@ -211,6 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per device (default: %(default)s)")
     loop.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step")
     loop.add_argument("--gradient-checkpointing", action="store_true")
+    loop.add_argument("--no-fused-loss", action="store_true",
+                      help="--task generate: compute the loss from the model's full logits tensor (its own loss) "
+                           "instead of the chunked linear cross-entropy, which never materialises the logits")
     loop.add_argument("--bf16", action="store_true", help="bf16 weights and compute (4-bit: bf16 compute on GPU)")
     loop.add_argument("--seed", type=int, default=defaults.seed)
     loop.add_argument("--eval-steps", type=int,
@@ -254,7 +258,8 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         learning_rate=_learning_rate(args),
         lr_scheduler=args.lr_scheduler, lr_warmup_ratio=args.lr_warmup_ratio, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16,
+        max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing,
+        fused_loss=not args.no_fused_loss, bf16=args.bf16,
         seed=args.seed, save_steps=args.save_steps, save_total_limit=args.save_total_limit, resume=args.resume,
         eval_data=args.eval_data, eval_fraction=args.eval_fraction, eval_steps=args.eval_steps,
         report_to=args.report_to,

@@ -114,6 +114,7 @@ def synthetic_sample(step: int, info: RunInfo = SYNTHETIC_INFO, **changes) -> di
         grad_alpha=np.full(layers, np.nan) if step <= warmup else rng.uniform(1e-4, 1e-3, layers),
         grad_lora=rng.uniform(0.1, 0.3, len(info.lora_groups)),
         logit_mean=0.01 * step, logit_std=1.0, logit_min=-4.0, logit_max=4.0,
+        entropy=np.nan, top1_accuracy=np.nan,  # measured by the fused loss only, as with the model's own loss
     )
     if not info.gated:  # a baseline records no gate metric
         sample.update({metric.name: np.full(layers, np.nan) for metric in METRICS if metric.gates_only})

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 from fused_loss_helpers import assert_loss_curves_agree, train_losses
+from monitor_helpers import SYNTHETIC_INFO, synthetic_sample
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
 import so8t.fused_loss as fused_loss_module
@@ -22,6 +23,8 @@ from so8t.fused_loss import (
     unsupported_reason,
 )
 from so8t.monitor import SO8TMonitorCallback
+from so8t.monitor.plots import build_figures
+from so8t.monitor.series import Series
 from so8t.placement import unwrap_peft
 from so8t.training.options import TrainOptions, add_arguments, options_from_args
 from so8t_kernels import logit_stats
@@ -153,6 +156,17 @@ def test_the_monitor_reads_the_ops_statistics_on_sampled_steps_only(tmp_path, mo
         assert sample["entropy"] == pytest.approx(stats[5].item(), rel=1e-6)
         assert sample["top1_accuracy"] == pytest.approx(stats[6].item(), abs=1e-7)
     assert (tmp_path / "monitoring" / "plots" / "predictions.png").is_file()
+
+
+def test_entropy_and_accuracy_get_their_own_plot_when_measured():
+    info = SYNTHETIC_INFO
+    measured = [synthetic_sample(step, info, entropy=5.5 - step / 100, top1_accuracy=step / 200) for step in (1, 10, 20)]
+    figures = dict(build_figures(Series.from_samples(info, measured)))
+    entropy_ax, accuracy_ax = figures["predictions"].axes[:2]
+    assert entropy_ax.get_ylabel() == "nats" and accuracy_ax.get_ylabel() == "fraction"
+    assert list(accuracy_ax.lines[0].get_ydata()) == [0.005, 0.05, 0.1]
+    unmeasured = [synthetic_sample(step, info) for step in (1, 10)]
+    assert "predictions" not in dict(build_figures(Series.from_samples(info, unmeasured)))
 
 
 def test_architectures_it_cannot_compute_exactly_keep_their_own_loss():

@@ -1,6 +1,10 @@
 """``python benchmarks/loss_step.py``: peak memory and time of one causal-LM loss step (forward and
 backward), the model's own path against ``so8t_kernels.linear_cross_entropy``, CPU fp32.
 
+Also a suite of ``benchmarks/run.py`` (a long one, run when named: ``--suites loss_step``): in-process timing rows of the op on every
+backend against the model's path at the real model's shapes (H = 576, V = 49,152) and 1024 tokens
+(128 with ``--quick``), where one step takes seconds on a 2-core CPU.
+
 The model's path is what a Hugging Face causal LM runs: ``logits = hidden @ weightᵀ``, then
 ``F.cross_entropy(logits.float(), labels)`` and its backward (dL/dhidden; dL/dweight only with
 ``--train-head``: with LoRA the head is frozen). Each variant runs in a fresh subprocess: inputs built,
@@ -19,12 +23,75 @@ import sys
 import time
 from pathlib import Path
 
+from harness import LOWER_IS_BETTER, Context, Target, TimesReference, benchmark, dtype_name, register_targets, shape_text
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {  # name: (hidden size H, vocabulary V)
     "smollm2-135m": (576, 49152),
     "phi-3.5-mini": (3072, 32064),
 }
 VARIANTS = ("model loss", "so8t", "so8t + stats")
+
+
+SUITE_HIDDEN, SUITE_VOCAB, SUITE_TOKENS = 576, 49152, 1024
+MODEL_PATH = "linear+cross_entropy"
+
+
+def model_loss(hidden, weight, labels):
+    """The model's own path: the logits tensor, then F.cross_entropy on its fp32 copy."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=-100)
+
+
+@benchmark
+def loss_step_benchmark(ctx: Context) -> list:
+    import torch
+
+    from so8t_kernels import linear_cross_entropy
+
+    tokens = SUITE_TOKENS // 8 if ctx.quick else SUITE_TOKENS
+    shape = shape_text(tokens, SUITE_HIDDEN, SUITE_VOCAB)
+    rows = []
+    for dtype in ctx.dtypes:
+        name = dtype_name(dtype)
+        hidden = torch.randn(tokens, SUITE_HIDDEN, device=ctx.device, dtype=dtype, requires_grad=True)
+        weight = (torch.randn(SUITE_VOCAB, SUITE_HIDDEN, device=ctx.device) / SUITE_HIDDEN**0.5).to(dtype)
+        labels = torch.randint(0, SUITE_VOCAB, (tokens,), device=ctx.device)
+        plain = hidden.detach()
+        stats = torch.zeros(7, device=ctx.device)
+
+        def step(loss_fn):
+            def run():
+                hidden.grad = None
+                loss_fn().backward()
+            return run
+
+        baselines = {
+            "fwd": ctx.row("linear_cross_entropy", "fwd", MODEL_PATH, shape, name,
+                           ctx.time(lambda: model_loss(plain, weight, labels)), kind="baseline"),
+            "fwd+bwd": ctx.row("linear_cross_entropy", "fwd+bwd", MODEL_PATH, shape, name,
+                               ctx.time(step(lambda: model_loss(hidden, weight, labels))), kind="baseline"),
+        }
+        rows += baselines.values()
+        for backend in ctx.backends:
+            with ctx.recording_errors(f"linear_cross_entropy {name} on {backend}"), ctx.backend(backend):
+                kernels = {
+                    "fwd": lambda: linear_cross_entropy(plain, weight, labels),
+                    "fwd+stats": lambda: linear_cross_entropy(plain, weight, labels, stats=stats),
+                    "fwd+bwd": step(lambda: linear_cross_entropy(hidden, weight, labels)),
+                }
+                for pass_, fn in kernels.items():
+                    reference = baselines["fwd+bwd" if pass_ == "fwd+bwd" else "fwd"]
+                    rows.append(ctx.row("linear_cross_entropy", pass_, backend, shape, name, ctx.time(fn),
+                                        references=[reference]))
+    return rows
+
+
+register_targets(
+    Target("fused loss", "cpu", "linear_cross_entropy", "fwd+bwd", TimesReference(MODEL_PATH), LOWER_IS_BETTER, 1.0,
+           impls=("cpp",)),
+)
 
 
 def read_status_kb(field: str) -> int:

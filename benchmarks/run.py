@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO_ROOT))
 # The modules whose @benchmark functions run, in order. A new suite is its module plus one entry here:
 # in DEFAULT_SUITES if it takes seconds, in LONG_SUITES (run only when named) if it takes minutes.
 DEFAULT_SUITES = ("kernels",)
-LONG_SUITES = ("train_step_gates", "train_step_monitor", "train_step_gates_real")
+LONG_SUITES = ("loss_step", "train_step_gates", "train_step_monitor", "train_step_gates_real")
 SUITES = DEFAULT_SUITES + LONG_SUITES
 PASS_ORDER = ("-", "fwd", "fwd+stats", "fwd+bwd")
 

@@ -1,6 +1,7 @@
 """The base model and its tokenizer for ``so8t train`` (and for ``so8t serve``, which rebuilds the same base):
-``--model`` (a hub id, a local directory or a ``.gguf`` file, see so8t.model_source) or the embedded default, as a causal LM or as a sequence
-classifier. One function, ``load_model_and_tokenizer``, so every way in goes through the same checks.
+``--model`` (a hub id, a local directory or a ``.gguf`` file, see so8t.model_source) or the embedded
+default, as a causal LM or as a sequence classifier. One function, ``load_model_and_tokenizer``, so every
+way in goes through the same checks.
 
 It runs no forward: an inference forward of a 4-bit model on a CPU with avx512_bf16 repacks its weights
 in a form the backward pass cannot use, and training then gets zero LoRA gradients.

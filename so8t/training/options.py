@@ -165,7 +165,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction,
                       help="hold out this fraction of --data for the eval instead (split by --seed)")
     what.add_argument("--output-dir", default=defaults.output_dir,
-                      help="the run's directory: final adapters, checkpoint-<step>/, monitoring/ (default: %(default)s)")
+                      help="the run's directory: final adapters, checkpoint-<step>/, monitoring/ "
+                           "(default: %(default)s)")
     what.add_argument("--overwrite", action="store_true",
                       help="replace a non-empty --output-dir (its adapters stay until this run publishes its own)")
     what.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per example (default: %(default)s)")
@@ -220,7 +221,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--eval-steps", type=int,
                       help="evaluate every N optimizer steps (default: as often as the loss is logged, 10 times a run)")
     loop.add_argument("--report-to", choices=REPORT_TO, default=defaults.report_to,
-                      help="also send the logs (loss, eval loss, so8t/* scalars) to this tracker (default: %(default)s)")
+                      help="also send the logs (loss, eval loss, so8t/* scalars) to this tracker "
+                           "(default: %(default)s)")
 
     saving = parser.add_argument_group("checkpoints (<output-dir>/checkpoint-<step>/)")
     saving.add_argument("--save-steps", type=int, default=defaults.save_steps,

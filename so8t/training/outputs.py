@@ -42,7 +42,8 @@ def write_embedded_base_record(directory: Path, seed: int) -> None:
 
 def is_run_file(name: str) -> bool:
     """Files of the run itself, not of its final output."""
-    return name in (LOCK_FILE, PUBLISH_DIR, REPLACED_DIR, MONITORING_DIR, LOGS_DIR) or name.startswith(CHECKPOINT_PREFIX)
+    run_files = (LOCK_FILE, PUBLISH_DIR, REPLACED_DIR, MONITORING_DIR, LOGS_DIR)
+    return name in run_files or name.startswith(CHECKPOINT_PREFIX)
 
 
 def describe_os_error(error: OSError) -> str:
@@ -129,7 +130,8 @@ def check_output_dir(directory: Path, overwrite: bool, resume: bool) -> None:
     if entries:
         hint = (", or --resume to continue its run" if any(p.name.startswith(CHECKPOINT_PREFIX) for p in entries)
                 else "")
-        raise SO8TError(f"--output-dir {directory} already exists and is not empty (pass --overwrite to replace it{hint})")
+        raise SO8TError(f"--output-dir {directory} already exists and is not empty "
+                        f"(pass --overwrite to replace it{hint})")
 
 
 @contextlib.contextmanager

@@ -54,7 +54,8 @@ def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
         bad = nonfinite_parameters(trainer.model)
         if bad:
             raise SO8TError(f"training diverged: {len(bad)} trainable tensors hold NaN or infinity at step "
-                            f"{trainer.state.global_step} (e.g. {bad[0]}); nothing published, try a lower --learning-rate"
+                            f"{trainer.state.global_step} (e.g. {bad[0]}); nothing published, try a lower "
+                            "--learning-rate"
                             f"{kept_checkpoints(output_dir, 'checkpoints with finite weights')}")
         if is_main:
             try:

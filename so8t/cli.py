@@ -16,7 +16,7 @@ import importlib
 import sys
 
 from . import __version__
-from .import_noise import silence_import_noise
+from .third_party_noise import quiet_third_party_noise
 
 COMMANDS = {
     "train": ("so8t.train", "QLoRA fine-tuning with SO(8) gates on the intermediate decoder layers"),
@@ -66,7 +66,7 @@ def run_command(name: str, argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    silence_import_noise()
+    quiet_third_party_noise()
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, parsers = build_parser(with_options=_command_name(argv))
     args, unknown = parser.parse_known_args(argv)

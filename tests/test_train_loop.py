@@ -3,6 +3,7 @@ warmup, weight decay (never on the gate logits α), gradient clipping, epochs, a
 whose event files, read back with TensorBoard's own reader, hold the losses and the so8t/* scalars."""
 
 import argparse
+import importlib.util
 import json
 import math
 
@@ -87,3 +88,12 @@ def test_report_to_tensorboard_writes_the_so8t_scalars(tmp_path):
     assert {"train/so8t/alpha_mean", "train/so8t/gate_max", "train/so8t/grad_lora_min"} <= so8t, scalars
     alpha = EventAccumulator(str(events)).Reload().Scalars("train/so8t/alpha_mean")
     assert {event.step for event in alpha} == {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("tracker", ["wandb", "mlflow"])
+def test_a_tracker_that_is_not_installed_is_one_line(tracker, tmp_path, capsys):
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed here: the Trainer's own integration takes over")
+    assert main(["--report-to", tracker, "--output-dir", str(tmp_path / "run")]) == 2
+    assert f"--report-to {tracker}: the {tracker} package is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -12,8 +12,9 @@ OUTSIDE = re.compile(r"\bDESIGN(\.md| §)|\bissues? \d|ENVIRONMENT\.md|\.\./shar
 
 def _repository_files() -> list[Path]:
     try:
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                                capture_output=True, text=True, check=True).stdout.splitlines()
+        # Tracked files only: a user's own untracked runs and notes are not the repository.
+        listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.splitlines()
         return [ROOT / name for name in listed]
     except (OSError, subprocess.CalledProcessError):  # a copy without git: every file but build outputs
         skipped = {".git", ".venv", "build", "out", "__pycache__"}

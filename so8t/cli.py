@@ -49,6 +49,14 @@ def _command_name(argv: list[str]) -> str | None:
     return next((word for word in argv if not word.startswith("-")), None)
 
 
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)subcommand ``args`` chose, e.g. ``so8t audit verify``'s."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _innermost(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
 def _unrecognized(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
     message = f"unrecognized arguments: {' '.join(unknown)}"
     options = [option for action in parser._actions for option in action.option_strings]
@@ -71,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser, parsers = build_parser(with_options=_command_name(argv))
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the command's usage, not the top level's: the mistake is in the command's options
-        parsers[args.command].error(_unrecognized(parsers[args.command], unknown))
+        command = _innermost(parsers[args.command], args)
+        command.error(_unrecognized(command, unknown))
     return importlib.import_module(args.module_name).run(args)
 
 

@@ -50,6 +50,13 @@ def test_a_misspelt_option_names_the_one_meant():
     assert "so8t train: error: unrecognized arguments: --max-stesp 5 (did you mean --max-steps?)" in result.stderr
 
 
+def test_an_unknown_option_of_a_subsubcommand_shows_its_usage(tmp_path):
+    result, _ = _so8t("audit", "verify", str(tmp_path / "audit.db"), "--key-file", str(tmp_path / "key"), "--ancors", "a")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: so8t audit verify "), result.stderr
+    assert "so8t audit verify: error: unrecognized arguments: --ancors a (did you mean --anchors?)" in result.stderr
+
+
 def test_help_starts_well_under_two_seconds():
     # The best of three runs: the shared machine's load may slow any one run; torch alone takes ~4 s here.
     durations = []

@@ -237,8 +237,9 @@ def test_only_required_gradients_are_computed(backend, monkeypatch):
 
 def test_no_tensor_holds_all_logits(backend):
     """The point of the op: at N = 512, V = 2048 and chunks of 16 tokens no allocation reaches N·V/8."""
-    if backend == "triton":
-        pytest.skip("the interpreter would run 512 programs (minutes); the chunk loop is the torch backend's")
+    if DEVICE.type != "cpu" or backend == "triton":
+        pytest.skip("CPU allocations through torch's profiler; the interpreter would run 512 programs (minutes), "
+                    "and its chunk loop is the torch backend's")
     hidden, weight, _, labels = make_inputs(512, 16, 2048, torch.float32, seed=10)
     hidden_leaf = hidden.requires_grad_()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:

@@ -72,26 +72,32 @@ def chunk_logits(hidden_chunk, weight, bias):
     return torch.addmm(bias, hidden_chunk, weight.T)
 
 
-def rows_reference(logits, labels, valid, scale, write_grad: bool):
-    """Per-row reduction of one chunk's logits [C, V] (input dtype), in fp32/fp64.
-
-    Returns (loss [C], entropy [C], correct [C], row partials [C, 6]) and, with ``write_grad``, the
-    gradient (softmax − one-hot) · scale in the logits' dtype (zero rows for ignored tokens).
-    """
-    values = logits.to(compute_dtype(logits.dtype))
-    finite = torch.isfinite(values)
-    row_finite = finite.all(dim=1)
+def row_partials(values, finite):
+    """[C, 6]: (count, mean, M2, min, max, non-finite count) of each row's finite values."""
     count = finite.sum(dim=1).to(values.dtype)
     row_mean = torch.where(finite, values, 0).sum(dim=1) / count.clamp_min(1)
     centred = torch.where(finite, values - row_mean[:, None], 0)
-    partials = torch.stack([
+    return torch.stack([
         count, row_mean, (centred * centred).sum(dim=1),
         torch.where(finite, values, float("inf")).amin(dim=1),
         torch.where(finite, values, float("-inf")).amax(dim=1),
         values.shape[1] - count,
     ], dim=1)
 
-    nan = torch.full_like(count, float("nan"))
+
+def rows_reference(logits, labels, valid, scale, write_grad: bool, with_stats: bool):
+    """Per-row reduction of one chunk's logits [C, V] (input dtype), in fp32/fp64.
+
+    Returns (loss [C], entropy [C], correct [C], row partials [C, 6] or None without ``with_stats``)
+    and, with ``write_grad``, the gradient (softmax − one-hot) · scale in the logits' dtype (zero rows
+    for ignored tokens).
+    """
+    values = logits.to(compute_dtype(logits.dtype))
+    finite = torch.isfinite(values)
+    all_finite = finite.all(dim=1)
+    partials = row_partials(values, finite) if with_stats else None
+
+    nan = torch.full_like(values[:, 0], float("nan"))
     safe = torch.where(finite, values, 0)  # non-finite rows become NaN below, not through inf − inf
     row_max = safe.amax(dim=1, keepdim=True)
     shifted = safe - row_max
@@ -103,9 +109,9 @@ def rows_reference(logits, labels, valid, scale, write_grad: bool):
         raise IndexError(f"labels must lie in [0, {values.shape[1]}) or equal ignore_index")
     target = labels.where(in_vocab, 0)[:, None]
     target_logit = safe.gather(1, target)[:, 0]
-    row_finite = row_finite & in_vocab  # out-of-vocabulary labels (CUDA only) give NaN like non-finite rows
+    row_finite = all_finite & in_vocab  # out-of-vocabulary labels (CUDA only) give NaN like non-finite rows
     loss = torch.where(valid, torch.where(row_finite, log_total + row_max[:, 0] - target_logit, nan), 0)
-    entropy = torch.where(finite.all(dim=1), log_total - (exps * shifted).sum(dim=1) / total, nan)
+    entropy = torch.where(all_finite, log_total - (exps * shifted).sum(dim=1) / total, nan)
     correct = valid & row_finite & (target_logit == row_max[:, 0])
 
     grad = None
@@ -155,7 +161,7 @@ def chunked(rows_fn, hidden, weight, bias, labels, ignore_index: int, reduction:
     loss = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
     entropy = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
     correct = torch.empty(num_tokens, dtype=torch.int8, device=hidden.device)
-    partials = torch.empty((num_tokens, NUM_PARTIALS), dtype=dtype, device=hidden.device)
+    partials = torch.empty((num_tokens if with_stats else 0, NUM_PARTIALS), dtype=dtype, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
     # dweight and dbias sum over every chunk: accumulated in fp32 (fp64), cast once at the end.
     grad_weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if need_weight else None
@@ -164,8 +170,10 @@ def chunked(rows_fn, hidden, weight, bias, labels, ignore_index: int, reduction:
         end = min(start + chunk_size, num_tokens)
         hidden_chunk = hidden[start:end]
         logits = chunk_logits(hidden_chunk, weight, bias)
-        out = rows_fn(logits, labels[start:end], valid[start:end], scale[start:end], write_grad)
-        loss[start:end], entropy[start:end], correct[start:end], partials[start:end], grad = out
+        out = rows_fn(logits, labels[start:end], valid[start:end], scale[start:end], write_grad, with_stats)
+        loss[start:end], entropy[start:end], correct[start:end], chunk_partials, grad = out
+        if with_stats:
+            partials[start:end] = chunk_partials
         if need_hidden:
             torch.mm(grad, weight, out=grad_hidden[start:end])
         if need_weight:
@@ -275,7 +283,7 @@ def _rows_kernel(
 BLOCK_V = 2048
 
 
-def rows_triton(logits, labels, valid, scale, write_grad: bool):
+def rows_triton(logits, labels, valid, scale, write_grad: bool, with_stats: bool):
     rows, vocab = logits.shape
     dtype = torch.float32
     loss = torch.empty(rows, dtype=dtype, device=logits.device)

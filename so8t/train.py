@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import os
 import sys
+from pathlib import Path
 
 from .errors import SO8TError
 from .training.options import TrainOptions, add_arguments, options_from_args
@@ -58,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"so8t train: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nso8t train: interrupted; checkpoints and monitoring stay in {args.output_dir} "
-              "(--resume continues from the newest checkpoint)", file=sys.stderr)
+        from .training.summary import interrupted_summary
+
+        print("\n" + interrupted_summary(Path(args.output_dir).resolve(), args.save_steps), file=sys.stderr)
         return 130
     return 0
 

@@ -39,6 +39,7 @@ def test_ctrl_c_ends_with_one_line_saying_what_was_kept(tmp_path, capsys):
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert "so8t monitor" not in stderr  # e.g. no error about a file that vanished under it
     closing = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("so8t train")]
-    assert len(closing) == 1 and "interrupted" in closing[0] and str(output) in closing[0], stderr[-2000:]
+    assert closing == [f"so8t train: interrupted; kept in {output}: monitoring/ (so8t report {output}); "
+                       "no checkpoint yet (every 500 steps, --save-steps)"], stderr[-2000:]
     assert report([str(output)]) == 0
     assert "latest sample: step" in capsys.readouterr().out

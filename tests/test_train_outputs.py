@@ -176,7 +176,8 @@ def test_ctrl_c_keeps_the_checkpoints_and_monitoring_and_releases_the_directory(
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-3000:]
-    assert stderr.rstrip().splitlines()[-1].startswith("so8t train: interrupted; checkpoints and monitoring stay in")
+    assert stderr.rstrip().splitlines()[-1].startswith(f"so8t train: interrupted; kept in {output}: monitoring/ ")
+    assert "checkpoint-3" in stderr.rstrip().splitlines()[-1] and "--resume latest" in stderr
     assert (output / "checkpoint-3" / CHECKPOINT_FILE).is_file()
     assert (output / "monitoring" / "metrics.jsonl").is_file()
     assert not (output / LOCK_FILE).exists() and not (output / "adapter_config.json").exists()

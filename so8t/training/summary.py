@@ -4,15 +4,20 @@ and ``so8t report`` use them (``max ‖θ_b‖``, layer lists), so one number ha
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..adapter import SO8T_ADAPTER_DIR
+from ..monitor.recorder import METRICS_FILE
 from ..monitor.schema import METRIC, format_layers
-from ..placement import SO8THandle
+from .outputs import MONITORING_DIR
+
+if TYPE_CHECKING:
+    from ..placement import SO8THandle
 
 
 def gate_summary(handle: SO8THandle) -> str:
+    import torch
+
     gates = torch.sigmoid(handle.alpha.detach().float()).cpu()
     # Per layer, the largest block's ‖θ_b‖₂: the monitor's theta_norm_max.
     largest = torch.linalg.vector_norm(handle.theta.detach().float(), dim=-1).amax(dim=1).cpu()
@@ -27,3 +32,20 @@ def outputs_summary(output_dir: Path, gated: bool, monitored: bool) -> str:
     written += ["tokenizer", "trainer_state.json"]
     written += ["monitoring/ (see so8t report)"] if monitored else []
     return f"outputs in {output_dir}: {', '.join(written)}" + ("" if gated else "; no gates (--no-so8t)")
+
+
+def interrupted_summary(output_dir: Path, save_steps: int) -> str:
+    """After Ctrl-C: what the run kept in ``output_dir`` (the monitoring so far, complete checkpoints)."""
+    from .checkpoints import checkpoints, is_complete
+
+    kept = []
+    if (output_dir / MONITORING_DIR / METRICS_FILE).is_file():
+        kept.append(f"{MONITORING_DIR}/ (so8t report {output_dir})")
+    complete = [path.name for path in checkpoints(output_dir) if is_complete(path)]
+    if complete:
+        kept.append(f"{', '.join(complete)} (--resume latest continues from {complete[-1]})")
+    elif save_steps:
+        kept.append(f"no checkpoint yet (every {save_steps} steps, --save-steps)")
+    if not kept:
+        return f"so8t train: interrupted; nothing kept in {output_dir}"
+    return f"so8t train: interrupted; kept in {output_dir}: {'; '.join(kept)}"

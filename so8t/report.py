@@ -155,6 +155,11 @@ def run(args: argparse.Namespace) -> int:
     if compared is not None:
         target, plots = compared
         print(f"\nruns on the same axes ({', '.join(names)}): {target}/ ({', '.join(p.name for p in plots)})")
+        for key, label in LOSS_LABELS.items():
+            finals = [r.summary.get("losses", {}).get(key) for r in reports]
+            if any(finals):
+                print(f"final {label}: " + ", ".join(
+                    f"{name} {_number(final['final']) if final else '-'}" for name, final in zip(names, finals)))
     return 0
 
 

@@ -127,5 +127,6 @@ def test_report_draws_several_runs_on_the_same_axes_and_says_where(run_dir, tmp_
            "gradients.png, gates.png)" in out
     assert all((target / f"{name}.png").read_bytes()[:8] == PNG_SIGNATURE for name in ("loss", "gates"))
     assert out.count("latest sample:") == 2  # each run's own report too
+    assert "final training loss: run -, baseline 0.1" in out  # the gated run logged no loss
     assert main([str(run_dir), str(tmp_path / "baseline"), "--compare-dir", str(tmp_path / "here")]) == 0
     assert (tmp_path / "here" / "activations.png").is_file()

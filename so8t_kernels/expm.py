@@ -112,35 +112,88 @@ def exp_backward_reference(grad_rotation: torch.Tensor, theta: torch.Tensor) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels: one program builds MATRICES_PER_PROGRAM rotations as a [M, 8, 8] tile. 8×8 is
-# below tl.dot's minimum K on the GPU (16 for 16-bit, 8 for fp32 with padding waste), so products
-# are broadcast-multiplies reduced with tl.sum: 512 FMAs per 8×8 product.
+# Triton kernels: 8 lanes per matrix, lane j owning column j of every matrix in flight, held as 8
+# row tensors [M, 8] (row i's value at lane j is X[i, j]). The 28 parameters sit in every lane
+# (28 registers, loaded with a lane-broadcast load), so the Horner steps X·R are broadcast FMAs on
+# registers with no lane crossing; only a product of two evolving matrices (a squaring, RᵀR, the
+# final transpose) fetches another lane's value, one shuffle per value (tl.gather). 8×8 is below
+# tl.dot's minimum K on the GPU and would leave most of an MMA idle. Per thread at most 28 + 64 + 32
+# fp32 values are live (the backward's θ, dL/dR and four rows), so nothing spills.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _matmul8(a, b):
-    """[M, 8, 8] @ [M, 8, 8] per matrix."""
-    return tl.sum(a[:, :, :, None] * b[:, None, :, :], axis=2)
+def _load_theta(theta_ptr, matrix, valid, lane):
+    """The 28 parameters of each matrix, every value replicated on its 8 lanes ([M, 8] each, fp32)."""
+    theta = ()
+    for pair in tl.static_range(28):
+        theta = theta + (tl.load(theta_ptr + matrix * 28 + pair + lane * 0, mask=valid, other=0.0).to(tl.float32),)
+    return theta
 
 
 @triton.jit
-def _load_skew(theta_ptr, matrix, valid, row, col):
-    """A[m, i, j] gathered from θ[m, k(i, j)]; row/col are the [1, 8, 1] and [1, 1, 8] index grids."""
-    upper = row < col
-    low = tl.minimum(row, col)
-    high = tl.maximum(row, col)
-    # Row-major pair index: row i starts at i(15 − i)/2, so k(i, j) = i(15 − i)/2 + j − i − 1.
-    pair = low * (15 - low) // 2 + high - low - 1
-    mask = valid[:, None, None] & (row != col)
-    value = tl.load(theta_ptr + matrix[:, None, None] * 28 + pair, mask=mask, other=0.0).to(tl.float32)
-    return tl.where(upper, value, -value)
+def _skew_times(theta, rows, i: tl.constexpr, SIGN: tl.constexpr):
+    """Row i of (SIGN·A) B, where rows are B's rows and A[i, k] = θ_pair(i,k) above the diagonal,
+    −θ_pair(k,i) below it: Σ_k SIGN·A[i, k] B[k, :], 7 FMAs."""
+    total = tl.zeros_like(rows[0])
+    for k in tl.static_range(8):
+        if k > i:
+            total += (SIGN * theta[i * (15 - i) // 2 + k - i - 1]) * rows[k]
+        if k < i:
+            total -= (SIGN * theta[k * (15 - k) // 2 + i - k - 1]) * rows[k]
+    return total
 
 
 @triton.jit
-def _squaring_count(skew, SCALED_NORM_MAX: tl.constexpr, MAX_SQUARINGS: tl.constexpr):
-    norm = tl.sqrt(tl.sum(tl.sum(skew * skew, axis=2), axis=1))
+def _lane_value(row, k: tl.constexpr):
+    """row's value at lane k, on every lane of its matrix: one shuffle."""
+    return tl.gather(row, tl.full(row.shape, k, tl.int32), axis=1)
+
+
+@triton.jit
+def _times(left, right):
+    """Rows of L·R: (L R)[i, j] = Σ_k L[i, k] R[k, j]; L[i, k] fetched from lane k (64 shuffles)."""
+    out = ()
+    for i in tl.static_range(8):
+        total = _lane_value(left[i], 0) * right[0]
+        for k in tl.static_range(1, 8):
+            total += _lane_value(left[i], k) * right[k]
+        out = out + (total,)
+    return out
+
+
+@triton.jit
+def _identity_rows(lane):
+    rows = ()
+    for i in tl.static_range(8):
+        rows = rows + ((lane == i).to(tl.float32),)
+    return rows
+
+
+@triton.jit
+def _select_rows(active, new, old):
+    rows = ()
+    for i in tl.static_range(8):
+        rows = rows + (tl.where(active, new[i], old[i]),)
+    return rows
+
+
+@triton.jit
+def _squaring_count(theta, SCALED_NORM_MAX: tl.constexpr, MAX_SQUARINGS: tl.constexpr):
+    """s = ceil(log2(‖A‖_F / SCALED_NORM_MAX)) clamped to [0, MAX_SQUARINGS], 0 for non-finite A."""
+    sum_squares = theta[0] * theta[0]
+    for pair in tl.static_range(1, 28):
+        sum_squares += theta[pair] * theta[pair]
+    norm = tl.sqrt(2.0 * sum_squares)  # ‖A‖_F² counts each θ twice
     count = tl.ceil(tl.log2(norm / SCALED_NORM_MAX))
     count = tl.minimum(tl.maximum(count, 0.0), MAX_SQUARINGS)
     return tl.where(count == count, count, 0.0)
+
+
+@triton.jit
+def _scaled(theta, scale):
+    out = ()
+    for pair in tl.static_range(28):
+        out = out + (theta[pair] * scale,)
+    return out
 
 
 @triton.jit
@@ -149,28 +202,35 @@ def _exp_forward_kernel(
     MATRICES_PER_PROGRAM: tl.constexpr, TAYLOR_DEGREE: tl.constexpr,
     SCALED_NORM_MAX: tl.constexpr, MAX_SQUARINGS: tl.constexpr,
 ):
-    matrix = tl.program_id(0) * MATRICES_PER_PROGRAM + tl.arange(0, MATRICES_PER_PROGRAM)
-    valid = matrix < num_matrices
-    index = tl.arange(0, 8)
-    row = index[None, :, None]
-    col = index[None, None, :]
-    eye = (row == col).to(tl.float32)
+    matrix = tl.program_id(0) * MATRICES_PER_PROGRAM + tl.arange(0, MATRICES_PER_PROGRAM)[:, None]
+    lane = tl.arange(0, 8)[None, :]
+    valid = (matrix < num_matrices) & (lane < 8)
+    theta = _load_theta(theta_ptr, matrix, valid, lane)
+    count = _squaring_count(theta, SCALED_NORM_MAX, MAX_SQUARINGS)
+    scaled = _scaled(theta, tl.exp2(-count))
+    # Horner: R = I + X R / k for k = K … 1 (the first step gives I + X / K).
+    rows = _identity_rows(lane)
+    for k in tl.static_range(TAYLOR_DEGREE, 0, -1):
+        updated = ()
+        for i in tl.static_range(8):
+            updated = updated + ((lane == i).to(tl.float32) + _skew_times(scaled, rows, i, 1.0) * (1.0 / k),)
+        rows = updated
+    for step in range(0, tl.max(tl.max(count, axis=1), axis=0).to(tl.int32)):
+        rows = _select_rows(step < count, _times(rows, rows), rows)
 
-    skew = _load_skew(theta_ptr, matrix, valid, row, col)
-    count = _squaring_count(skew, SCALED_NORM_MAX, MAX_SQUARINGS)
-    scaled = skew * tl.exp2(-count)[:, None, None]
-    rotation = eye + scaled / TAYLOR_DEGREE
-    for k in tl.static_range(TAYLOR_DEGREE - 1, 0, -1):
-        rotation = eye + _matmul8(scaled, rotation) / k
-    for step in range(0, tl.max(count, axis=0).to(tl.int32)):
-        squared = _matmul8(rotation, rotation)
-        rotation = tl.where((step < count)[:, None, None], squared, rotation)
-
-    gram = tl.sum(rotation[:, :, :, None] * rotation[:, :, None, :], axis=1) - eye
-    residual = tl.sqrt(tl.sum(tl.sum(gram * gram, axis=2), axis=1))
-    offsets = matrix[:, None, None] * 64 + row * 8 + col
-    tl.store(rotation_ptr + offsets, rotation, mask=valid[:, None, None])
-    tl.store(residual_ptr + matrix, residual, mask=valid)
+    # ‖RᵀR − I‖_F: lane j forms column j of RᵀR, (RᵀR)[a, j] = Σ_i R[i, a] R[i, j].
+    error = tl.zeros_like(rows[0])
+    for a in tl.static_range(8):
+        gram = _lane_value(rows[0], a) * rows[0]
+        for i in tl.static_range(1, 8):
+            gram += _lane_value(rows[i], a) * rows[i]
+        gram -= (lane == a).to(tl.float32)
+        error += gram * gram
+    residual = tl.sqrt(tl.sum(error, axis=1))
+    for i in tl.static_range(8):
+        tl.store(rotation_ptr + matrix * 64 + i * 8 + lane, rows[i], mask=valid)
+    tl.store(residual_ptr + tl.program_id(0) * MATRICES_PER_PROGRAM + tl.arange(0, MATRICES_PER_PROGRAM), residual,
+             mask=tl.program_id(0) * MATRICES_PER_PROGRAM + tl.arange(0, MATRICES_PER_PROGRAM) < num_matrices)
 
 
 @triton.jit
@@ -179,40 +239,59 @@ def _exp_backward_kernel(
     MATRICES_PER_PROGRAM: tl.constexpr, TAYLOR_DEGREE: tl.constexpr,
     SCALED_NORM_MAX: tl.constexpr, MAX_SQUARINGS: tl.constexpr,
 ):
-    matrix = tl.program_id(0) * MATRICES_PER_PROGRAM + tl.arange(0, MATRICES_PER_PROGRAM)
-    valid = matrix < num_matrices
-    index = tl.arange(0, 8)
-    row = index[None, :, None]
-    col = index[None, None, :]
-    eye = (row == col).to(tl.float32)
-    offsets = matrix[:, None, None] * 64 + row * 8 + col
+    matrix = tl.program_id(0) * MATRICES_PER_PROGRAM + tl.arange(0, MATRICES_PER_PROGRAM)[:, None]
+    lane = tl.arange(0, 8)[None, :]
+    valid = (matrix < num_matrices) & (lane < 8)
+    theta = _load_theta(theta_ptr, matrix, valid, lane)
+    count = _squaring_count(theta, SCALED_NORM_MAX, MAX_SQUARINGS)
+    scale = tl.exp2(-count)
+    scaled = _scaled(theta, scale)
+    # E = dL/dR · 2^-s, every entry replicated on the 8 lanes: E P needs E[i, k] on lane j.
+    direction = ()
+    for entry in tl.static_range(64):
+        value = tl.load(grad_rotation_ptr + matrix * 64 + entry + lane * 0, mask=valid, other=0.0)
+        direction = direction + (value * scale,)
 
-    skew = _load_skew(theta_ptr, matrix, valid, row, col)
-    count = _squaring_count(skew, SCALED_NORM_MAX, MAX_SQUARINGS)
-    scale = tl.exp2(-count)[:, None, None]
-    scaled = -skew * scale  # Aᵀ = −A
-    direction = tl.load(grad_rotation_ptr + offsets, mask=valid[:, None, None], other=0.0) * scale
-    power = eye + scaled / TAYLOR_DEGREE
-    frechet = direction / TAYLOR_DEGREE
-    for k in tl.static_range(TAYLOR_DEGREE - 1, 0, -1):
-        frechet = (_matmul8(direction, power) + _matmul8(scaled, frechet)) / k
-        power = eye + _matmul8(scaled, power) / k
-    for step in range(0, tl.max(count, axis=0).to(tl.int32)):
-        active = (step < count)[:, None, None]
-        frechet = tl.where(active, _matmul8(frechet, power) + _matmul8(power, frechet), frechet)
-        power = tl.where(active, _matmul8(power, power), power)
+    # Horner on Y = Aᵀ/2^s = −X: P = I + Y P / k and its derivative F = (E P + Y F) / k.
+    power = _identity_rows(lane)
+    frechet = ()
+    for i in tl.static_range(8):
+        frechet = frechet + (tl.zeros_like(power[0]),)
+    for k in tl.static_range(TAYLOR_DEGREE, 0, -1):
+        new_power = ()
+        new_frechet = ()
+        for i in tl.static_range(8):
+            product = _skew_times(scaled, frechet, i, -1.0)
+            for j in tl.static_range(8):
+                product += direction[i * 8 + j] * power[j]
+            new_frechet = new_frechet + (product * (1.0 / k),)
+            new_power = new_power + ((lane == i).to(tl.float32) + _skew_times(scaled, power, i, -1.0) * (1.0 / k),)
+        power = new_power
+        frechet = new_frechet
+    # exp(2Y) = exp(Y)²  ⇒  L(2Y, 2E) = L(Y, E) exp(Y) + exp(Y) L(Y, E).
+    for step in range(0, tl.max(tl.max(count, axis=1), axis=0).to(tl.int32)):
+        active = step < count
+        product = _times(frechet, power)
+        other = _times(power, frechet)
+        summed = ()
+        for i in tl.static_range(8):
+            summed = summed + (product[i] + other[i],)
+        frechet = _select_rows(active, summed, frechet)
+        power = _select_rows(active, _times(power, power), power)
 
-    # dθ_k = G_A[i, j] − G_A[j, i], written from the upper triangle.
-    antisymmetric = frechet - tl.permute(frechet, (0, 2, 1))
-    pair = row * (15 - row) // 2 + col - row - 1
-    mask = valid[:, None, None] & (row < col)
-    tl.store(grad_theta_ptr + matrix[:, None, None] * 28 + pair, antisymmetric, mask=mask)
+    # dθ for the pair (a, j), a < j, written by lane j: F[a, j] − F[j, a], with F[j, a] from lane a.
+    for a in tl.static_range(7):
+        transposed = tl.zeros_like(frechet[0])
+        for i in tl.static_range(a + 1, 8):
+            transposed = tl.where(lane == i, _lane_value(frechet[i], a), transposed)
+        pair = a * (15 - a) // 2 + lane - a - 1
+        tl.store(grad_theta_ptr + matrix * 28 + pair, frechet[a] - transposed, mask=valid & (lane > a))
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-# 16 matrices → a [16, 8, 8, 8] product tile of 8192 fp32 values per program (64 per thread at 4 warps).
+# 16 matrices × 8 lanes = 128 threads (4 warps) per program; 11,520 matrices give 720 programs.
 MATRICES_PER_PROGRAM = 16
 
 

@@ -78,101 +78,213 @@ def _param_grads(outer, rotation, gate, rotation_dtype, alpha_dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels: a program owns a [TOKENS, BLOCKS, 8] tile of x. The 8×8 products are broadcast
-# multiplies reduced with tl.sum, never tl.dot over a block-diagonal matrix: there a NaN in one
-# chunk would leak into the other chunks of the tile through NaN·0, unlike the reference.
+# Triton kernels. A program owns BLOCKS = 32 chunks (one per lane) and walks token tiles; each thread
+# owns whole 8-vectors: it loads x_b with 128-bit loads (two of 4 fp32, or one of 8 16-bit values),
+# splits it into its 8 values in registers (tl.reshape + tl.split move no data) and forms each output
+# with 8 broadcast FMAs against M_b, which it holds in 64 registers for the whole walk. No value
+# crosses lanes in the loop: 0 shuffles, 0 shared-memory round trips (the compile test checks it).
+# Products are FMAs, never tl.dot over a block-diagonal matrix: there a NaN in one chunk would leak
+# into the other chunks of the tile through NaN·0, unlike the reference.
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _load_mixing(rotation_ptr, alpha_ptr, block, block_valid):
-    """M_b = (1 − g)I + gR_b for the [BLOCKS] chunks of this program, as [BLOCKS, 8, 8] fp32."""
-    lane = tl.arange(0, 8)
-    row = lane[None, :, None]
-    col = lane[None, None, :]
-    gate = tl.sigmoid(tl.load(alpha_ptr).to(tl.float32))
-    offsets = block[:, None, None] * 64 + row * 8 + col
-    rotation = tl.load(rotation_ptr + offsets, mask=block_valid[:, None, None], other=0.0).to(tl.float32)
-    return gate * rotation + (1.0 - gate) * (row == col).to(tl.float32)
+def _split4(v):
+    """[T, B, 4] → its 4 columns [T, B]; free, the 4 values sit in one thread."""
+    even, odd = tl.split(tl.reshape(v, [v.shape[0], v.shape[1], 2, 2]))
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
 
 
 @triton.jit
-def _tile_offsets(token, block, row_stride):
-    lane = tl.arange(0, 8)
-    return token[:, None, None].to(tl.int64) * row_stride + block[None, :, None] * 8 + lane[None, None, :]
+def _join4(c0, c1, c2, c3):
+    """4 columns [T, B] → [T, B, 4], the inverse of _split4."""
+    # join appends the new axis last: [p, q] = c_{2p+q} needs the pairs (c0, c2) and (c1, c3).
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [c0.shape[0], c0.shape[1], 4])
+
+
+@triton.jit
+def _load_vectors(ptr, offsets, mask):
+    """The 8-vectors starting at ptr + offsets ([T, B]) as 8 fp32 columns [T, B]."""
+    if ptr.dtype.element_ty.primitive_bitwidth == 16:  # 8 × 2 bytes: one 128-bit load
+        index = tl.arange(0, 8)[None, None, :]
+        value = tl.load(ptr + offsets[:, :, None] + index, mask=mask[:, :, None], other=0.0).to(tl.float32)
+        low, high = tl.split(tl.permute(tl.reshape(value, [value.shape[0], value.shape[1], 2, 4]), (0, 1, 3, 2)))
+        return _split4(low) + _split4(high)
+    index = tl.arange(0, 4)[None, None, :]  # 8 × 4 bytes: two 128-bit loads
+    low = tl.load(ptr + offsets[:, :, None] + index, mask=mask[:, :, None], other=0.0).to(tl.float32)
+    high = tl.load(ptr + offsets[:, :, None] + 4 + index, mask=mask[:, :, None], other=0.0).to(tl.float32)
+    return _split4(low) + _split4(high)
+
+
+@triton.jit
+def _store_vectors(ptr, offsets, mask, columns):
+    """Stores 8 columns [T, B] (already in ptr's dtype) as the 8-vectors at ptr + offsets."""
+    low = _join4(columns[0], columns[1], columns[2], columns[3])
+    high = _join4(columns[4], columns[5], columns[6], columns[7])
+    if ptr.dtype.element_ty.primitive_bitwidth == 16:
+        index = tl.arange(0, 8)[None, None, :]
+        value = tl.reshape(tl.permute(tl.join(low, high), (0, 1, 3, 2)), [low.shape[0], low.shape[1], 8])
+        tl.store(ptr + offsets[:, :, None] + index, value, mask=mask[:, :, None])
+    else:
+        index = tl.arange(0, 4)[None, None, :]
+        tl.store(ptr + offsets[:, :, None] + index, low, mask=mask[:, :, None])
+        tl.store(ptr + offsets[:, :, None] + 4 + index, high, mask=mask[:, :, None])
+
+
+@triton.jit
+def _load_mixing(rotation_ptr, alpha_ptr, block, block_valid):
+    """M_b = (1 − g)I + gR_b as 64 fp32 values [1, B], row-major (i, j) → i * 8 + j."""
+    gate = tl.sigmoid(tl.load(alpha_ptr).to(tl.float32))
+    mixing = ()
+    for i in tl.static_range(8):
+        for j in tl.static_range(8):
+            value = gate * tl.load(rotation_ptr + block * 64 + (i * 8 + j), mask=block_valid, other=0.0).to(tl.float32)
+            mixing = mixing + ((value + (1.0 - gate)) if i == j else value,)
+    return mixing
+
+
+@triton.jit
+def _mix(mixing, vector, TRANSPOSE: tl.constexpr):
+    """M v (or Mᵀ v) for 8 columns [T, B]: out_i = Σ_j M[i, j] v_j, 8 FMAs per output."""
+    out = ()
+    for i in tl.static_range(8):
+        acc = (mixing[i] if TRANSPOSE else mixing[i * 8]) * vector[0]
+        for j in tl.static_range(1, 8):
+            acc += (mixing[j * 8 + i] if TRANSPOSE else mixing[i * 8 + j]) * vector[j]
+        out = out + (acc,)
+    return out
+
+
+@triton.jit
+def _vector_offsets(token, block, row_stride):
+    return token[:, None].to(tl.int64) * row_stride + block[None, :] * 8
 
 
 @triton.jit
 def _rotate_forward_kernel(
-    x_ptr, rotation_ptr, alpha_ptr, y_ptr, stats_ptr,
+    x_ptr, rotation_ptr, alpha_ptr, y_ptr, stats_sum_ptr, stats_max_ptr, stats_count_ptr,
     num_tokens, num_blocks, x_row_stride,
     TOKENS: tl.constexpr, BLOCKS: tl.constexpr, WITH_STATS: tl.constexpr,
 ):
-    token = tl.program_id(0) * TOKENS + tl.arange(0, TOKENS)
-    block = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     block_valid = block < num_blocks
-    mask = (token < num_tokens)[:, None, None] & block_valid[None, :, None]
-    mixing = _load_mixing(rotation_ptr, alpha_ptr, block, block_valid)
-
-    x = tl.load(x_ptr + _tile_offsets(token, block, x_row_stride), mask=mask, other=0.0).to(tl.float32)
-    y = tl.sum(mixing[None, :, :, :] * x[:, :, None, :], axis=3)  # y[t,b,i] = Σ_j M[b,i,j] x[t,b,j]
-    y_stored = y.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + _tile_offsets(token, block, num_blocks * 8), y_stored, mask=mask)
-
+    mixing = _load_mixing(rotation_ptr, alpha_ptr, block[None, :], block_valid[None, :])
+    sum_squares = tl.zeros((TOKENS, BLOCKS), dtype=tl.float32)
+    max_abs = tl.zeros((TOKENS, BLOCKS), dtype=tl.float32)
+    nonfinite = tl.zeros((TOKENS, BLOCKS), dtype=tl.int32)
+    for tile in range(tl.program_id(1), tl.cdiv(num_tokens, TOKENS), tl.num_programs(1)):
+        token = tile * TOKENS + tl.arange(0, TOKENS)
+        mask = (token < num_tokens)[:, None] & block_valid[None, :]
+        x = _load_vectors(x_ptr, _vector_offsets(token, block, x_row_stride), mask)
+        y = _mix(mixing, x, False)
+        stored = ()
+        for i in tl.static_range(8):
+            stored = stored + (y[i].to(y_ptr.dtype.element_ty),)
+        _store_vectors(y_ptr, _vector_offsets(token, block, num_blocks * 8), mask, stored)
+        if WITH_STATS:
+            # Measured on the values as stored: an fp16 overflow to inf counts as non-finite.
+            for i in tl.static_range(8):
+                magnitude = tl.abs(stored[i].to(tl.float32))
+                finite = magnitude < float("inf")
+                magnitude = tl.where(mask & finite, magnitude, 0.0)
+                sum_squares += magnitude * magnitude
+                max_abs = tl.maximum(max_abs, magnitude)
+                nonfinite += (mask & ~finite).to(tl.int32)
     if WITH_STATS:
-        # Measured on the values as stored: an fp16 overflow to inf counts as non-finite.
-        value = y_stored.to(tl.float32)
-        magnitude = tl.abs(value)
-        finite = mask & (magnitude < float("inf"))
-        magnitude = tl.where(finite, magnitude, 0.0)
-        tl.atomic_add(stats_ptr, tl.sum(tl.sum(tl.sum(magnitude * magnitude, axis=2), axis=1), axis=0))
-        tl.atomic_max(stats_ptr + 1, tl.max(tl.max(tl.max(magnitude, axis=2), axis=1), axis=0))
-        nonfinite = (mask & ~finite).to(tl.float32)
-        tl.atomic_add(stats_ptr + 2, tl.sum(tl.sum(tl.sum(nonfinite, axis=2), axis=1), axis=0))
+        # One partial per program, reduced in a fixed order by _activation_stats_kernel: no atomics,
+        # the same bits every run, and an exact integer count.
+        program = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        tl.store(stats_sum_ptr + program, tl.sum(tl.sum(sum_squares, axis=1), axis=0))
+        tl.store(stats_max_ptr + program, tl.max(tl.max(max_abs, axis=1), axis=0))
+        tl.store(stats_count_ptr + program, tl.sum(tl.sum(nonfinite, axis=1), axis=0))
+
+
+@triton.jit
+def _activation_stats_kernel(sum_ptr, max_ptr, count_ptr, stats_ptr, num_partials, CHUNK: tl.constexpr):
+    """[Σ y², max |y|, non-finite count] from the forward's per-program partials, in one program."""
+    sum_squares = tl.zeros((CHUNK,), dtype=tl.float32)
+    max_abs = tl.zeros((CHUNK,), dtype=tl.float32)
+    nonfinite = tl.zeros((CHUNK,), dtype=tl.int64)
+    for start in range(0, num_partials, CHUNK):
+        index = start + tl.arange(0, CHUNK)
+        valid = index < num_partials
+        sum_squares += tl.load(sum_ptr + index, mask=valid, other=0.0)
+        max_abs = tl.maximum(max_abs, tl.load(max_ptr + index, mask=valid, other=0.0))
+        nonfinite += tl.load(count_ptr + index, mask=valid, other=0).to(tl.int64)
+    tl.store(stats_ptr, tl.sum(sum_squares, axis=0))
+    tl.store(stats_ptr + 1, tl.max(max_abs, axis=0))
+    tl.store(stats_ptr + 2, tl.sum(nonfinite, axis=0).to(tl.float32))
 
 
 @triton.jit
 def _rotate_backward_kernel(
     grad_y_ptr, x_ptr, rotation_ptr, alpha_ptr, grad_x_ptr, outer_partial_ptr,
-    num_tokens, num_blocks, grad_y_row_stride, x_row_stride, tiles_per_program,
-    TOKENS: tl.constexpr, BLOCKS: tl.constexpr, NEED_X: tl.constexpr, NEED_PARAMS: tl.constexpr,
+    num_tokens, num_blocks, grad_y_row_stride, x_row_stride,
+    TOKENS: tl.constexpr, BLOCKS: tl.constexpr, STAGES: tl.constexpr,
+    NEED_X: tl.constexpr, NEED_PARAMS: tl.constexpr,
 ):
-    chunk = tl.program_id(0)
-    block = tl.program_id(1) * BLOCKS + tl.arange(0, BLOCKS)
+    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     block_valid = block < num_blocks
-    mixing = _load_mixing(rotation_ptr, alpha_ptr, block, block_valid)
-    outer = tl.zeros((BLOCKS, 8, 8), dtype=tl.float32)
-    for tile in range(0, tiles_per_program):
-        token = (chunk * tiles_per_program + tile) * TOKENS + tl.arange(0, TOKENS)
-        mask = (token < num_tokens)[:, None, None] & block_valid[None, :, None]
-        grad_y = tl.load(grad_y_ptr + _tile_offsets(token, block, grad_y_row_stride), mask=mask, other=0.0)
-        grad_y = grad_y.to(tl.float32)
+    if NEED_X:
+        mixing = _load_mixing(rotation_ptr, alpha_ptr, block[None, :], block_valid[None, :])
+    # S_b = Σ_tokens dy_b x_bᵀ: 64 accumulators per thread, one token per thread per tile.
+    outer = ()
+    for entry in tl.static_range(64):
+        outer = outer + (tl.zeros((TOKENS, BLOCKS), dtype=tl.float32),)
+    # STAGES tiles in flight through async copies (cp.async on sm_80/sm_90): one token per thread
+    # per tile is too little to hide DRAM latency at the ~12 warps per SM that 64 + 64 registers allow.
+    for tile in tl.range(tl.program_id(1), tl.cdiv(num_tokens, TOKENS), tl.num_programs(1), num_stages=STAGES):
+        token = tile * TOKENS + tl.arange(0, TOKENS)
+        mask = (token < num_tokens)[:, None] & block_valid[None, :]
+        grad_y = _load_vectors(grad_y_ptr, _vector_offsets(token, block, grad_y_row_stride), mask)
         if NEED_X:
-            grad_x = tl.sum(mixing[None, :, :, :] * grad_y[:, :, :, None], axis=2)  # Σ_i M[b,i,j] dy[t,b,i]
-            grad_x_offsets = _tile_offsets(token, block, num_blocks * 8)
-            tl.store(grad_x_ptr + grad_x_offsets, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
+            grad_x = _mix(mixing, grad_y, True)  # dx_j = Σ_i M[i, j] dy_i
+            stored = ()
+            for j in tl.static_range(8):
+                stored = stored + (grad_x[j].to(grad_x_ptr.dtype.element_ty),)
+            _store_vectors(grad_x_ptr, _vector_offsets(token, block, num_blocks * 8), mask, stored)
         if NEED_PARAMS:
-            x = tl.load(x_ptr + _tile_offsets(token, block, x_row_stride), mask=mask, other=0.0).to(tl.float32)
-            outer += tl.sum(grad_y[:, :, :, None] * x[:, :, None, :], axis=0)
+            x = _load_vectors(x_ptr, _vector_offsets(token, block, x_row_stride), mask)
+            updated = ()
+            for i in tl.static_range(8):
+                for j in tl.static_range(8):
+                    updated = updated + (outer[i * 8 + j] + grad_y[i] * x[j],)
+            outer = updated
     if NEED_PARAMS:
-        lane = tl.arange(0, 8)
-        offsets = (chunk * num_blocks + block[:, None, None]) * 64 + lane[None, :, None] * 8 + lane[None, None, :]
-        tl.store(outer_partial_ptr + offsets, outer, mask=block_valid[:, None, None])
+        # Once per program: the tile's tokens sit in different warps, summed through shared memory.
+        row = outer_partial_ptr + (tl.program_id(1) * num_blocks + block).to(tl.int64) * 64
+        for entry in tl.static_range(64):
+            tl.store(row + entry, tl.sum(outer[entry], axis=0), mask=block_valid)
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-# [16 tokens, 8 chunks] tiles: 16 rows of 64 contiguous values per load, an [16, 8, 8, 8] product.
-TOKENS_PER_TILE = 16
-BLOCKS_PER_TILE = 8
-# The backward sums S_b over tokens in at most 32 chunks per block group, deterministically (no
-# atomics): at 4096×3072 fp32 the partial sums are 3 MB against 100 MB of dy and x read.
-MAX_TOKEN_CHUNKS = 32
+# 32 chunks per program (one per lane); 4 warps hold 8 forward tokens (2 per thread: 64 B of fp32
+# in flight per thread per tile) or 4 backward tokens (1 per thread, 3 tiles in flight).
+BLOCKS_PER_PROGRAM = 32
+FORWARD_TOKENS_PER_TILE = 8
+BACKWARD_TOKENS_PER_TILE = 4
+BACKWARD_STAGES = 3
+# Programs along the tokens: at most ~8 resident programs on each of 132 SMs (H100) over the 12
+# chunk groups of hidden 3072, and at least 8 tiles per program, so that loading M_b (256 B per
+# chunk) costs ≤ 1/8 of the tile traffic. Each backward program adds one partial S (hidden × 8
+# floats: 98 KB at hidden 3072), 1.3 % of the dy and x it reads at 4096 tokens.
+TARGET_PROGRAMS = 1024
+MIN_TILES_PER_PROGRAM = 8
+STATS_CHUNK = 1024
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
     """[..., d] → [N, d] with unit stride along d (a copy only if the input needs one)."""
     rows = tensor.reshape(-1, tensor.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _grid(num_tokens: int, num_blocks: int, tokens_per_tile: int) -> tuple[int, int]:
+    groups = triton.cdiv(num_blocks, BLOCKS_PER_PROGRAM)
+    tiles = triton.cdiv(num_tokens, tokens_per_tile)
+    return groups, min(triton.cdiv(tiles, MIN_TILES_PER_PROGRAM), max(1, TARGET_PROGRAMS // groups))
 
 
 def rotate_triton(x, rotation, alpha, with_stats: bool = False):
@@ -182,11 +294,19 @@ def rotate_triton(x, rotation, alpha, with_stats: bool = False):
     y = torch.empty((num_tokens, hidden), dtype=x.dtype, device=x.device)
     stats = torch.zeros(NUM_STATS if with_stats else 0, dtype=torch.float32, device=x.device)
     if num_tokens:
-        grid = (triton.cdiv(num_tokens, TOKENS_PER_TILE), triton.cdiv(num_blocks, BLOCKS_PER_TILE))
+        grid = _grid(num_tokens, num_blocks, FORWARD_TOKENS_PER_TILE)
+        num_partials = grid[0] * grid[1] if with_stats else 0
+        partial_sum = torch.empty(num_partials, dtype=torch.float32, device=x.device)
+        partial_max = torch.empty(num_partials, dtype=torch.float32, device=x.device)
+        partial_count = torch.empty(num_partials, dtype=torch.int32, device=x.device)
         _rotate_forward_kernel[grid](
-            rows, rotation.contiguous(), alpha, y, stats, num_tokens, num_blocks, rows.stride(0),
-            TOKENS=TOKENS_PER_TILE, BLOCKS=BLOCKS_PER_TILE, WITH_STATS=with_stats,
+            rows, rotation.contiguous(), alpha, y, partial_sum, partial_max, partial_count,
+            num_tokens, num_blocks, rows.stride(0),
+            TOKENS=FORWARD_TOKENS_PER_TILE, BLOCKS=BLOCKS_PER_PROGRAM, WITH_STATS=with_stats,
         )
+        if with_stats:
+            _activation_stats_kernel[(1,)](partial_sum, partial_max, partial_count, stats, num_partials,
+                                           CHUNK=STATS_CHUNK)
     return y.view(x.shape), stats
 
 
@@ -194,23 +314,24 @@ def rotate_backward_triton(grad_y, x, rotation, alpha, need_x: bool, need_params
     grad_rows, rows = _rows(grad_y), _rows(x)
     num_tokens, hidden = rows.shape
     num_blocks = hidden // BLOCK_SIZE
-    tiles = triton.cdiv(num_tokens, TOKENS_PER_TILE)
-    tiles_per_program = max(1, triton.cdiv(tiles, MAX_TOKEN_CHUNKS))
-    num_chunks = triton.cdiv(tiles, tiles_per_program) if num_tokens else 0
+    grid = _grid(num_tokens, num_blocks, BACKWARD_TOKENS_PER_TILE)
     grad_x = torch.empty((num_tokens, hidden) if need_x else 0, dtype=x.dtype, device=x.device)
-    outer_partial = torch.zeros(
-        (num_chunks if need_params else 0, num_blocks, BLOCK_SIZE, BLOCK_SIZE), dtype=torch.float32, device=x.device
+    outer_partial = torch.empty(
+        (grid[1] if need_params and num_tokens else 0, num_blocks, BLOCK_SIZE, BLOCK_SIZE),
+        dtype=torch.float32, device=x.device,
     )
     rotation_c = rotation.contiguous()
-    if num_chunks and (need_x or need_params):
-        _rotate_backward_kernel[(num_chunks, triton.cdiv(num_blocks, BLOCKS_PER_TILE))](
+    if num_tokens and (need_x or need_params):
+        _rotate_backward_kernel[grid](
             grad_rows, rows, rotation_c, alpha, grad_x, outer_partial,
-            num_tokens, num_blocks, grad_rows.stride(0), rows.stride(0), tiles_per_program,
-            TOKENS=TOKENS_PER_TILE, BLOCKS=BLOCKS_PER_TILE, NEED_X=need_x, NEED_PARAMS=need_params,
+            num_tokens, num_blocks, grad_rows.stride(0), rows.stride(0),
+            TOKENS=BACKWARD_TOKENS_PER_TILE, BLOCKS=BLOCKS_PER_PROGRAM, STAGES=BACKWARD_STAGES,
+            NEED_X=need_x, NEED_PARAMS=need_params,
         )
     grad_rotation, grad_alpha = x.new_empty(0), x.new_empty(0)
     if need_params:
         gate = torch.sigmoid(alpha.to(torch.float32))
+        # The token programs' partials summed in a fixed order: the same bits every run.
         outer = outer_partial.sum(0)
         grad_rotation, grad_alpha = _param_grads(outer, rotation_c.to(torch.float32), gate, rotation.dtype, alpha.dtype)
     return (grad_x.view(x.shape) if need_x else grad_x), grad_rotation, grad_alpha

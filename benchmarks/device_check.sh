@@ -1,70 +1,119 @@
 #!/usr/bin/env bash
-# GPU check (op tests on CUDA, then every benchmark suite) for a machine with no network, in a copy of the repository:
+# GPU check for a lent machine with no network, in a copy of the repository:
 #   OUT=/some/dir bash benchmarks/device_check.sh
+#   DRY_RUN=1 bash benchmarks/device_check.sh    # on a CPU machine: the steps that need no GPU, and
+#                                                # the GPU commands printed instead of run
 # Installs nothing. Uses the machine's python (override with PYTHON=...), which must already have
-# torch with CUDA and triton. Runs the op tests on CUDA tensors with compiled Triton, then
-# benchmarks/run.py --device cuda --suites all; everything lands under $OUT. Finishes in under 8 minutes:
-# 2.5 for the tests, 4.5 for the benchmark (it rewrites its files after each benchmark, so a timeout
-# keeps the kernel rows, which run first), the rest for start-up and at most 75 s for the FSDP check.
-# Exit status: 0 when tests and benchmark both pass, 1 when either fails or times out, 2 when the
-# machine lacks what the check needs.
+# torch with CUDA and triton. Steps, each under a timeout, under 8 minutes in all:
+#   1. precompile every kernel for this GPU in parallel (python -m so8t_kernels.aot) into Triton's
+#      cache ($OUT/triton-cache), so that no test waits on a cold compile (≤ 45 s);
+#   2. the op tests on CUDA tensors with compiled Triton (≤ 120 s);
+#   3. FSDP (cannot run on CPU: accelerate shards only on GPUs): QLoRA + gates, one process per GPU
+#      (tests/test_train_fsdp.py, ≤ 75 s);
+#   4. benchmarks/run.py --device cuda --suites all: rotate/exp/stats against copy bandwidth and the
+#      Phi-3-mini-shape training step with and without gates (≤ 210 s; it rewrites its files after
+#      each benchmark, so a timeout keeps the rows that finished, kernels first);
+#   5. the static roofline prediction next to it (benchmarks/roofline.py, labelled predicted).
+# Everything lands under $OUT. Exit status: 0 when tests and benchmark pass, 1 when either fails or
+# times out, 2 when the machine lacks what the check needs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/device}"
 PYTHON="${PYTHON:-python}"
+DRY_RUN="${DRY_RUN:-0}"
 mkdir -p "$OUT"
 # so8t_kernels from this copy, uninstalled; Triton compiled, never interpreted.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TRITON_CACHE_DIR="$OUT/triton-cache" SO8T_AOT_CACHE="$OUT/aot-cache"
+JOBS="$(nproc 2>/dev/null || echo 4)"
+
+run_gpu() {  # run_gpu <timeout s> <log> <command...>: runs it, or prints it under DRY_RUN=1
+    local limit="$1" log="$2"
+    shift 2
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "DRY_RUN: would run (timeout ${limit}s, log $log): $*" | tee "$log"
+        return 0
+    fi
+    timeout "$limit" "$@" 2>&1 | tee "$log"
+    local status=${PIPESTATUS[0]}
+    [ "$status" -eq 124 ] && printf '\ntimed out after %s s\n' "$limit" | tee -a "$log"
+    return "$status"
+}
 
 echo "== environment" | tee "$OUT/environment.txt"
-if ! "$PYTHON" - <<'EOF' 2>&1 | tee -a "$OUT/environment.txt"; then
+ARCH="$("$PYTHON" - "$DRY_RUN" <<'EOF' 2>>"$OUT/environment.txt"
 import sys
 try:
     import torch, triton
 except ImportError as error:
     sys.exit(f"MISSING: {error}. This check installs nothing; it needs a python with torch (CUDA) and triton.")
-print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}")
+if sys.argv[1] == "1":
+    print(90)
+    sys.exit()
 if not torch.cuda.is_available():
     sys.exit("MISSING: torch sees no CUDA device.")
-print(f"device: {torch.cuda.get_device_name(0)}")
+major, minor = torch.cuda.get_device_capability(0)
+print(major * 10 + minor)
 EOF
+)"
+if [ -z "$ARCH" ]; then
+    cat "$OUT/environment.txt"
     echo "device check: the machine lacks what it needs (see above); nothing was run." | tee -a "$OUT/environment.txt"
     exit 2
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/environment.txt" 2>&1
+"$PYTHON" -c "import sys, torch, triton; print(f'python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}')" \
+    | tee -a "$OUT/environment.txt"
+[ "$DRY_RUN" = 1 ] || nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/environment.txt" 2>&1
+echo "compute capability: $ARCH" | tee -a "$OUT/environment.txt"
 "$PYTHON" -m so8t_kernels.info >>"$OUT/environment.txt" 2>&1
+
+echo "== precompile for sm_$ARCH ($JOBS processes) into $TRITON_CACHE_DIR"
+case "$ARCH" in
+    80|90)
+        timeout 45 "$PYTHON" -m so8t_kernels.aot --arch "$ARCH" --jobs "$JOBS" --quiet --json "$OUT/aot.json" \
+            >"$OUT/aot.txt" 2>&1
+        aot_status=$?
+        tail -n 3 "$OUT/aot.txt"
+        [ "$aot_status" -eq 124 ] && echo "precompile: timed out after 45 s; the tests compile what is missing"
+        ;;
+    *) echo "precompile: no SM limits for sm_$ARCH in so8t_kernels.aot; the tests compile on first use" ;;
+esac
 
 status=0
 echo "== op tests on CUDA (SO8T_TEST_DEVICE=cuda)"
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
-    SO8T_TEST_DEVICE=cuda timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_*.py \
-        2>&1 | tee "$OUT/pytest.txt" | tail -n 40
-    test_status=${PIPESTATUS[0]}
-    [ "$test_status" -eq 124 ] && printf '\nop tests: timed out after 150 s\n' | tee -a "$OUT/pytest.txt"
+    SO8T_TEST_DEVICE=cuda run_gpu 120 "$OUT/pytest.txt" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_*.py
+    test_status=$?
     [ "$test_status" -ne 0 ] && status=1
 else
     echo "op tests: MISSING pytest on this machine; tests not run" | tee "$OUT/pytest.txt"
+    test_status=1
     status=1
 fi
 
-# FSDP (cannot run on CPU: accelerate shards only on GPUs): QLoRA + gates, one process per GPU.
 echo "== FSDP: accelerate launch --use_fsdp, QLoRA + gates (tests/test_train_fsdp.py)"
 if "$PYTHON" -c "import accelerate, peft, transformers, bitsandbytes" 2>/dev/null; then
-    SO8T_TEST_DEVICE=cuda timeout 75 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_train_fsdp.py \
-        2>&1 | tee "$OUT/fsdp.txt" | tail -n 30
-    [ "${PIPESTATUS[0]}" -ne 0 ] && status=1
+    SO8T_TEST_DEVICE=cuda run_gpu 75 "$OUT/fsdp.txt" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_train_fsdp.py
+    [ $? -ne 0 ] && status=1
 else
     echo "FSDP: MISSING accelerate/peft/transformers/bitsandbytes on this machine; not run" | tee "$OUT/fsdp.txt"
 fi
 
-echo "== benchmark"
-timeout 270 "$PYTHON" benchmarks/run.py --device cuda --suites all --out "$OUT" 2>&1 | tee "$OUT/benchmark.txt"
-bench_status=${PIPESTATUS[0]}
-[ "$bench_status" -eq 124 ] && printf '\nbenchmark: timed out after 270 s (files in $OUT hold the suites that finished)\n' | tee -a "$OUT/benchmark.txt"
+echo "== benchmark (measured)"
+run_gpu 210 "$OUT/benchmark.txt" "$PYTHON" benchmarks/run.py --device cuda --suites all --out "$OUT"
+bench_status=$?
 [ "$bench_status" -ne 0 ] && status=1
 
-echo "== device check done: tests $([ "${test_status:-1}" -eq 0 ] && echo passed || echo FAILED)," \
-     "benchmark $([ "$bench_status" -eq 0 ] && echo ok || echo FAILED); files in $OUT" | tee "$OUT/summary.txt"
+echo "== roofline (predicted from the compiled SASS, for comparison with the measured table above)"
+if [ -f "$OUT/aot.json" ]; then
+    "$PYTHON" benchmarks/roofline.py --records "$OUT/aot.json" 2>&1 | tee "$OUT/roofline.txt"
+else
+    echo "roofline: no $OUT/aot.json (precompile did not finish)" | tee "$OUT/roofline.txt"
+fi
+
+echo "== device check done: tests $([ "$test_status" -eq 0 ] && echo passed || echo FAILED)," \
+     "benchmark $([ "$bench_status" -eq 0 ] && echo ok || echo FAILED)$([ "$DRY_RUN" = 1 ] && echo ' (DRY_RUN: GPU steps not run)'); files in $OUT" \
+    | tee "$OUT/summary.txt"
 exit "$status"

@@ -161,10 +161,11 @@ def _times(left, right):
 
 
 @triton.jit
-def _identity_rows(lane):
+def _identity_rows(lane, like):
+    """Rows of I, shaped like ``like`` ([M, 8])."""
     rows = ()
     for i in tl.static_range(8):
-        rows = rows + ((lane == i).to(tl.float32),)
+        rows = rows + ((lane == i).to(tl.float32) + tl.zeros_like(like),)
     return rows
 
 
@@ -196,7 +197,7 @@ def _scaled(theta, scale):
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_matrices"])
 def _exp_forward_kernel(
     theta_ptr, rotation_ptr, residual_ptr, num_matrices,
     MATRICES_PER_PROGRAM: tl.constexpr, TAYLOR_DEGREE: tl.constexpr,
@@ -209,11 +210,13 @@ def _exp_forward_kernel(
     count = _squaring_count(theta, SCALED_NORM_MAX, MAX_SQUARINGS)
     scaled = _scaled(theta, tl.exp2(-count))
     # Horner: R = I + X R / k for k = K … 1 (the first step gives I + X / K).
-    rows = _identity_rows(lane)
-    for k in tl.static_range(TAYLOR_DEGREE, 0, -1):
+    # A runtime loop, not unrolled: 13 copies of the step would only slow the compile.
+    rows = _identity_rows(lane, theta[0])
+    for k in range(TAYLOR_DEGREE, 0, -1):
+        inverse = 1.0 / k
         updated = ()
         for i in tl.static_range(8):
-            updated = updated + ((lane == i).to(tl.float32) + _skew_times(scaled, rows, i, 1.0) * (1.0 / k),)
+            updated = updated + ((lane == i).to(tl.float32) + _skew_times(scaled, rows, i, 1.0) * inverse,)
         rows = updated
     for step in range(0, tl.max(tl.max(count, axis=1), axis=0).to(tl.int32)):
         rows = _select_rows(step < count, _times(rows, rows), rows)
@@ -233,7 +236,7 @@ def _exp_forward_kernel(
              mask=tl.program_id(0) * MATRICES_PER_PROGRAM + tl.arange(0, MATRICES_PER_PROGRAM) < num_matrices)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_matrices"])
 def _exp_backward_kernel(
     theta_ptr, grad_rotation_ptr, grad_theta_ptr, num_matrices,
     MATRICES_PER_PROGRAM: tl.constexpr, TAYLOR_DEGREE: tl.constexpr,
@@ -253,29 +256,30 @@ def _exp_backward_kernel(
         direction = direction + (value * scale,)
 
     # Horner on Y = Aᵀ/2^s = −X: P = I + Y P / k and its derivative F = (E P + Y F) / k.
-    power = _identity_rows(lane)
+    power = _identity_rows(lane, theta[0])
     frechet = ()
     for i in tl.static_range(8):
         frechet = frechet + (tl.zeros_like(power[0]),)
-    for k in tl.static_range(TAYLOR_DEGREE, 0, -1):
+    for k in range(TAYLOR_DEGREE, 0, -1):
+        inverse = 1.0 / k
         new_power = ()
         new_frechet = ()
         for i in tl.static_range(8):
             product = _skew_times(scaled, frechet, i, -1.0)
             for j in tl.static_range(8):
                 product += direction[i * 8 + j] * power[j]
-            new_frechet = new_frechet + (product * (1.0 / k),)
-            new_power = new_power + ((lane == i).to(tl.float32) + _skew_times(scaled, power, i, -1.0) * (1.0 / k),)
+            new_frechet = new_frechet + (product * inverse,)
+            new_power = new_power + ((lane == i).to(tl.float32) + _skew_times(scaled, power, i, -1.0) * inverse,)
         power = new_power
         frechet = new_frechet
     # exp(2Y) = exp(Y)²  ⇒  L(2Y, 2E) = L(Y, E) exp(Y) + exp(Y) L(Y, E).
     for step in range(0, tl.max(tl.max(count, axis=1), axis=0).to(tl.int32)):
         active = step < count
-        product = _times(frechet, power)
-        other = _times(power, frechet)
+        frechet_power = _times(frechet, power)
+        power_frechet = _times(power, frechet)
         summed = ()
         for i in tl.static_range(8):
-            summed = summed + (product[i] + other[i],)
+            summed = summed + (frechet_power[i] + power_frechet[i],)
         frechet = _select_rows(active, summed, frechet)
         power = _select_rows(active, _times(power, power), power)
 
@@ -304,8 +308,13 @@ def _kernel_constants() -> dict:
     )
 
 
+def _flat_theta(theta: torch.Tensor) -> torch.Tensor:
+    """[..., 28] → [N, 28] fp32: the math is fp32 anyway, and one kernel per arch compiles."""
+    return theta.reshape(-1, NUM_PARAMS).to(torch.float32).contiguous()
+
+
 def exp_triton(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = theta.reshape(-1, NUM_PARAMS).contiguous()
+    flat = _flat_theta(theta)
     rotation = torch.empty(flat.shape[0], BLOCK_SIZE, BLOCK_SIZE, dtype=torch.float32, device=theta.device)
     residual = torch.empty(flat.shape[0], dtype=torch.float32, device=theta.device)
     if flat.shape[0]:
@@ -316,7 +325,7 @@ def exp_triton(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def exp_backward_triton(grad_rotation: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    flat = theta.reshape(-1, NUM_PARAMS).contiguous()
+    flat = _flat_theta(theta)
     grad_flat = grad_rotation.reshape(-1, BLOCK_SIZE, BLOCK_SIZE).to(torch.float32).contiguous()
     grad_theta = torch.empty(flat.shape, dtype=torch.float32, device=theta.device)
     if flat.shape[0]:

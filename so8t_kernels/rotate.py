@@ -156,14 +156,18 @@ def _mix(mixing, vector, TRANSPOSE: tl.constexpr):
 
 
 @triton.jit
-def _vector_offsets(token, block, row_stride):
-    return token[:, None].to(tl.int64) * row_stride + block[None, :] * 8
+def _vector_offsets(token, block, row_vectors):
+    """Offsets of the 8-vectors (token, block) in rows of row_vectors 8-vectors: multiples of 8."""
+    return (token[:, None].to(tl.int64) * row_vectors + block[None, :]) * 8
 
 
-@triton.jit
+# Sizes and strides are not specialized (do_not_specialize): offsets are multiples of 8 elements by
+# construction (strides are passed in 8-vectors), which is all the 128-bit accesses need, and each
+# kernel compiles once per dtype and flag set instead of once per shape class.
+@triton.jit(do_not_specialize=["alpha_ptr", "num_tokens", "num_blocks", "x_row_vectors"])
 def _rotate_forward_kernel(
     x_ptr, rotation_ptr, alpha_ptr, y_ptr, stats_sum_ptr, stats_max_ptr, stats_count_ptr,
-    num_tokens, num_blocks, x_row_stride,
+    num_tokens, num_blocks, x_row_vectors,
     TOKENS: tl.constexpr, BLOCKS: tl.constexpr, WITH_STATS: tl.constexpr,
 ):
     block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
@@ -175,12 +179,12 @@ def _rotate_forward_kernel(
     for tile in range(tl.program_id(1), tl.cdiv(num_tokens, TOKENS), tl.num_programs(1)):
         token = tile * TOKENS + tl.arange(0, TOKENS)
         mask = (token < num_tokens)[:, None] & block_valid[None, :]
-        x = _load_vectors(x_ptr, _vector_offsets(token, block, x_row_stride), mask)
+        x = _load_vectors(x_ptr, _vector_offsets(token, block, x_row_vectors), mask)
         y = _mix(mixing, x, False)
         stored = ()
         for i in tl.static_range(8):
             stored = stored + (y[i].to(y_ptr.dtype.element_ty),)
-        _store_vectors(y_ptr, _vector_offsets(token, block, num_blocks * 8), mask, stored)
+        _store_vectors(y_ptr, _vector_offsets(token, block, num_blocks), mask, stored)
         if WITH_STATS:
             # Measured on the values as stored: an fp16 overflow to inf counts as non-finite.
             for i in tl.static_range(8):
@@ -199,7 +203,7 @@ def _rotate_forward_kernel(
         tl.store(stats_count_ptr + program, tl.sum(tl.sum(nonfinite, axis=1), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partials"])
 def _activation_stats_kernel(sum_ptr, max_ptr, count_ptr, stats_ptr, num_partials, CHUNK: tl.constexpr):
     """[Σ y², max |y|, non-finite count] from the forward's per-program partials, in one program."""
     sum_squares = tl.zeros((CHUNK,), dtype=tl.float32)
@@ -216,10 +220,10 @@ def _activation_stats_kernel(sum_ptr, max_ptr, count_ptr, stats_ptr, num_partial
     tl.store(stats_ptr + 2, tl.sum(nonfinite, axis=0).to(tl.float32))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["alpha_ptr", "num_tokens", "num_blocks", "grad_y_row_vectors", "x_row_vectors"])
 def _rotate_backward_kernel(
     grad_y_ptr, x_ptr, rotation_ptr, alpha_ptr, grad_x_ptr, outer_partial_ptr,
-    num_tokens, num_blocks, grad_y_row_stride, x_row_stride,
+    num_tokens, num_blocks, grad_y_row_vectors, x_row_vectors,
     TOKENS: tl.constexpr, BLOCKS: tl.constexpr, STAGES: tl.constexpr,
     NEED_X: tl.constexpr, NEED_PARAMS: tl.constexpr,
 ):
@@ -236,15 +240,15 @@ def _rotate_backward_kernel(
     for tile in tl.range(tl.program_id(1), tl.cdiv(num_tokens, TOKENS), tl.num_programs(1), num_stages=STAGES):
         token = tile * TOKENS + tl.arange(0, TOKENS)
         mask = (token < num_tokens)[:, None] & block_valid[None, :]
-        grad_y = _load_vectors(grad_y_ptr, _vector_offsets(token, block, grad_y_row_stride), mask)
+        grad_y = _load_vectors(grad_y_ptr, _vector_offsets(token, block, grad_y_row_vectors), mask)
         if NEED_X:
             grad_x = _mix(mixing, grad_y, True)  # dx_j = Σ_i M[i, j] dy_i
             stored = ()
             for j in tl.static_range(8):
                 stored = stored + (grad_x[j].to(grad_x_ptr.dtype.element_ty),)
-            _store_vectors(grad_x_ptr, _vector_offsets(token, block, num_blocks * 8), mask, stored)
+            _store_vectors(grad_x_ptr, _vector_offsets(token, block, num_blocks), mask, stored)
         if NEED_PARAMS:
-            x = _load_vectors(x_ptr, _vector_offsets(token, block, x_row_stride), mask)
+            x = _load_vectors(x_ptr, _vector_offsets(token, block, x_row_vectors), mask)
             updated = ()
             for i in tl.static_range(8):
                 for j in tl.static_range(8):
@@ -276,9 +280,10 @@ STATS_CHUNK = 1024
 
 
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
-    """[..., d] → [N, d] with unit stride along d (a copy only if the input needs one)."""
+    """[..., d] → [N, d] with unit stride along d and a row stride of whole 8-vectors (a copy only
+    if the input needs one)."""
     rows = tensor.reshape(-1, tensor.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
+    return rows if rows.stride(-1) == 1 and rows.stride(0) % BLOCK_SIZE == 0 else rows.contiguous()
 
 
 def _grid(num_tokens: int, num_blocks: int, tokens_per_tile: int) -> tuple[int, int]:
@@ -301,7 +306,7 @@ def rotate_triton(x, rotation, alpha, with_stats: bool = False):
         partial_count = torch.empty(num_partials, dtype=torch.int32, device=x.device)
         _rotate_forward_kernel[grid](
             rows, rotation.contiguous(), alpha, y, partial_sum, partial_max, partial_count,
-            num_tokens, num_blocks, rows.stride(0),
+            num_tokens, num_blocks, rows.stride(0) // BLOCK_SIZE,
             TOKENS=FORWARD_TOKENS_PER_TILE, BLOCKS=BLOCKS_PER_PROGRAM, WITH_STATS=with_stats,
         )
         if with_stats:
@@ -324,7 +329,7 @@ def rotate_backward_triton(grad_y, x, rotation, alpha, need_x: bool, need_params
     if num_tokens and (need_x or need_params):
         _rotate_backward_kernel[grid](
             grad_rows, rows, rotation_c, alpha, grad_x, outer_partial,
-            num_tokens, num_blocks, grad_rows.stride(0), rows.stride(0),
+            num_tokens, num_blocks, grad_rows.stride(0) // BLOCK_SIZE, rows.stride(0) // BLOCK_SIZE,
             TOKENS=BACKWARD_TOKENS_PER_TILE, BLOCKS=BLOCKS_PER_PROGRAM, STAGES=BACKWARD_STAGES,
             NEED_X=need_x, NEED_PARAMS=need_params,
         )

@@ -1,0 +1,118 @@
+"""Every Triton kernel compiled for sm_80 (A100) and sm_90 (H100/H200) on this CPU, at the
+specializations the launchers produce for hidden 8/24/136/3072/4096, 1/7/4096 tokens and
+fp32/bf16/fp16: no compile error, no spilled register, occupancy within each kernel's budget, and a
+rotate forward with no lane shuffles in its loop.
+
+``python -m so8t_kernels.aot`` does the work in a subprocess: the rest of the suite interprets Triton
+(TRITON_INTERPRET=1), this needs it compiled. Its results are cached by kernel source, specialization
+and Triton version (``SO8T_AOT_CACHE``, default ~/.cache/so8t/aot): a cold run compiles 48
+specializations (~1–2 minutes on 2 cores), a warm one reads JSON files.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ARCHES = (80, 90)
+
+# Occupancy floors: resident warps per SM over the SM's 64 warp slots, from the compiled registers
+# and shared memory. Each floor is what the kernel needs to reach its bound, with its reason:
+OCCUPANCY_BUDGET = {
+    # Memory-bound stream: 16 warps × 32 lanes × 2 tokens × 32 B = 32 KB of loads in flight per SM,
+    # twice the ~15 KB that H100's 3.35 TB/s × ~0.6 µs DRAM latency ÷ 132 SMs needs (64 M + 16 x
+    # + 16 y registers: 4 CTAs of 4 warps).
+    "_rotate_forward_kernel": 16 / 64,
+    # 64 accumulators of S plus 64 of M per thread cap it at 3 CTAs; the loop is pipelined
+    # (cp.async, 3 stages), so each CTA keeps 3 × 4 tokens × 32 chunks × 64 B = 24 KB of dy and x
+    # in flight: 72 KB per SM.
+    "_rotate_backward_kernel": 12 / 64,
+    # 720 programs for 11,520 matrices: 6 CTAs per SM run them in one wave on 132 SMs.
+    "_exp_forward_kernel": 24 / 64,
+    # 28 θ + 64 dL/dR + 32 row registers per lane: 3 CTAs (two waves of 720 programs); FMA-bound
+    # with 8 independent chains per step, which 3 warps per scheduler keep issuing.
+    "_exp_backward_kernel": 12 / 64,
+    # A streaming read of 16 KB tiles; 8 warps per SM keep 128 KB of loads in flight.
+    "_logit_stats_partial_kernel": 8 / 64,
+    # One program over ≤ 1024 partials, once per call: occupancy does not apply, only that it compiles.
+    "_activation_stats_kernel": 1 / 64,
+}
+# Rotate forward: ≤ 16 shuffles per warp per 256 elements of x (the previous design needed 192 for
+# Σ_j across 8 lanes).
+ROTATE_FORWARD_SHUFFLES_PER_256 = 16
+
+
+def _ptxas_missing() -> str | None:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        get_ptxas(90)
+    except Exception as error:  # noqa: BLE001 - any reason the wheel cannot compile for NVIDIA
+        return f"the triton wheel cannot compile for NVIDIA here ({type(error).__name__}: {error})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    reason = _ptxas_missing()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("aot") / "records.json"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    result = subprocess.run(
+        [sys.executable, "-m", "so8t_kernels.aot", "--arch", ",".join(map(str, ARCHES)), "--jobs", "2",
+         "--quiet", "--json", str(out)],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert result.returncode in (0, 1) and out.is_file(), f"aot exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_every_kernel_compiles_for_every_arch(compiled):
+    records, report = compiled
+    assert "problem:" not in report, report
+    failed = [f"sm_{r['arch']} {r['kernel']} {r['variant']}: {r['error']}" for r in records if not r["ok"]]
+    assert not failed, "\n".join(failed)
+    names = {r["kernel"] for r in records}
+    assert names == set(OCCUPANCY_BUDGET), f"kernels {names} vs budgets {set(OCCUPANCY_BUDGET)}"
+    assert {r["arch"] for r in records} == set(ARCHES)
+    assert len(records) >= len(OCCUPANCY_BUDGET) * len(ARCHES)
+
+
+def test_no_kernel_spills(compiled):
+    records, _ = compiled
+    spilled = [f"sm_{r['arch']} {r['kernel']} {r['variant']}: {r['spill_store']}/{r['spill_load']} B, stack {r['stack']} B"
+               for r in records if r["ok"] and (r["spill_store"] or r["spill_load"] or r["stack"])]
+    assert not spilled, "\n".join(spilled)
+
+
+def test_occupancy_within_budget(compiled):
+    records, _ = compiled
+    low = [f"sm_{r['arch']} {r['kernel']} {r['variant']}: {r['occupancy']['fraction']:.0%} "
+           f"({r['registers']} registers, {r['shared']} B shared) < {OCCUPANCY_BUDGET[r['kernel']]:.0%}"
+           for r in records if r["ok"] and r["occupancy"]["fraction"] < OCCUPANCY_BUDGET[r["kernel"]]]
+    assert not low, "\n".join(low)
+
+
+def test_rotate_forward_has_no_lane_shuffles(compiled):
+    """Per warp and tile the loop body moves 2 tokens × 32 chunks × 8 = 512 elements; shuffles outside
+    the loop (the statistics' final reduction) are spread over the tiles of one program at 4096 tokens."""
+    from so8t_kernels import rotate
+
+    records, _ = compiled
+    forward = [r for r in records if r["kernel"] == "_rotate_forward_kernel" and r["ok"]]
+    assert forward
+    elements_per_warp_tile = rotate.FORWARD_TOKENS_PER_TILE // 4 * rotate.BLOCKS_PER_PROGRAM * 8
+    for r in forward:
+        (loop,) = r["sass"]["loops"]
+        tiles = 4096 // rotate.FORWARD_TOKENS_PER_TILE // rotate._grid(4096, 384, rotate.FORWARD_TOKENS_PER_TILE)[1]
+        shuffles = loop["counts"].get("shuffle", 0) * tiles + r["sass"]["outside"].get("shuffle", 0)
+        per_256 = shuffles / (tiles * elements_per_warp_tile / 256)
+        assert per_256 <= ROTATE_FORWARD_SHUFFLES_PER_256, f"sm_{r['arch']} {r['variant']}: {per_256:.1f} per 256"
+        assert loop["counts"].get("shuffle", 0) == 0 and loop["counts"].get("shared", 0) == 0, r["variant"]

@@ -22,6 +22,7 @@ compiled, not interpreted). Exit status: 0 all compiled, 1 a kernel failed, 2 a 
 import argparse
 import contextlib
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -72,9 +73,15 @@ def _meta(shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
+def _op_modules():
+    """The modules that define Triton kernels (imported by name: the package re-exports a function
+    called linear_cross_entropy over its module)."""
+    return [importlib.import_module(f"so8t_kernels.{name}") for name in ("expm", "rotate", "stats", "linear_cross_entropy")]
+
+
 def scenarios():
     """[(label, thunk)]: each thunk calls one launcher on meta tensors."""
-    from so8t_kernels import expm, rotate, stats
+    expm, rotate, stats, linear_cross_entropy = _op_modules()
 
     out = []
     # so8_exp: a gate bank θ [layers, hidden/8, 28]; dL/dR arrives in R's dtype (fp32).
@@ -109,6 +116,14 @@ def scenarios():
         for shape in ((2048, 32064), (1, 32064), (7, 100), (4, 8192, 128256)):
             out.append((f"logit_stats {dtype_name} {'x'.join(map(str, shape))}",
                         lambda s=shape, d=dtype: stats.logit_stats_triton(_meta(s, d))))
+
+    # linear_cross_entropy: one chunk of logits per launch (Phi-3: 512 × 32,064; SmolLM2: 256 × 49,152).
+    for dtype_name, dtype in DTYPES.items():
+        for rows, vocab in ((512, 32064), (256, 49152), (7, 100)):
+            for write_grad in (False, True):
+                out.append((f"linear_cross_entropy rows {dtype_name} {rows}x{vocab}{' +grad' if write_grad else ''}",
+                            lambda r=rows, v=vocab, d=dtype, g=write_grad: linear_cross_entropy.rows_triton(
+                                _meta((r, v), d), _meta((r,), torch.int64), _meta((r,), torch.bool), _meta((r,)), g)))
     return out
 
 
@@ -116,9 +131,7 @@ def kernels():
     """Every @triton.jit kernel (name ends in _kernel) of the op modules."""
     from triton.runtime.jit import JITFunction
 
-    from so8t_kernels import expm, rotate, stats
-
-    return {obj.__name__: obj for module in (expm, rotate, stats) for obj in vars(module).values()
+    return {obj.__name__: obj for module in _op_modules() for obj in vars(module).values()
             if isinstance(obj, JITFunction) and obj.__name__.endswith("_kernel")}
 
 
@@ -302,11 +315,11 @@ def plan(arches=ARCHES) -> tuple[list[dict], list[str]]:
 
 def _variant(fn, signature, constexprs, attrs) -> str:
     names = fn.arg_names
-    shown = ("WITH_STATS", "NEED_X", "NEED_PARAMS")
+    shown = ("WITH_STATS", "NEED_X", "NEED_PARAMS", "WRITE_GRAD", "BLOCK")
     parts = [f"{names[index]}={int(value)}" for (index,), value in sorted(constexprs.items()) if names[index] in shown]
     parts += [f"{names[index]}=1" for (index,) in sorted(constexprs) if not fn.params[index].is_constexpr]
     pointers = [name for name in names if signature.get(name, "").startswith("*")]
-    parts.append(" ".join(sorted({signature[name][1:] for name in pointers if name.startswith(("x_", "theta", "logits"))})))
+    parts.append(" ".join(sorted({signature[name][1:] for name in pointers if name.startswith(("x_", "theta", "logits_"))})))
     unspecialized = {names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}
     unaligned = [name for name in pointers if not attrs.get((names.index(name),)) and name not in unspecialized]
     if unaligned:

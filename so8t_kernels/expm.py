@@ -190,6 +190,13 @@ def _squaring_count(theta, SCALED_NORM_MAX: tl.constexpr, MAX_SQUARINGS: tl.cons
 
 
 @triton.jit
+def _exact_power_of_two(exponent):
+    """2^exponent for integer-valued fp32 exponent in [-126, 127], exact: built from its bits, where
+    the GPU's exp2 (ex2.approx) may be off by an ulp and scale X inexactly."""
+    return ((exponent.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _scaled(theta, scale):
     out = ()
     for pair in tl.static_range(28):
@@ -208,12 +215,13 @@ def _exp_forward_kernel(
     valid = (matrix < num_matrices) & (lane < 8)
     theta = _load_theta(theta_ptr, matrix, valid, lane)
     count = _squaring_count(theta, SCALED_NORM_MAX, MAX_SQUARINGS)
-    scaled = _scaled(theta, tl.exp2(-count))
+    scaled = _scaled(theta, _exact_power_of_two(-count))
     # Horner: R = I + X R / k for k = K … 1 (the first step gives I + X / K).
     # A runtime loop, not unrolled: 13 copies of the step would only slow the compile.
     rows = _identity_rows(lane, theta[0])
     for k in range(TAYLOR_DEGREE, 0, -1):
-        inverse = 1.0 / k
+        one = tl.full((), 1.0, tl.float32)
+        inverse = tl.div_rn(one, one * k)  # correctly rounded, as on the CPU (not div.full)
         updated = ()
         for i in tl.static_range(8):
             updated = updated + ((lane == i).to(tl.float32) + _skew_times(scaled, rows, i, 1.0) * inverse,)
@@ -247,7 +255,7 @@ def _exp_backward_kernel(
     valid = (matrix < num_matrices) & (lane < 8)
     theta = _load_theta(theta_ptr, matrix, valid, lane)
     count = _squaring_count(theta, SCALED_NORM_MAX, MAX_SQUARINGS)
-    scale = tl.exp2(-count)
+    scale = _exact_power_of_two(-count)
     scaled = _scaled(theta, scale)
     # E = dL/dR · 2^-s, every entry replicated on the 8 lanes: E P needs E[i, k] on lane j.
     direction = ()
@@ -261,7 +269,8 @@ def _exp_backward_kernel(
     for i in tl.static_range(8):
         frechet = frechet + (tl.zeros_like(power[0]),)
     for k in range(TAYLOR_DEGREE, 0, -1):
-        inverse = 1.0 / k
+        one = tl.full((), 1.0, tl.float32)
+        inverse = tl.div_rn(one, one * k)  # correctly rounded, as on the CPU (not div.full)
         new_power = ()
         new_frechet = ()
         for i in tl.static_range(8):

@@ -1,12 +1,12 @@
 """Every Triton kernel compiled for sm_80 (A100) and sm_90 (H100/H200) on this CPU, at the
 specializations the launchers produce for hidden 8/24/136/3072/4096, 1/7/4096 tokens and
-fp32/bf16/fp16: no compile error, no spilled register, occupancy within each kernel's budget, and a
+fp32/bf16/fp16 (and the logits shapes of logit_stats and linear_cross_entropy): no compile error, no spilled register, occupancy within each kernel's budget, and a
 rotate forward with no lane shuffles in its loop.
 
 ``python -m so8t_kernels.aot`` does the work in a subprocess: the rest of the suite interprets Triton
 (TRITON_INTERPRET=1), this needs it compiled. Its results are cached by kernel source, specialization
-and Triton version (``SO8T_AOT_CACHE``, default ~/.cache/so8t/aot): a cold run compiles 48
-specializations (~1–2 minutes on 2 cores), a warm one reads JSON files.
+and Triton version (``SO8T_AOT_CACHE``, default ~/.cache/so8t/aot): a cold run compiles 72
+specializations (~1.5 CPU-minutes: about a minute on 2 cores), a warm one reads JSON files.
 """
 
 import json
@@ -41,6 +41,9 @@ OCCUPANCY_BUDGET = {
     "_logit_stats_partial_kernel": 8 / 64,
     # One program over ≤ 1024 partials, once per call: occupancy does not apply, only that it compiles.
     "_activation_stats_kernel": 1 / 64,
+    # linear_cross_entropy's row pass: a program streams one logits row in 2048-value tiles (8 KB of
+    # fp32); 16 warps per SM keep 32 KB of loads in flight, as for the rotate forward.
+    "_rows_kernel": 16 / 64,
 }
 # Rotate forward: ≤ 16 shuffles per warp per 256 elements of x (the previous design needed 192 for
 # Σ_j across 8 lanes).

@@ -150,3 +150,9 @@ def test_runs_are_compared_on_the_same_axes(tmp_path):
     np.testing.assert_allclose(mean_line.get_ydata(), baseline.values["act_rms"].mean(axis=1))
     written = draw_comparison([("gated", gated), ("baseline", baseline)], tmp_path / "compare")
     assert sorted(path.name for path in written) == [f"{name}.png" for name in sorted(figures)]
+
+
+def test_a_gradient_frozen_at_every_sample_says_so_instead_of_an_empty_panel():
+    figures = dict(build_figures(make_series(4, [1, 10, 20])))  # all within the 30-step warmup: α frozen
+    _, alpha_panel, _ = [ax for ax in figures["gradients"].axes if ax.get_label() != "<colorbar>"]
+    assert [text.get_text() for text in alpha_panel.texts] == ["frozen at every sample (no gradient)"]

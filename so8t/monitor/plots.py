@@ -267,6 +267,8 @@ def _gradients(series: Series, axes) -> None:
         ax.set_ylabel(METRIC[name].label)
         if not names:
             ax.text(0.5, 0.5, "no parameters", transform=ax.transAxes, ha="center")
+        elif np.isnan(values).all():  # e.g. α throughout a run shorter than its warmup
+            ax.text(0.5, 0.5, "frozen at every sample (no gradient)", transform=ax.transAxes, ha="center")
     axes[0].set_title("Gradient norms (as the optimizer sees them; gaps: frozen)")
 
 

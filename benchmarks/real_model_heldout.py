@@ -16,6 +16,7 @@ import json
 import math
 import random
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -103,8 +104,9 @@ def main() -> None:
         heldout_pairs = read_jsonl(scratch / "heldout.jsonl")
 
         base, tokenizer = load_model_and_tokenizer(TrainOptions(model=source, load_in_4bit=args.load_in_4bit))
-        results["base_heldout_loss"], results["heldout_tokens"] = heldout_loss(base, tokenizer, heldout_pairs, args.max_length)
-        print(f"base model: held-out loss {results['base_heldout_loss']:.4f} over {results['heldout_tokens']} tokens", flush=True)
+        loss, tokens = heldout_loss(base, tokenizer, heldout_pairs, args.max_length)
+        results["base_heldout_loss"], results["heldout_tokens"] = loss, tokens
+        print(f"base model: held-out loss {loss:.4f} over {tokens} tokens", flush=True)
         del base
 
         for name, gates in (("no gates", False), ("gates", True)):
@@ -121,7 +123,7 @@ def main() -> None:
             losses = [entry["loss"] for entry in training.trainer.state.log_history if "loss" in entry]
             loss, _ = heldout_loss(training.model, training.tokenizer, heldout_pairs, args.max_length)
             run = {"train_loss_first": losses[0], "train_loss_last": losses[-1], "heldout_loss": loss,
-                   "heldout_perplexity": math.exp(loss), "median_step_s": sorted(clock.seconds)[len(clock.seconds) // 2]}
+                   "heldout_perplexity": math.exp(loss), "median_step_s": statistics.median(clock.seconds)}
             if training.handle is not None:
                 run["sigma_alpha_mean"] = torch.sigmoid(training.handle.alpha.detach()).mean().item()
                 # ‖θ‖ of a whole layer (all its blocks together), largest over layers; not the monitor's

@@ -143,11 +143,11 @@ class Chat:
         sampling = (dict(do_sample=True, temperature=self.args.temperature, top_p=self.args.top_p)
                     if self.args.temperature > 0 else dict(do_sample=False))
         started = time.perf_counter()
+        streamer = _streamer(self.generator.tokenizer, self.dropped_ids, thinking)
         with torch.inference_mode():
             output = self.generator.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=self.args.max_new_tokens,
-                pad_token_id=self.pad_token_id, streamer=_streamer(self.generator.tokenizer, self.dropped_ids, thinking),
-                **sampling,
+                pad_token_id=self.pad_token_id, streamer=streamer, **sampling,
             )
         elapsed = time.perf_counter() - started
         print(flush=True)

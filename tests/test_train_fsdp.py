@@ -80,4 +80,5 @@ def test_fsdp_qlora_keeps_the_gates_identical_on_every_rank_and_saves_them(tmp_p
         assert torch.equal(rank["theta"], ranks[0]["theta"]) and torch.equal(rank["alpha"], ranks[0]["alpha"])
     assert ranks[0]["theta"].abs().sum() > 0
     saved = load_file(tmp_path / "out" / "so8t" / "so8t_adapter.safetensors")
-    assert torch.equal(saved["theta"].float(), ranks[0]["theta"]) and torch.equal(saved["alpha"].float(), ranks[0]["alpha"])
+    assert torch.equal(saved["theta"].float(), ranks[0]["theta"])
+    assert torch.equal(saved["alpha"].float(), ranks[0]["alpha"])

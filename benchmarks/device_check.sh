@@ -13,7 +13,8 @@
 #   4. benchmarks/run.py --device cuda --suites all: rotate/exp/stats against copy bandwidth and the
 #      Phi-3-mini-shape training step with and without gates (≤ 210 s; it rewrites its files after
 #      each benchmark, so a timeout keeps the rows that finished, kernels first);
-#   5. the static roofline prediction next to it (benchmarks/roofline.py, labelled predicted).
+#   5. the static roofline prediction (benchmarks/roofline.py, labelled predicted), printed by the
+#      benchmark after its table and kept in $OUT/roofline.txt (also under DRY_RUN).
 # Everything lands under $OUT. Exit status: 0 when tests and benchmark pass, 1 when either fails or
 # times out, 2 when the machine lacks what the check needs.
 set -uo pipefail
@@ -102,11 +103,13 @@ else
 fi
 
 echo "== benchmark (measured)"
-run_gpu 210 "$OUT/benchmark.txt" "$PYTHON" benchmarks/run.py --device cuda --suites all --out "$OUT"
+PREDICTED=()
+[ -f "$OUT/aot.json" ] && PREDICTED=(--predicted "$OUT/aot.json")
+run_gpu 210 "$OUT/benchmark.txt" "$PYTHON" benchmarks/run.py --device cuda --suites all --out "$OUT" "${PREDICTED[@]}"
 bench_status=$?
 [ "$bench_status" -ne 0 ] && status=1
 
-echo "== roofline (predicted from the compiled SASS, for comparison with the measured table above)"
+echo "== roofline (predicted from the compiled SASS; also at the end of the benchmark's output)"
 if [ -f "$OUT/aot.json" ]; then
     "$PYTHON" benchmarks/roofline.py --records "$OUT/aot.json" 2>&1 | tee "$OUT/roofline.txt"
 else

@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"%(default)s; the training-step suites take tens of minutes on a 2-core CPU)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1/8 of the tokens, short timings")
     parser.add_argument("--out", type=Path, default=BENCHMARK_DIR / "out")
+    parser.add_argument("--predicted", type=Path, metavar="AOT_JSON",
+                        help="also print the static roofline prediction (benchmarks/roofline.py) from these "
+                             "`python -m so8t_kernels.aot --json` records, labelled predicted")
     args = parser.parse_args(argv)
     args.dtypes = args.dtypes or ("fp32,bf16" if args.device == "cuda" else "fp32")
     args.suites = ",".join(SUITES) if args.suites == "all" else args.suites
@@ -372,6 +375,12 @@ def main(argv=None) -> int:
             print(f"\nTargets ({device.type}; reported, never enforced):")
             for result in suite_targets:
                 print(f"  {target_line(result)}")
+
+    if args.predicted is not None:
+        import roofline
+
+        print("\n== predicted, not measured: static roofline from the compiled SASS (benchmarks/roofline.py)")
+        print(roofline.text(roofline.estimate(roofline.load_records(args.predicted))), flush=True)
 
     for error in context.errors:
         print(f"error: {error}")

@@ -121,9 +121,11 @@ def scenarios():
     for dtype_name, dtype in DTYPES.items():
         for rows, vocab in ((512, 32064), (256, 49152), (7, 100)):
             for write_grad in (False, True):
-                out.append((f"linear_cross_entropy rows {dtype_name} {rows}x{vocab}{' +grad' if write_grad else ''}",
-                            lambda r=rows, v=vocab, d=dtype, g=write_grad: linear_cross_entropy.rows_triton(
-                                _meta((r, v), d), _meta((r,), torch.int64), _meta((r,), torch.bool), _meta((r,)), g)))
+                for with_stats in (False, True):
+                    out.append((f"linear_cross_entropy rows {dtype_name} {rows}x{vocab}"
+                                f"{' +grad' if write_grad else ''}{' +stats' if with_stats else ''}",
+                                lambda r=rows, v=vocab, d=dtype, g=write_grad, st=with_stats: linear_cross_entropy.rows_triton(
+                                    _meta((r, v), d), _meta((r,), torch.int64), _meta((r,), torch.bool), _meta((r,)), g, st)))
     return out
 
 

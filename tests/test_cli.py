@@ -3,7 +3,6 @@ bitsandbytes), for every registered command, and an argument error shows the com
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -55,16 +54,6 @@ def test_an_unknown_option_of_a_subsubcommand_shows_its_usage(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("usage: so8t audit verify "), result.stderr
     assert "so8t audit verify: error: unrecognized arguments: --ancors a (did you mean --anchors?)" in result.stderr
-
-
-def test_help_starts_well_under_two_seconds():
-    # The best of three runs: the shared machine's load may slow any one run; torch alone takes ~4 s here.
-    durations = []
-    for _ in range(3):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "so8t", "--help"], capture_output=True, check=True, timeout=60)
-        durations.append(time.perf_counter() - start)
-    assert min(durations) < 1.0, durations
 
 
 def test_the_readme_documents_every_command_the_version_and_the_openapi_page():

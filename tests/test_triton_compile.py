@@ -20,6 +20,8 @@ import pytest
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARCHES = (80, 90)
+# Under pytest.ini's 600 s per test, so the compile's own timeout, with its message, fires first.
+AOT_TIMEOUT_S = 540
 
 # Occupancy floors: resident warps per SM over the SM's 64 warp slots, from the compiled registers
 # and shared memory. Each floor is what the kernel needs to reach its bound, with its reason:
@@ -68,11 +70,13 @@ def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("aot") / "records.json"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    result = subprocess.run(
-        [sys.executable, "-m", "so8t_kernels.aot", "--arch", ",".join(map(str, ARCHES)), "--jobs", "2",
-         "--quiet", "--json", str(out)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1200,
-    )
+    command = [sys.executable, "-m", "so8t_kernels.aot", "--arch", ",".join(map(str, ARCHES)), "--jobs", "2",
+               "--quiet", "--json", str(out)]
+    try:
+        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                                timeout=AOT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"python -m so8t_kernels.aot ran over {AOT_TIMEOUT_S} s (a cold run takes about a minute on 2 cores)")
     # Exit status 1 (a kernel failed) or 2 (a launcher raised) still writes the records: the tests
     # below say which.
     assert out.is_file(), f"aot exited {result.returncode} without records:\n{result.stdout}\n{result.stderr}"

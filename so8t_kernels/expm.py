@@ -58,7 +58,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def squaring_count(skew: torch.Tensor) -> torch.Tensor:
-    """Per-matrix s ≥ 0 with ‖A‖_F / 2^s ≤ 1; 0 for non-finite A (its NaN then propagates)."""
+    """Per-matrix s ≥ 0 with ‖A‖_F / 2^s ≤ SCALED_NORM_MAX (2); 0 for non-finite A (its NaN then propagates)."""
     norm = torch.linalg.matrix_norm(skew)
     count = torch.ceil(torch.log2(norm / SCALED_NORM_MAX)).clamp(0, MAX_SQUARINGS)
     return torch.nan_to_num(count, nan=0.0)

@@ -38,7 +38,7 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id or directory of a causal LM (default: the embedded demo, no download)")
+    parser.add_argument("--model", help="hub id, directory or .gguf file of a causal LM (default: the embedded demo, no download)")
     parser.add_argument("--adapter", help="a so8t train output directory: LoRA adapter, SO8T gates (so8t/), tokenizer")
     parser.add_argument("--safety-model", help="a so8t train --task classify output directory: the safety judge")
     parser.add_argument("--safety-threshold", type=float, default=DEFAULT_THRESHOLD,

@@ -28,7 +28,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TRITON_CACHE_DIR="$OUT/triton-cache" SO8T_AOT_CACHE="$OUT/aot-cache"
-JOBS="$(nproc 2>/dev/null || echo 4)"
+JOBS="$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 4)"  # not nproc: it honours OMP_NUM_THREADS
 
 run_gpu() {  # run_gpu <timeout s> <log> <command...>: runs it, or prints it under DRY_RUN=1
     local limit="$1" log="$2"

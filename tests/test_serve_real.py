@@ -1,0 +1,56 @@
+"""``so8t serve`` on a real pretrained model: SmolLM2-135M-Instruct from its GGUF file, with an adapter that
+``so8t train`` made on it (2 steps), asked a plain question by the official ``openai`` client through
+the model's chat template. About two minutes on a 2-core CPU, most of it the training."""
+
+import re
+import subprocess
+import sys
+
+import openai
+import pytest
+
+from so8t.audit import AuditKey, read_rows
+from so8t.cli import main
+from serve_helpers import verify, wait_for_health
+from test_real_model import gguf_file  # noqa: F401 (the fixture: skips, or fails in CI, without the package)
+from test_serve_cli import OFFLINE
+
+pytestmark = pytest.mark.real_model
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def readable(text: str) -> bool:
+    """Words in printable characters: no replacement characters, no control characters but whitespace."""
+    return (len(re.findall(r"[A-Za-z]{2,}", text)) >= 3 and "\ufffd" not in text
+            and all(character.isprintable() or character.isspace() for character in text))
+
+
+def test_the_real_gguf_model_with_its_adapter_answers_over_the_openai_api(gguf_file, tmp_path):  # noqa: F811
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(gguf_file), "--output-dir", str(run), "--max-steps", "2", "--batch-size", "2",
+                 "--max-length", "64", "--so8t-layers", "1,14,28", "--warmup-steps", "1", "--learning-rate", "1e-3",
+                 "--no-monitor"]) == 0
+    audit_db = tmp_path / "audit.db"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "so8t", "serve", "--model", str(gguf_file), "--adapter", str(run), "--port", "0",
+         "--audit-db", str(audit_db), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=OFFLINE,
+    )
+    try:
+        url = re.search(r"on (http://127\.0\.0\.1:\d+) ", process.stdout.readline()).group(1)
+        health = wait_for_health(url, process=process)
+        assert health["gated_layers"] == [1, 14, 28]
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        [model] = client.models.list().data
+        completion = client.chat.completions.create(model=model.id, messages=QUESTION, max_tokens=32, temperature=0)
+    finally:
+        process.terminate()
+        process.wait(timeout=120)
+    answer = completion.choices[0].message.content
+    assert readable(answer), answer
+    assert completion.usage.prompt_tokens > 10  # the chat template's turn markers around the question
+    [row] = read_rows(audit_db)
+    key = AuditKey.load(f"{audit_db}.key")
+    assert (row.request_id, row.outcome, row.status) == (completion.model_extra["so8t"]["request_id"], "answered", 200)
+    assert row.answer_hmac == key.digest(answer) and verify(audit_db, key).ok

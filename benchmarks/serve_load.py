@@ -3,7 +3,8 @@
 (``--max-batch 1``), measured in one run.
 
 Each configuration is a real ``so8t serve`` subprocess on 127.0.0.1 (a free port, its own temporary
-audit database, default threads: OMP_NUM_THREADS is removed from its environment). A round sends
+audit database; OMP_NUM_THREADS is removed from its environment, so the server picks its threads, unless
+``--threads`` sets it). A round sends
 ``--requests`` /think requests (greedy, ``--max-new-tokens`` each, distinct prompts) with at most
 ``--concurrency`` in flight; rounds alternate between the two servers so a shared machine's changing
 load hits both alike. Bounded: at most ``--rounds`` rounds each and ``--max-seconds`` in all.
@@ -20,6 +21,7 @@ import contextlib
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,8 +35,10 @@ STARTUP_TIMEOUT_S = 300
 
 
 @contextlib.contextmanager
-def serve(max_batch: int, model: str | None, audit_dir: Path):
+def serve(max_batch: int, model: str | None, audit_dir: Path, threads: int | None):
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     command = [sys.executable, "-m", "so8t", "serve", "--port", "0", "--log-level", "warning",
                "--max-batch", str(max_batch), "--max-queue", "1024",
@@ -101,15 +105,19 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=64, help="per round (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="per configuration (default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the servers (default: unset, so8t serve's "
+                                                    "own choice)")
     parser.add_argument("--max-seconds", type=float, default=600, help="stop starting rounds after this")
     args = parser.parse_args()
 
     import torch
 
+    # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers started below are stopped too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.monotonic()
     results = {16: [], 1: []}
-    with tempfile.TemporaryDirectory() as audit_dir, serve(16, args.model, Path(audit_dir)) as (batched, threads), \
-            serve(1, args.model, Path(audit_dir)) as (single, _):
+    with tempfile.TemporaryDirectory() as audit_dir, serve(16, args.model, Path(audit_dir), args.threads) \
+            as (batched, threads), serve(1, args.model, Path(audit_dir), args.threads) as (single, _):
         for url in (batched, single):  # warm-up: first-call allocations, tokenizer caches
             asyncio.run(one_round(url, args.concurrency, args.concurrency, 4, 10_000))
         for index in range(args.rounds):

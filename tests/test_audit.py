@@ -115,10 +115,10 @@ def test_tampering_is_found_at_the_first_bad_row(database, key_file, tamper, fir
 def test_a_rehashed_rewrite_without_the_key_is_found_at_the_edited_row(database, key_file):
     rows = read_rows(database)
     guessed = AuditKey.generate()  # anything but the server's key: a plain SHA-256 fails the same way
+    previous = rows[0].row_mac
     for row in rows[1:]:  # rewrite row 2 and re-chain everything after it
-        values = {**row.chained_values(), "safety_label": "ALLOW" if row.seq == 2 else row.safety_label}
-        if row.seq > 2:
-            values["prev_mac"] = previous
+        values = {**row.chained_values(), "safety_label": "ALLOW" if row.seq == 2 else row.safety_label,
+                  "prev_mac": previous}
         previous = guessed.mac(values)
         execute(database, "UPDATE audit_log SET safety_label = ?, prev_mac = ?, row_mac = ? WHERE seq = ?",
                 values["safety_label"], values["prev_mac"], previous, row.seq)

@@ -22,9 +22,9 @@ from .generation import Generation, TextGenerator
 from .ledger import STATE_REQUEST_ID, Ledger, LedgerMiddleware
 from .metrics import ServeMetrics
 from .openai_api import add_openai_routes
-from .scheduler import Scheduler
+from .scheduler import Scheduler, ServerBusy
 from .schemas import Monitor, Safety, ThinkRequest, ThinkResponse
-from .service import Refusal, ServerBusy, Service, busy_refusal, model_failure
+from .service import Refusal, Service, busy_refusal, model_failure
 from .thinking import ParsedCompletion, parse_thinking
 
 # Room for a 16,000-character prompt even if every character is a 12-byte JSON escape, and the rest.
@@ -63,19 +63,22 @@ def create_app(generator: TextGenerator, audit: AuditLog, judge: SafetyJudge | N
         record = service.start_record(request, body.prompt)
         request_id = record.request_id
         try:
-            with scheduler.admitted():
-                decision = await service.decide(request, record, body.prompt, body.prompt, body.max_new_tokens,
-                                                body.temperature, body.top_p)
-                generation = None
-                if decision.request is not None:
-                    generation = await service.generate(request, decision.request)
+            admission = scheduler.admit()
         except ServerBusy:
             return refuse(request, record, busy_refusal())
+        try:
+            decision = await service.decide(request, record, body.prompt, body.prompt, body.max_new_tokens,
+                                            body.temperature, body.top_p)
+            generation = None
+            if decision.request is not None:
+                generation = await service.generate(request, decision.request)
         except Refusal as refusal:
             return refuse(request, record, refusal)
         except Exception as error:  # the judge or the model failed; the traceback goes to the log only
             record.error = type(error).__name__
             return refuse(request, record, model_failure(request_id, error))
+        finally:
+            admission.release()
         service.finish_record(request, record, decision.outcome)
         parsed = parse_thinking(generation.text) if generation is not None else None
         if parsed is not None:

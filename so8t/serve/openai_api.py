@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 from fastapi import FastAPI, Request
@@ -28,12 +29,15 @@ from .errors import ApiError, error_body
 from .generation import STOP, Generation
 from .ledger import AUDIT_UNAVAILABLE, STATE_DEFERRED, STATE_RECORDED
 from .schemas import ChatCompletionRequest
-from .service import Decision, Refusal, ServerBusy, Service, busy_refusal, model_failure
+from .scheduler import ServerBusy
+from .service import Decision, Refusal, Service, busy_refusal, model_failure
 from .thinking import parse_thinking
 
 OWNER = "so8t"
 FINISH_REASON = {STOP: "stop"}  # anything else the model stopped for is "length"
 CONTENT_FILTER = "content_filter"
+
+log = logging.getLogger("so8t.serve")
 
 
 def messages_text(messages: list[dict]) -> str:
@@ -63,18 +67,17 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
             return error_response(request, ApiError(404, "model not found", message=(
                 f"model {body.model!r} is not served here; GET /v1/models lists {service.generator.name!r}")))
         judged = "\n\n".join(message["content"] for message in messages)
-        admission = service.scheduler.admitted()
         try:
-            admission.__enter__()
+            admission = service.scheduler.admit()
         except ServerBusy:
             return refuse(request, record, busy_refusal())
+        decision = None
         try:
             decision = await service.decide(request, record, judged, messages, body.new_tokens, body.temperature,
                                             body.top_p, body.stops, body.length_field)
             if body.stream and decision.request is not None:
                 stream = _Stream(service, request, record, body, decision, admission)
                 request.scope["state"][STATE_DEFERRED] = True
-                admission = None  # the stream leaves the server when it ends
                 return StreamingResponse(stream.events(), media_type="text/event-stream",
                                          headers={"cache-control": "no-cache"})
             generation = None
@@ -86,8 +89,8 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
             record.error = type(error).__name__
             return refuse(request, record, model_failure(request_id, error))
         finally:
-            if admission is not None:
-                admission.__exit__(None, None, None)
+            if not (body.stream and decision is not None and decision.request is not None):
+                admission.release()  # a stream releases it when it ends
         service.finish_record(request, record, decision.outcome)
         completion = _completion(service, record, body, decision, generation)
         if body.stream:  # withheld by the judge: one chunk, then [DONE]
@@ -220,8 +223,8 @@ class _Stream:
             try:
                 generation = task.result()
             except Exception as error:
+                log.error("model call failed for request %s", self.record.request_id, exc_info=error)
                 self.record.error = type(error).__name__
-                model_failure(self.record.request_id, error)
                 self.service.finish_record(self.request, self.record, "error")
                 self.record.status = 500
                 state[STATE_RECORDED] = True
@@ -250,4 +253,4 @@ class _Stream:
                 self.record.status = 499
             raise
         finally:
-            self.admission.__exit__(None, None, None)
+            self.admission.release()

@@ -10,7 +10,6 @@ for torch's threads; the event loop stays free for /health, /metrics and new con
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 from collections import deque
@@ -24,6 +23,20 @@ log = logging.getLogger("so8t.serve")
 
 class ServerBusy(Exception):
     """More than max_queue requests are already in the server."""
+
+
+class Admission:
+    """A request's place in the server; ``release`` (once, idempotent) gives it back. A streamed response
+    keeps it until its stream ends, after its handler has returned."""
+
+    def __init__(self, scheduler: Scheduler):
+        self._scheduler = scheduler
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._scheduler._leave()
 
 
 class Scheduler:
@@ -45,22 +58,21 @@ class Scheduler:
         """Requests in the server: waiting for the model thread or running on it."""
         return self._depth
 
-    @contextlib.contextmanager
-    def admitted(self):
-        """Counts a request while it is in the server; raises ServerBusy when max_queue are in already."""
+    def admit(self) -> Admission:
+        """Counts a request in until its Admission is released; raises ServerBusy when max_queue are in already."""
         with self._condition:
             if self._depth >= self.max_queue:
                 raise ServerBusy
             self._depth += 1
             depth = self._depth
         self._on_depth_change(depth)
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._depth -= 1
-                depth = self._depth
-            self._on_depth_change(depth)
+        return Admission(self)
+
+    def _leave(self) -> None:
+        with self._condition:
+            self._depth -= 1
+            depth = self._depth
+        self._on_depth_change(depth)
 
     async def call(self, function: Callable, *args):
         """``function(*args)`` on the model thread, alone."""

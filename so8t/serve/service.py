@@ -16,7 +16,7 @@ from .errors import ApiError, invalid_status
 from .generation import ContextOverflow, Generation, GenerationRequest, TextGenerator
 from .ledger import STATE_RECORD, STATE_REQUEST_ID, STATE_STARTED, Ledger, latency_ms_since
 from .metrics import ServeMetrics
-from .scheduler import Scheduler, ServerBusy
+from .scheduler import Scheduler
 from .thinking import ParsedCompletion
 
 OUTCOME_OF_LABEL = {ALLOW: "answered", DENY: "denied"}  # ESCALATE (and anything else): "escalated"
@@ -119,5 +119,3 @@ async def _until_disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
-
-__all__ = ["Decision", "Refusal", "Service", "ServerBusy", "busy_refusal", "model_failure"]

@@ -326,6 +326,9 @@ def _variant(fn, signature, constexprs, attrs) -> str:
     unaligned = [name for name in pointers if not attrs.get((names.index(name),)) and name not in unspecialized]
     if unaligned:
         parts.append("unaligned:" + ",".join(unaligned))
+    divisible = [name for name in names if signature.get(name, "*").startswith("i") and attrs.get((names.index(name),))]
+    if divisible:
+        parts.append("%16:" + ",".join(divisible))
     wide = [name for name in names if signature.get(name) == "i64"]
     if wide:
         parts.append("i64:" + ",".join(wide))

@@ -5,7 +5,7 @@ rotate forward with no lane shuffles in its loop.
 
 ``python -m so8t_kernels.aot`` does the work in a subprocess: the rest of the suite interprets Triton
 (TRITON_INTERPRET=1), this needs it compiled. Its results are cached by kernel source, specialization
-and Triton version (``SO8T_AOT_CACHE``, default ~/.cache/so8t/aot): a cold run compiles 72
+and Triton version (``SO8T_AOT_CACHE``, default ~/.cache/so8t/aot): a cold run compiles 78
 specializations (~1.5 CPU-minutes: about a minute on 2 cores), a warm one reads JSON files.
 """
 

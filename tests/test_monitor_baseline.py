@@ -3,11 +3,14 @@ activations measured at the decoder layers' outputs where the gates would be; an
 training and eval losses, recorded for gated and baseline runs alike."""
 
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
 
 from monitor_helpers import TokenDataset, make_trainer, tiny_gated_model
@@ -77,3 +80,38 @@ def test_training_and_eval_losses_are_recorded_as_the_trainer_logs_them(tmp_path
     assert run.losses.points == expected
     summary = (tmp_path / "monitoring" / "summary.json").read_text()
     assert '"eval_loss"' in summary and '"final"' in summary
+
+
+def _checkpoint_layer_calls(model) -> None:
+    """Checkpoints each decoder layer's ``__call__``, hooks included, reentrant, as transformers 4 did
+    (and custom models still may): backward then re-runs every layer's forward hooks."""
+    model.enable_input_require_grads()  # a reentrant checkpoint passes gradients only to inputs that need them
+    for layer in find_decoder_layout(model).layers:
+        class CallCheckpointed(type(layer)):
+            def __call__(self, *args, **kwargs):
+                return checkpoint(partial(nn.Module.__call__, self, **kwargs), *args, use_reentrant=True)
+
+        layer.__class__ = CallCheckpointed
+
+
+def _activation_samples(output_dir, gates: bool, checkpointing: str | None) -> list[dict]:
+    model, handle = tiny_gated_model(gates=gates)
+    if checkpointing == "layer calls":
+        _checkpoint_layer_calls(model)
+    trainer = make_trainer(model, handle, output_dir, max_steps=2, monitor=SO8TMonitorCallback(interval=1),
+                           logging_steps=1, gradient_accumulation_steps=2,
+                           gradient_checkpointing=checkpointing == "transformers")
+    trainer.train()
+    return read_metrics(output_dir / "monitoring" / "metrics.jsonl")[1]
+
+
+@pytest.mark.parametrize("checkpointing", ["transformers", "layer calls"])
+@pytest.mark.parametrize("gates", [False, True], ids=["baseline", "gated"])
+def test_gradient_checkpointing_measures_each_layer_once_per_forward(gates, checkpointing, tmp_path):
+    plain = _activation_samples(tmp_path / "plain", gates, None)
+    recomputed = _activation_samples(tmp_path / "checkpointed", gates, checkpointing)
+    assert [sample["step"] for sample in recomputed] == [1, 2]
+    for expected, sample in zip(plain, recomputed):
+        np.testing.assert_allclose(sample["act_rms"], expected["act_rms"], rtol=1e-5)
+        np.testing.assert_allclose(sample["act_max_abs"], expected["act_max_abs"], rtol=1e-5)
+        np.testing.assert_array_equal(sample["act_nonfinite"], expected["act_nonfinite"])

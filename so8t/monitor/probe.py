@@ -90,6 +90,9 @@ class SampleProbe:
         self._logits = []  # (logit_stats, element count) per forward
         self._predictions = []  # ([entropy, top-1 accuracy], scored tokens) per fused-loss forward
         self._captured = None
+        # True between the backbone's forward pre-hook and its hook: a layer run outside it is a recompute
+        # (a checkpoint that wraps the layer's __call__ re-runs its hooks in backward), not a new forward.
+        self._in_backbone = False
 
     def reductions(self) -> list[str]:
         """Per element of the flat tensor, how processes combine it."""
@@ -100,7 +103,9 @@ class SampleProbe:
         self._activations, self._elements, self._logits, self._captured = None, 0, [], None
         self._predictions = []
         set_fused_loss_stats(self.model, True)
+        self._in_backbone = False
         self._hooks = [
+            self.backbone.register_forward_pre_hook(self._before_backbone),
             self.backbone.register_forward_hook(self._after_backbone),
             self.model.register_forward_hook(self._after_model),
         ]
@@ -113,7 +118,10 @@ class SampleProbe:
     @torch.no_grad()
     def _after_layer(self, row: int, module, args, output) -> None:
         """Without gates: Σ y², max |y| and the non-finite count of one layer's output, from one
-        ``logit_stats`` pass (mean, std, min, max over the finite entries, non-finite count)."""
+        ``logit_stats`` pass (mean, std, min, max over the finite entries, non-finite count); once per
+        forward, as the backbone counts the elements once."""
+        if not self._in_backbone:
+            return
         hidden = (output[0] if isinstance(output, tuple) else output).detach()
         mean, std, low, high, nonfinite = logit_stats(hidden).to(self.device).unbind()
         finite = hidden.numel() - nonfinite
@@ -127,7 +135,11 @@ class SampleProbe:
         self._activations[row, 0::2] += stats[0::2]
         self._activations[row, 1] = torch.maximum(self._activations[row, 1], stats[1])
 
+    def _before_backbone(self, module, args) -> None:
+        self._in_backbone = True
+
     def _after_backbone(self, module, args, output) -> None:
+        self._in_backbone = False
         # Every gated layer has written its row by now; the layers' outputs share the backbone's shape.
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
         self._elements += hidden.numel()

@@ -6,6 +6,7 @@ import logging
 import math
 
 import httpx
+import openai
 import pytest
 import torch
 
@@ -184,3 +185,30 @@ def test_a_judge_that_raises_is_a_json_500_with_a_row(generator, tmp_path):
     assert response.json() == {"request_id": response.headers["x-request-id"], "error": "model call failed"}
     [row] = read_rows(tmp_path / "audit.db")
     assert (row.outcome, row.status, row.error) == ("error", 500, "RuntimeError")
+
+
+def test_a_stream_whose_audit_row_cannot_be_written_ends_with_an_error_event(served, generator):
+    url, audit, path = served
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    connection = audit._connection
+    pages = connection.execute("PRAGMA page_count").fetchone()[0]
+    connection.execute(f"PRAGMA max_page_count = {pages}")
+    failed = []
+    try:
+        for index in range(40):
+            stream = client.chat.completions.create(
+                model=generator.name, messages=[{"role": "user", "content": "y" * 200 + str(index)}],
+                max_tokens=2, temperature=0, stream=True)
+            chunks = []
+            try:
+                chunks.extend(stream)
+            except openai.APIError as error:
+                failed.append((error, chunks))
+                break
+    finally:
+        connection.execute("PRAGMA max_page_count = 1073741823")
+    [(error, chunks)] = failed
+    assert "audit row could not be written" in error.message
+    assert chunks and all(chunk.choices[0].finish_reason is None for chunk in chunks)  # no final chunk
+    request_id = chunks[0].id.removeprefix("chatcmpl-")
+    assert request_id not in {row.request_id for row in read_rows(path)} and verify(path, audit).ok

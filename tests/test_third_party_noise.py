@@ -20,19 +20,24 @@ OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
 def test_the_filters_drop_only_their_messages(caplog):
-    quiet_third_party_noise()
-    quiet_third_party_noise()  # idempotent: one filter, not two
     logger = logging.getLogger(BITSANDBYTES_CPU_LOGGER)
-    assert len(logger.filters) == 1
-    with caplog.at_level(logging.WARNING, logger=BITSANDBYTES_CPU_LOGGER):
-        logger.warning(OPTIONAL_KERNEL_MESSAGE + ": %s. Please make sure you already `pip install kernels`", "x")
-        logger.warning("a different bitsandbytes warning")
+    filters_before, warning_filters_before = list(logger.filters), list(warnings.filters)
+    try:
+        # catch_warnings restores the process's warning filters: the rest of the session sees its own.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            quiet_third_party_noise()
+            quiet_third_party_noise()  # idempotent: one filter, not two
+            assert len(logger.filters) == 1
+            with caplog.at_level(logging.WARNING, logger=BITSANDBYTES_CPU_LOGGER):
+                logger.warning(OPTIONAL_KERNEL_MESSAGE + ": %s. Please make sure you already `pip install kernels`", "x")
+                logger.warning("a different bitsandbytes warning")
+            warnings.warn(PEFT_DEPRECATION_MESSAGE + " and will be removed in v6.", FutureWarning)
+            warnings.warn("another deprecation", FutureWarning)
+    finally:
+        logger.filters[:] = filters_before
+    assert warnings.filters == warning_filters_before  # nothing leaks into the rest of the session
     assert [record.getMessage() for record in caplog.records] == ["a different bitsandbytes warning"]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        quiet_third_party_noise()
-        warnings.warn(PEFT_DEPRECATION_MESSAGE + " and will be removed in v6.", FutureWarning)
-        warnings.warn("another deprecation", FutureWarning)
     assert [str(warning.message) for warning in caught] == ["another deprecation"]
 
 

@@ -128,6 +128,20 @@ def test_disk_full_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch, 
     assert_previous_intact(output)
 
 
+@pytest.mark.parametrize("error", [FileNotFoundError(errno.ENOENT, "No such file or directory", "tokenizer.json"),
+                                   ConnectionError("Connection refused")], ids=["missing file", "connection"])
+def test_an_os_error_that_is_no_write_failure_keeps_its_own_traceback(error, tmp_path, monkeypatch, capsys):
+    import so8t.training.checkpoints
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(so8t.training.checkpoints, "save_so8t_adapter", fail)
+    with pytest.raises(type(error)):
+        main([*SHORT, "--save-steps", "2", "--output-dir", str(tmp_path / "run")])
+    assert "cannot write" not in capsys.readouterr().err
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1.5 MB tmpfs: room for a run's monitoring, not for its first checkpoint (1.4 MB of optimizer state)."""

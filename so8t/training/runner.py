@@ -4,6 +4,7 @@ resume, train, refuse weights that are not finite, publish the final files."""
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,9 +24,14 @@ def kept_checkpoints(output_dir: Path, which: str = "checkpoints") -> str:
     return f"; {which} kept in {output_dir}: {', '.join(complete)} (continue with --resume)"
 
 
+# OSErrors that mean the output cannot be written; others (a missing file, a refused connection: transformers
+# raises OSError for both) are not about the disk and keep their own traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
 def _write_failure(error: BaseException, output_dir: Path) -> str | None:
     """What went wrong, when ``error`` is a failed write; None when it is something else."""
-    if isinstance(error, OSError):
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
         return describe_os_error(error)
     if isinstance(error, Exception) and nearly_full(output_dir):
         return f"no space left on the device of {output_dir} ({type(error).__name__}: {error})"

@@ -13,10 +13,14 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import os
+import select
 import sys
 
 from . import __version__
 from .third_party_noise import quiet_third_party_noise
+
+EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command ended by SIGPIPE
 
 COMMANDS = {
     "train": ("so8t.train", "QLoRA fine-tuning with SO(8) gates on the intermediate decoder layers"),
@@ -81,7 +85,26 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # the command's usage, not the top level's: the mistake is in the command's options
         command = _innermost(parsers[args.command], args)
         command.error(_unrecognized(command, unknown))
-    return importlib.import_module(args.module_name).run(args)
+    try:
+        status = importlib.import_module(args.module_name).run(args)
+        sys.stdout.flush()  # a reader that went away shows here, not in Python's flush at exit
+        return status
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket broke: not ours to hide
+        # `so8t report RUN | head`: the reader has what it wanted; stop quietly like other Unix tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush then succeeds
+        return EXIT_BROKEN_PIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reading end is closed (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is no file (a test's capture)
+        return False
 
 
 if __name__ == "__main__":

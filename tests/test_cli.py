@@ -74,3 +74,12 @@ def test_python_dash_m_on_a_command_module_is_that_command(module):
                 if line.startswith("import time:")}
     assert result.returncode == 2 and not imported & HEAVY, sorted(imported & HEAVY)
     assert f"so8t {name}: error: " in result.stderr and f"usage: so8t {name} " in result.stderr
+
+
+def test_a_broken_pipe_that_is_not_stdout_keeps_its_traceback(tmp_path):
+    # Only a closed stdout is stopped quietly (tests/test_monitor_report.py); stdout here stays open.
+    code = ("import sys, so8t.report as report; from so8t.cli import main\n"
+            "def run(args): raise BrokenPipeError(32, 'Broken pipe')\n"
+            "report.run = run; sys.exit(main(['report', sys.argv[1]]))")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "BrokenPipeError" in result.stderr, result.stderr

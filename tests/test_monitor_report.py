@@ -70,6 +70,20 @@ def test_report_needs_no_model_and_no_gpu(run_dir):
     assert result.returncode == 0, result.stderr
 
 
+def test_report_into_a_closed_pipe_stops_quietly(run_dir):
+    # `so8t report RUN | head`, with the reader gone before the first line: no traceback, no
+    # "Exception ignored" at exit, the status a shell shows for SIGPIPE.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "so8t", "report", str(run_dir)], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+
+
 def test_report_on_missing_or_bad_files_says_what_is_wrong(tmp_path, capsys):
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "no metrics.jsonl in" in capsys.readouterr().err

@@ -40,7 +40,6 @@ from ._validate import check_same_device, check_tensor
 from .stats import NUM_PARTIALS, merge_partials
 
 NUM_STATS = 7  # logit mean, std, min, max, non-finite count; entropy; top-1 accuracy
-STAT_NAMES = ("mean", "std", "min", "max", "nonfinite", "entropy", "accuracy")
 REDUCTIONS = ("none", "mean", "sum")
 # A chunk's logits hold at most 2^24 values (64 MB in fp32).
 CHUNK_LOGITS = 1 << 24

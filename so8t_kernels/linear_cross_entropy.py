@@ -143,7 +143,10 @@ def finish(loss, entropy, correct, partials, valid, reduction: str, with_stats: 
         reduced = reduced.to(dtype)
     if not with_stats:
         return reduced, loss.new_empty(0, dtype=torch.float32)
-    logit = merge_partials(partials)
+    if partials.shape[0]:
+        logit = merge_partials(partials)
+    else:  # no tokens: no logits, as logit_stats of an empty tensor says
+        logit = torch.tensor([float("nan")] * 4 + [0.0], device=loss.device)
     mean_entropy = torch.where(valid, entropy.to(torch.float64), 0).sum() / count
     accuracy = correct.sum(dtype=torch.float64) / count
     return reduced, torch.cat([logit, torch.stack([mean_entropy, accuracy]).to(torch.float32)])

@@ -171,6 +171,17 @@ def test_all_ignored_gives_zero_loss_and_nan_token_stats(backend):
     assert linear_cross_entropy(*leaves(hidden, weight), labels.to(DEVICE), reduction="sum").item() == 0.0
 
 
+def test_empty_token_batch(backend):
+    hidden = torch.zeros(0, 8, device=DEVICE, requires_grad=True)
+    labels = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    stats = torch.zeros(NUM_STATS, device=DEVICE)
+    loss = linear_cross_entropy(hidden, torch.randn(5, 8, device=DEVICE), labels, stats=stats)
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == (0, 8)
+    assert torch.isnan(stats[[0, 1, 2, 3, 5, 6]]).all() and stats[4] == 0
+    assert linear_cross_entropy(hidden, torch.randn(5, 8, device=DEVICE), labels, reduction="none").shape == (0,)
+
+
 def test_nonfinite_logits_are_counted_and_poison_only_kept_tokens(backend):
     hidden, weight, _, labels = make_inputs(6, 8, 40, torch.float32, seed=6, ignored=[4])
     hidden[1, 0] = float("inf")  # a kept token: its loss, and so the mean, become NaN

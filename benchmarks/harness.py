@@ -76,6 +76,18 @@ def summarize(samples_ms: list[float]) -> Timing:
     return Timing(median, q25, q75, min(samples_ms), len(samples_ms))
 
 
+def interleaved_step_times(runs: dict[str, tuple], rounds: int) -> dict[str, list[float]]:
+    """Per name of ``runs`` (name → (Trainer, a clock callback with ``mean_step_ms``)), one sample per
+    round: that run's mean step time (ms). Each round trains every run once, taking turns run by run, so
+    a shared machine's changing load hits each configuration alike."""
+    mean_step_ms = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, (trainer, clock) in runs.items():
+            trainer.train()
+            mean_step_ms[name].append(clock.mean_step_ms)
+    return mean_step_ms
+
+
 def time_on_cpu(fn: Callable[[], object], plan: TimingPlan) -> Timing:
     warmup_started = time.perf_counter()
     for _ in range(plan.cpu_warmup_calls):

@@ -11,7 +11,10 @@ hits both alike. A sample is the mean step time of one run after its warm-up ste
 import tempfile
 from pathlib import Path
 
-from harness import LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, benchmark, register_targets, summarize
+from harness import (
+    LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, benchmark, interleaved_step_times, register_targets,
+    summarize,
+)
 from train_step_monitor import step_clock
 
 STEPS, WARMUP_STEPS, ROUNDS = 50, 10, 3
@@ -41,11 +44,7 @@ def train_step_gates(ctx: Context) -> list:
     with tempfile.TemporaryDirectory(prefix="so8t-bench-gates-") as scratch:
         runs = {name: qlora_training(Path(scratch) / name.replace(" ", "-").replace(",", ""), steps, gates, on_gpu)
                 for name, gates in ((NO_GATES, False), (GATES, True))}
-        mean_step_ms = {name: [] for name in runs}
-        for _ in range(rounds):
-            for name, (trainer, clock) in runs.items():
-                trainer.train()
-                mean_step_ms[name].append(clock.mean_step_ms)
+        mean_step_ms = interleaved_step_times(runs, rounds)
     shape = f"{'phi3-mini' if on_gpu else 'demo phi3'} nf4 b8, {steps - WARMUP_STEPS} steps × {rounds}"
     dtype = "bf16" if on_gpu else "fp32"
     plain = ctx.row("train step (gates)", "step", NO_GATES, shape, dtype, summarize(mean_step_ms[NO_GATES]),

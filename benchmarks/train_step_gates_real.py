@@ -15,7 +15,10 @@ the package the suite says so and measures nothing.
 import tempfile
 from pathlib import Path
 
-from harness import LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, benchmark, register_targets, summarize
+from harness import (
+    LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, benchmark, interleaved_step_times, register_targets,
+    summarize,
+)
 from train_step_monitor import step_clock
 
 STEPS, WARMUP_STEPS, ROUNDS = 4, 1, 8
@@ -70,11 +73,7 @@ def train_step_gates_real(ctx: Context) -> list:
     with tempfile.TemporaryDirectory(prefix="so8t-bench-real-") as scratch:
         runs = {name: lora_training(str(gguf), Path(scratch) / str(gates), steps, gates, on_gpu)
                 for name, gates in ((NO_GATES, False), (GATES, True))}
-        mean_step_ms = {name: [] for name in runs}
-        for _ in range(rounds):
-            for name, (trainer, clock) in runs.items():
-                trainer.train()
-                mean_step_ms[name].append(clock.mean_step_ms)
+        mean_step_ms = interleaved_step_times(runs, rounds)
     shape = f"smollm2-135m b{BATCH}×≤{MAX_LENGTH}, {steps - WARMUP_STEPS} steps × {rounds}"
     dtype = "bf16" if on_gpu else "fp32"
     plain = ctx.row("train step (gates, real)", "step", NO_GATES, shape, dtype, summarize(mean_step_ms[NO_GATES]),

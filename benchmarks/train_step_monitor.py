@@ -13,7 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, benchmark, register_targets, summarize
+from harness import (
+    LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, benchmark, interleaved_step_times, register_targets,
+    summarize,
+)
 
 STEPS, WARMUP_STEPS, ROUNDS = 40, 10, 10  # 30 timed steps (3 samples at the default interval) per run
 QUICK_STEPS, QUICK_ROUNDS = 30, 3
@@ -59,11 +62,7 @@ def train_step_monitor(ctx: Context) -> list:
             name: demo_training(Path(scratch) / name.replace(" ", "-"), steps, interval)
             for name, interval in ((NO_MONITOR, None), (DEFAULT, DEFAULT_INTERVAL), (EVERY_STEP, 1))
         }
-        mean_step_ms = {name: [] for name in runs}
-        for _ in range(rounds):
-            for name, (trainer, clock) in runs.items():
-                trainer.train()
-                mean_step_ms[name].append(clock.mean_step_ms)
+        mean_step_ms = interleaved_step_times(runs, rounds)
     shape = f"demo phi3 b8, {steps - WARMUP_STEPS} steps × {rounds}"
     plain = ctx.row("train step (monitor)", "step", NO_MONITOR, shape, "fp32", summarize(mean_step_ms[NO_MONITOR]),
                     kind="baseline")

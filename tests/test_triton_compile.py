@@ -143,3 +143,25 @@ def test_predicted_roofline_meets_the_targets(compiled):
         assert by_what[f"rotate bwd dx+dR {dtype}"]["copy_fraction"] >= 0.70, by_what[f"rotate bwd dx+dR {dtype}"]
     exp_us = by_what["exp fwd 30×384"]["us"] + by_what["exp bwd 30×384"]["us"]
     assert exp_us <= 30, f"exp fwd+bwd predicted {exp_us:.1f} µs on H100"
+
+
+def test_sass_parser_splits_loop_bodies_from_the_rest():
+    """A backward branch closes a loop: its body is counted apart, by unit and by access width."""
+    from so8t_kernels.aot import parse_sass
+
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/              @P0 EXIT ;
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   FFMA R8, R4, R5, R8 ;
+        /*0040*/                   SHFL.IDX PT, R9, R8, 0x1, 0x1f ;
+        /*0050*/              @!P1 BRA 0x20 ;
+        /*0060*/                   STG.E R8, desc[UR4][R2.64] ;
+        /*0070*/                   EXIT ;
+        /*0080*/                   BRA 0x80;
+    """
+    parsed = parse_sass(sass)
+    (loop,) = parsed["loops"]
+    assert (loop["start"], loop["end"]) == (0x20, 0x50)
+    assert loop["counts"] == {"total": 4, "global_load": 1, "LDG.128": 1, "fp32": 1, "shuffle": 1, "other": 1}
+    assert parsed["outside"]["total"] == 5 and parsed["outside"]["STG.32"] == 1 and "shuffle" not in parsed["outside"]

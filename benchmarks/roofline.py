@@ -6,7 +6,7 @@ each kernel at the benchmark's shapes (rotate 4096×3072, exp 30×384 blocks, lo
 
 - dynamic warp instructions = (outside-loop counts + loop-body counts × trips) per warp, × the warps an
   SM runs (the busiest SM: ⌈programs / SMs⌉ programs);
-- issue time of each unit at its published per-SM rate (``RATES``), and of the 4 schedulers together;
+- time of each unit at its published per-SM rate (``RATES``), and of the 4 schedulers together;
 - DRAM time = the bytes the kernel must move ÷ the copy bandwidth (``GPUS``);
 - latency bound = the bytes in flight per SM (resident warps × the loop's loads, × stages when the loop
   is pipelined with async copies) ÷ the DRAM latency.
@@ -50,8 +50,8 @@ GPUS = (
 # shuffles 32 lanes; MUFU and conversions 16 lanes; shared memory 32 banks × 4 B; global accesses in
 # 128-byte L1 wavefronts (a 128-bit warp access is 4); one instruction issued per scheduler, 4 per SM.
 RATES = {
-    80: dict(fp32=2, int=2, shuffle=1, mufu=0.5, convert=0.5, shared=1, lsu=1, issue=4),
-    90: dict(fp32=4, int=2, shuffle=1, mufu=0.5, convert=0.5, shared=1, lsu=1, issue=4),
+    80: dict(fp32=2, int=2, shuffle=1, mufu=0.5, convert=0.5, shared=1, lsu=1, dispatch=4),
+    90: dict(fp32=4, int=2, shuffle=1, mufu=0.5, convert=0.5, shared=1, lsu=1, dispatch=4),
 }
 WIDTH_WAVEFRONTS = {"128": 4, "64": 2, "32": 1, "16": 1, "U16": 1, "8": 1, "U8": 1}
 
@@ -158,7 +158,7 @@ def predict(case: Case, record: dict, gpu: Gpu, grid: tuple) -> dict:
         "convert": counts.get("convert", 0) / rates["convert"],
         "shared": counts.get("shared", 0) / rates["shared"],
         "lsu": lsu / rates["lsu"],
-        "issue": counts["total"] / rates["issue"],
+        "dispatch": counts["total"] / rates["dispatch"],
     }
     times = {unit: warps * value / (gpu.clock_ghz * 1e3) for unit, value in cycles.items()}  # µs
     times["dram"] = case.dram_bytes / (gpu.copy_tb_s * 1e6)

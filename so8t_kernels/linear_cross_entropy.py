@@ -202,7 +202,7 @@ def linear_cross_entropy_reference(*args):
 def _rows_kernel(
     logits_ptr, labels_ptr, valid_ptr, scale_ptr, loss_ptr, entropy_ptr, correct_ptr, partial_ptr,
     vocab, row_stride, scale_stride,
-    BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr, WITH_STATS: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row.to(tl.int64) * row_stride
@@ -226,19 +226,21 @@ def _rows_kernel(
         in_range = offsets < vocab
         z = tl.load(row_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
         finite = in_range & (tl.abs(z) < float("inf"))
-        tile_count = tl.sum(finite.to(tl.float32), axis=0)
-        tile_mean = tl.sum(tl.where(finite, z, 0.0), axis=0) / tl.maximum(tile_count, 1.0)
-        centred = tl.where(finite, z - tile_mean, 0.0)
-        tile_m2 = tl.sum(centred * centred, axis=0)
-        merged = count + tile_count
-        delta = tile_mean - mean
-        mean = mean + delta * tile_count / tl.maximum(merged, 1.0)
-        m2 = m2 + tile_m2 + delta * delta * count * tile_count / tl.maximum(merged, 1.0)
-        count = merged
-        low = tl.minimum(low, tl.min(tl.where(finite, z, float("inf")), axis=0))
         tile_high = tl.max(tl.where(finite, z, float("-inf")), axis=0)
-        high = tl.maximum(high, tile_high)
+        # The loss needs the non-finite count too (such a row's loss is NaN); the rest only for stats.
         nonfinite += tl.sum((in_range & ~finite).to(tl.float32), axis=0)
+        if WITH_STATS:
+            tile_count = tl.sum(finite.to(tl.float32), axis=0)
+            tile_mean = tl.sum(tl.where(finite, z, 0.0), axis=0) / tl.maximum(tile_count, 1.0)
+            centred = tl.where(finite, z - tile_mean, 0.0)
+            tile_m2 = tl.sum(centred * centred, axis=0)
+            merged = count + tile_count
+            delta = tile_mean - mean
+            mean = mean + delta * tile_count / tl.maximum(merged, 1.0)
+            m2 = m2 + tile_m2 + delta * delta * count * tile_count / tl.maximum(merged, 1.0)
+            count = merged
+            low = tl.minimum(low, tl.min(tl.where(finite, z, float("inf")), axis=0))
+            high = tl.maximum(high, tile_high)
 
         new_max = tl.maximum(row_max, tile_high)
         rescale = tl.exp(row_max - new_max)  # exp(−inf) = 0 on the first tile
@@ -258,13 +260,14 @@ def _rows_kernel(
     tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
     tl.store(entropy_ptr + row, tl.where(row_finite, log_total - weighted / total, float("nan")))
     tl.store(correct_ptr + row, (valid & row_finite & in_vocab & (target == row_max)).to(tl.int8))
-    partial = partial_ptr + row * 6
-    tl.store(partial, count)
-    tl.store(partial + 1, mean)
-    tl.store(partial + 2, m2)
-    tl.store(partial + 3, low)
-    tl.store(partial + 4, high)
-    tl.store(partial + 5, nonfinite)
+    if WITH_STATS:
+        partial = partial_ptr + row * 6
+        tl.store(partial, count)
+        tl.store(partial + 1, mean)
+        tl.store(partial + 2, m2)
+        tl.store(partial + 3, low)
+        tl.store(partial + 4, high)
+        tl.store(partial + 5, nonfinite)
 
     if WRITE_GRAD:
         scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
@@ -292,15 +295,16 @@ def rows_triton(logits, labels, valid, scale, write_grad: bool, with_stats: bool
     loss = torch.empty(rows, dtype=dtype, device=logits.device)
     entropy = torch.empty(rows, dtype=dtype, device=logits.device)
     correct = torch.empty(rows, dtype=torch.int8, device=logits.device)
-    partials = torch.empty((rows, NUM_PARTIALS), dtype=dtype, device=logits.device)
+    # Without statistics the kernel never touches the partials: one row keeps the pointer valid.
+    partials = torch.empty((rows if with_stats else 1, NUM_PARTIALS), dtype=dtype, device=logits.device)
     scale = scale.to(torch.float32)
     if rows:
         _rows_kernel[(rows,)](
             logits, labels, valid.to(torch.int8), scale, loss, entropy, correct, partials,
             vocab, logits.stride(0), scale.stride(0),
-            BLOCK=min(BLOCK_V, triton.next_power_of_2(vocab)), WRITE_GRAD=write_grad,
+            BLOCK=min(BLOCK_V, triton.next_power_of_2(vocab)), WRITE_GRAD=write_grad, WITH_STATS=with_stats,
         )
-    return loss, entropy, correct, partials, logits if write_grad else None
+    return loss, entropy, correct, partials if with_stats else None, logits if write_grad else None
 
 
 def linear_cross_entropy_triton(*args):

@@ -21,6 +21,7 @@
 #include <limits>
 #include <vector>
 
+#include "moments.h"
 #include "simd.h"
 #include "so8t.h"
 
@@ -32,15 +33,10 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // ~1e-7 relative accuracy on 49,152-entry rows instead of drifting with the row length.
 constexpr int64_t kFlush = 1024;
 
-struct RowResult {
+struct RowResult : FiniteMoments {  // the row's finite logits
   double loss = 0.0;  // 0 for ignored tokens
   double entropy = 0.0;
   bool correct = false;
-  int64_t count = 0;  // finite logits, and their mean, Σ (z − mean)², min, max
-  double mean = 0.0;
-  double m2 = 0.0;
-  float min = kInf;
-  float max = -kInf;
   int64_t nonfinite = 0;
 };
 
@@ -266,34 +262,22 @@ SO8T_MULTIVERSION void reduce_rows(
 // Row results → the [7] statistics: Chan, Golub & LeVeque (1979) over the rows in order, then the
 // entropy and top-1 accuracy over the non-ignored tokens (NaN when there are none).
 at::Tensor merge_stats(const std::vector<RowResult>& results, const bool* valid, const at::TensorOptions& options) {
-  double count = 0.0, mean = 0.0, m2 = 0.0, entropy = 0.0, correct = 0.0, tokens = 0.0;
-  float low = kInf, high = -kInf;
+  FiniteMoments moments;
+  double entropy = 0.0, correct = 0.0, tokens = 0.0;
   int64_t nonfinite = 0;
   for (size_t token = 0; token < results.size(); ++token) {
     const RowResult& row = results[token];
+    moments.merge(row);
     nonfinite += row.nonfinite;
     if (valid[token]) {
       tokens += 1.0;
       entropy += row.entropy;
       correct += row.correct ? 1.0 : 0.0;
     }
-    if (row.count == 0) continue;
-    const double row_count = static_cast<double>(row.count);
-    const double total = count + row_count;
-    const double delta = row.mean - mean;
-    mean += delta * row_count / total;
-    m2 += row.m2 + delta * delta * count * row_count / total;
-    count = total;
-    low = std::min(low, row.min);
-    high = std::max(high, row.max);
   }
-  const float nan = std::numeric_limits<float>::quiet_NaN();
   at::Tensor stats = at::empty({7}, options.dtype(at::kFloat));
   float* out = stats.mutable_data_ptr<float>();
-  out[0] = count > 0 ? static_cast<float>(mean) : nan;
-  out[1] = count > 0 ? static_cast<float>(std::sqrt(m2 / count)) : nan;
-  out[2] = count > 0 ? low : nan;
-  out[3] = count > 0 ? high : nan;
+  moments.write(out);
   out[4] = static_cast<float>(nonfinite);
   out[5] = static_cast<float>(entropy / tokens);  // 0/0 = NaN when every token is ignored
   out[6] = static_cast<float>(correct / tokens);

@@ -12,6 +12,7 @@
 #include <limits>
 #include <vector>
 
+#include "moments.h"
 #include "simd.h"
 #include "so8t.h"
 
@@ -22,12 +23,7 @@ constexpr int64_t kTile = 4096;
 // 16 tiles (256 KB of fp32) per task amortize a thread hand-off.
 constexpr int64_t kTilesPerTask = 16;
 
-struct TileStats {
-  int64_t count = 0;  // finite values
-  double mean = 0.0;
-  double m2 = 0.0;  // Σ (v − mean)² over the finite values
-  float min = std::numeric_limits<float>::infinity();
-  float max = -std::numeric_limits<float>::infinity();
+struct TileStats : FiniteMoments {
   int64_t nonfinite = 0;
 };
 
@@ -222,32 +218,15 @@ at::Tensor logit_stats(const at::Tensor& logits) {
     });
   });
 
-  // Chan, Golub & LeVeque (1979): merging (n_a, mean_a, M2_a) with (n_b, mean_b, M2_b).
-  double count = 0.0;
-  double mean = 0.0;
-  double m2 = 0.0;
-  float low = std::numeric_limits<float>::infinity();
-  float high = -std::numeric_limits<float>::infinity();
+  FiniteMoments moments;
   int64_t nonfinite = 0;
   for (const TileStats& tile : tiles) {
+    moments.merge(tile);
     nonfinite += tile.nonfinite;
-    if (tile.count == 0) continue;
-    const double tile_count = static_cast<double>(tile.count);
-    const double total = count + tile_count;
-    const double delta = tile.mean - mean;
-    mean += delta * tile_count / total;
-    m2 += tile.m2 + delta * delta * count * tile_count / total;
-    count = total;
-    low = std::min(low, tile.min);
-    high = std::max(high, tile.max);
   }
-  const float nan = std::numeric_limits<float>::quiet_NaN();
   at::Tensor stats = at::empty({5}, logits.options().dtype(at::kFloat));
   float* out = stats.mutable_data_ptr<float>();
-  out[0] = count > 0 ? static_cast<float>(mean) : nan;
-  out[1] = count > 0 ? static_cast<float>(std::sqrt(m2 / count)) : nan;
-  out[2] = count > 0 ? low : nan;
-  out[3] = count > 0 ? high : nan;
+  moments.write(out);
   out[4] = static_cast<float>(nonfinite);
   return stats;
 }

@@ -62,3 +62,11 @@ def test_gates_move(qlora_run):
     training, _, theta_before, alpha_before = qlora_run
     assert not torch.equal(training.handle.theta.detach(), theta_before)
     assert not torch.equal(training.handle.alpha.detach(), alpha_before)
+
+
+def test_the_embedded_4bit_base_is_named_as_a_model_built_from_a_config(qlora_run):
+    """The embedded base is quantized through a temporary checkpoint, deleted right after: the adapter
+    must not record that path (peft would look for it when saving, and a user when loading)."""
+    training, *_ = qlora_run
+    assert training.model.peft_config["default"].base_model_name_or_path is None
+    assert training.model.get_base_model().config.name_or_path == ""

@@ -78,6 +78,9 @@ def load_model_and_tokenizer(options: TrainOptions, labels: Sequence[str] | None
             with tempfile.TemporaryDirectory() as checkpoint:
                 model.save_pretrained(checkpoint)
                 model = _from_pretrained(auto_class, checkpoint, options, labels)
+            # Named as a from-config model again: peft records the name in adapter_config.json and,
+            # when saving, looks for that deleted directory's config.json and warns that it is gone.
+            model.name_or_path = model.config.name_or_path = ""
         return model, tokenizer
     # A .gguf file becomes its converted directory (cached). adapter_config.json records the name
     # loaded: an absolute path keeps the adapter loadable from anywhere.

@@ -44,6 +44,8 @@ def test_the_embedded_default_trains_and_reports_where_its_outputs_went(default_
     output, result = default_run
     assert "30/30" in result.stderr  # the Trainer's progress bar
     assert f"outputs in {output}" in result.stdout
+    # The Trainer saves a checkpoint at the last step: the summary names what the directory holds.
+    assert (output / "checkpoint-30").is_dir() and "checkpoints checkpoint-30 (--resume)" in result.stdout
     for name in EXPECTED_OUTPUTS:
         assert (output / name).is_file(), name
     assert not any(path.name.startswith(".") for path in output.parent.iterdir())  # no staging left behind

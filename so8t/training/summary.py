@@ -31,17 +31,23 @@ def outputs_summary(output_dir: Path, gated: bool, monitored: bool) -> str:
     written += [f"SO8T adapter ({SO8T_ADAPTER_DIR}/)"] if gated else []
     written += ["tokenizer", "trainer_state.json"]
     written += ["monitoring/ (see so8t report)"] if monitored else []
+    kept = _complete_checkpoints(output_dir)
+    written += [f"checkpoints {', '.join(kept)} (--resume)"] if kept else []
     return f"outputs in {output_dir}: {', '.join(written)}" + ("" if gated else "; no gates (--no-so8t)")
+
+
+def _complete_checkpoints(output_dir: Path) -> list[str]:
+    from .checkpoints import checkpoints, is_complete
+
+    return [path.name for path in checkpoints(output_dir) if is_complete(path)]
 
 
 def interrupted_summary(output_dir: Path, save_steps: int) -> str:
     """After Ctrl-C: what the run kept in ``output_dir`` (the monitoring so far, complete checkpoints)."""
-    from .checkpoints import checkpoints, is_complete
-
     kept = []
     if (output_dir / MONITORING_DIR / METRICS_FILE).is_file():
         kept.append(f"{MONITORING_DIR}/ (so8t report {output_dir})")
-    complete = [path.name for path in checkpoints(output_dir) if is_complete(path)]
+    complete = _complete_checkpoints(output_dir)
     if complete:
         kept.append(f"{', '.join(complete)} (--resume latest continues from {complete[-1]})")
     elif save_steps:

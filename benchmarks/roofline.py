@@ -2,7 +2,8 @@
 and A100 — predicted from the compiled SASS, never measured.
 
 The kernels are compiled for sm_90/sm_80 on any machine (``python -m so8t_kernels.aot``, cached). For
-each kernel at the benchmark's shapes (rotate 4096×3072, exp 30×384 blocks, logit stats 2048×32064):
+each kernel at the benchmark's shapes (rotate 4096×3072, exp 30×384 blocks, logit stats 2048×32064,
+linear_cross_entropy's row pass over a 512 × 32,064 bf16 chunk with its gradient):
 
 - dynamic warp instructions = (outside-loop counts + loop-body counts × trips) per warp, × the warps an
   SM runs (the busiest SM: ⌈programs / SMs⌉ programs);
@@ -17,6 +18,7 @@ load: a floor on time, a ceiling on bandwidth.
 """
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -70,6 +72,9 @@ class Case:
 def cases() -> list[Case]:
     from so8t_kernels import expm, rotate
 
+    # The package exports the function under the module's name: the module itself by its path.
+    linear_cross_entropy = importlib.import_module("so8t_kernels.linear_cross_entropy")
+
     tokens, hidden, layers = 4096, 3072, 30
     blocks = hidden // 8
     out = []
@@ -96,6 +101,15 @@ def cases() -> list[Case]:
     logits = 2048 * 32064 * 4
     out.append(Case("_logit_stats_partial_kernel", "logit_stats fp32 2048x32064", "logit stats fp32", logits,
                     logits, ()))
+    # linear_cross_entropy's row pass over one chunk of bf16 logits (Phi-3.5: 512 tokens × 32,064):
+    # a read for the reductions, a second read for the gradient, written in place. Ideal: one read and
+    # one write; the second read is counted at DRAM (an L2 hit would make it cheaper).
+    rows, vocab = 512, 32064
+    chunk = rows * vocab * 2
+    tiles = math.ceil(vocab / linear_cross_entropy.BLOCK_V)
+    for suffix, what in (("", ""), (" +stats", " + stats")):
+        out.append(Case("_rows_kernel", f"linear_cross_entropy rows bf16 {rows}x{vocab} +grad{suffix}",
+                        f"CE rows bf16 512×32064{what}", 2 * chunk, 3 * chunk, (tiles, tiles)))
     return out
 
 

@@ -6,7 +6,7 @@
 # Installs nothing. Uses the machine's python (override with PYTHON=...), which must already have
 # torch with CUDA and triton. Steps, each under a timeout, under 8 minutes in all:
 #   1. precompile every kernel for this GPU in parallel (python -m so8t_kernels.aot) into Triton's
-#      cache ($OUT/triton-cache), so that no test waits on a cold compile (≤ 45 s);
+#      cache (under /tmp), so that no test waits on a cold compile (≤ 45 s);
 #   2. the op tests on CUDA tensors with compiled Triton (≤ 120 s);
 #   3. FSDP (cannot run on CPU: accelerate shards only on GPUs): QLoRA + gates, one process per GPU
 #      (tests/test_train_fsdp.py, ≤ 75 s);
@@ -14,20 +14,34 @@
 #      Phi-3-mini-shape training step with and without gates (≤ 210 s; it rewrites its files after
 #      each benchmark, so a timeout keeps the rows that finished, kernels first);
 #   5. the static roofline prediction (benchmarks/roofline.py, labelled predicted), printed by the
-#      benchmark after its table and kept in $OUT/roofline.txt (also under DRY_RUN).
-# Everything lands under $OUT. Exit status: 0 when tests and benchmark pass, 1 when either fails or
+#      benchmark after its table and kept in roofline.txt (also under DRY_RUN).
+# A lent machine sends back at most 8 files from $OUT: the logs and caches are written under /tmp and,
+# at exit (after a step timed out too), $OUT receives summary.txt, environment.txt, pytest.txt, benchmark.txt,
+# roofline.txt and device-check-logs.tar.gz (every log and the benchmark's json/csv/md). Exit status: 0 when tests and benchmark pass, 1 when either fails or
 # times out, 2 when the machine lacks what the check needs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/device}"
 PYTHON="${PYTHON:-python}"
 DRY_RUN="${DRY_RUN:-0}"
+PRECOMPILE_S="${PRECOMPILE_S:-45}"  # the precompile step's limit
 mkdir -p "$OUT"
+WORK="$(mktemp -d /tmp/so8t-device-check.XXXXXX)"
+LOGS="$WORK/logs"
+mkdir -p "$LOGS"
+bundle() {  # at most 8 files back from $OUT: the readable logs, and all of them in one archive
+    for name in summary environment pytest benchmark roofline; do
+        [ -f "$LOGS/$name.txt" ] && cp "$LOGS/$name.txt" "$OUT/"
+    done
+    tar -czf "$OUT/device-check-logs.tar.gz" -C "$LOGS" .
+    rm -rf "$WORK"
+}
+trap bundle EXIT
 # so8t_kernels from this copy, uninstalled; Triton compiled, never interpreted.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export TRITON_CACHE_DIR="$OUT/triton-cache" SO8T_AOT_CACHE="$OUT/aot-cache"
+export TRITON_CACHE_DIR="$WORK/triton-cache" SO8T_AOT_CACHE="$WORK/aot-cache"
 JOBS="$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 4)"  # not nproc: it honours OMP_NUM_THREADS
 
 run_gpu() {  # run_gpu <timeout s> <log> <command...>: runs it, or prints it under DRY_RUN=1
@@ -43,8 +57,8 @@ run_gpu() {  # run_gpu <timeout s> <log> <command...>: runs it, or prints it und
     return "$status"
 }
 
-echo "== environment" | tee "$OUT/environment.txt"
-ARCH="$("$PYTHON" - "$DRY_RUN" <<'EOF' 2>>"$OUT/environment.txt"
+echo "== environment" | tee "$LOGS/environment.txt"
+ARCH="$("$PYTHON" - "$DRY_RUN" <<'EOF' 2>>"$LOGS/environment.txt"
 import sys
 try:
     import torch, triton
@@ -60,24 +74,24 @@ print(major * 10 + minor)
 EOF
 )"
 if [ -z "$ARCH" ]; then
-    cat "$OUT/environment.txt"
-    echo "device check: the machine lacks what it needs (see above); nothing was run." | tee -a "$OUT/environment.txt"
+    cat "$LOGS/environment.txt"
+    echo "device check: the machine lacks what it needs (see above); nothing was run." | tee -a "$LOGS/environment.txt"
     exit 2
 fi
 "$PYTHON" -c "import sys, torch, triton; print(f'python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}')" \
-    | tee -a "$OUT/environment.txt"
-[ "$DRY_RUN" = 1 ] || nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$OUT/environment.txt" 2>&1
-echo "compute capability: $ARCH" | tee -a "$OUT/environment.txt"
-"$PYTHON" -m so8t_kernels.info >>"$OUT/environment.txt" 2>&1
+    | tee -a "$LOGS/environment.txt"
+[ "$DRY_RUN" = 1 ] || nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >>"$LOGS/environment.txt" 2>&1
+echo "compute capability: $ARCH" | tee -a "$LOGS/environment.txt"
+"$PYTHON" -m so8t_kernels.info >>"$LOGS/environment.txt" 2>&1
 
 echo "== precompile for sm_$ARCH ($JOBS processes) into $TRITON_CACHE_DIR"
 case "$ARCH" in
     80|90)
-        timeout 45 "$PYTHON" -m so8t_kernels.aot --arch "$ARCH" --jobs "$JOBS" --quiet --json "$OUT/aot.json" \
-            >"$OUT/aot.txt" 2>&1
+        timeout "$PRECOMPILE_S" "$PYTHON" -m so8t_kernels.aot --arch "$ARCH" --jobs "$JOBS" --quiet --json "$LOGS/aot.json" \
+            >"$LOGS/aot.txt" 2>&1
         aot_status=$?
-        tail -n 3 "$OUT/aot.txt"
-        [ "$aot_status" -eq 124 ] && echo "precompile: timed out after 45 s; the tests compile what is missing"
+        tail -n 3 "$LOGS/aot.txt"
+        [ "$aot_status" -eq 124 ] && echo "precompile: timed out after $PRECOMPILE_S s; the tests compile what is missing"
         ;;
     *) echo "precompile: no SM limits for sm_$ARCH in so8t_kernels.aot; the tests compile on first use" ;;
 esac
@@ -85,38 +99,38 @@ esac
 status=0
 echo "== op tests on CUDA (SO8T_TEST_DEVICE=cuda)"
 if "$PYTHON" -c "import pytest" 2>/dev/null; then
-    SO8T_TEST_DEVICE=cuda run_gpu 120 "$OUT/pytest.txt" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_*.py
+    SO8T_TEST_DEVICE=cuda run_gpu 120 "$LOGS/pytest.txt" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops_*.py
     test_status=$?
     [ "$test_status" -ne 0 ] && status=1
 else
-    echo "op tests: MISSING pytest on this machine; tests not run" | tee "$OUT/pytest.txt"
+    echo "op tests: MISSING pytest on this machine; tests not run" | tee "$LOGS/pytest.txt"
     test_status=1
     status=1
 fi
 
 echo "== FSDP: accelerate launch --use_fsdp, QLoRA + gates (tests/test_train_fsdp.py)"
 if "$PYTHON" -c "import accelerate, peft, transformers, bitsandbytes" 2>/dev/null; then
-    SO8T_TEST_DEVICE=cuda run_gpu 75 "$OUT/fsdp.txt" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_train_fsdp.py
+    SO8T_TEST_DEVICE=cuda run_gpu 75 "$LOGS/fsdp.txt" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_train_fsdp.py
     [ $? -ne 0 ] && status=1
 else
-    echo "FSDP: MISSING accelerate/peft/transformers/bitsandbytes on this machine; not run" | tee "$OUT/fsdp.txt"
+    echo "FSDP: MISSING accelerate/peft/transformers/bitsandbytes on this machine; not run" | tee "$LOGS/fsdp.txt"
 fi
 
 echo "== benchmark (measured)"
 PREDICTED=()
-[ -f "$OUT/aot.json" ] && PREDICTED=(--predicted "$OUT/aot.json")
-run_gpu 210 "$OUT/benchmark.txt" "$PYTHON" benchmarks/run.py --device cuda --suites all --out "$OUT" "${PREDICTED[@]}"
+[ -f "$LOGS/aot.json" ] && PREDICTED=(--predicted "$LOGS/aot.json")
+run_gpu 210 "$LOGS/benchmark.txt" "$PYTHON" benchmarks/run.py --device cuda --suites all --out "$LOGS" "${PREDICTED[@]}"
 bench_status=$?
 [ "$bench_status" -ne 0 ] && status=1
 
 echo "== roofline (predicted from the compiled SASS; also at the end of the benchmark's output)"
-if [ -f "$OUT/aot.json" ]; then
-    "$PYTHON" benchmarks/roofline.py --records "$OUT/aot.json" 2>&1 | tee "$OUT/roofline.txt"
+if [ -f "$LOGS/aot.json" ]; then
+    "$PYTHON" benchmarks/roofline.py --records "$LOGS/aot.json" 2>&1 | tee "$LOGS/roofline.txt"
 else
-    echo "roofline: no $OUT/aot.json (precompile did not finish)" | tee "$OUT/roofline.txt"
+    echo "roofline: no $LOGS/aot.json (precompile did not finish)" | tee "$LOGS/roofline.txt"
 fi
 
 echo "== device check done: tests $([ "$test_status" -eq 0 ] && echo passed || echo FAILED)," \
-     "benchmark $([ "$bench_status" -eq 0 ] && echo ok || echo FAILED)$([ "$DRY_RUN" = 1 ] && echo ' (DRY_RUN: GPU steps not run)'); files in $OUT" \
-    | tee "$OUT/summary.txt"
+     "benchmark $([ "$bench_status" -eq 0 ] && echo ok || echo FAILED)$([ "$DRY_RUN" = 1 ] && echo ' (DRY_RUN: GPU steps not run)'); files in $OUT (all logs: device-check-logs.tar.gz)" \
+    | tee "$LOGS/summary.txt"
 exit "$status"

@@ -3,7 +3,7 @@
 #   OUT=/some/dir bash benchmarks/device_check.sh
 #   DRY_RUN=1 bash benchmarks/device_check.sh    # on a CPU machine: the steps that need no GPU, and
 #                                                # the GPU commands printed instead of run
-# Installs nothing. Uses the machine's python (override with PYTHON=...), which must already have
+# Installs nothing. Uses the machine's python3 (override with PYTHON=...), which must already have
 # torch with CUDA and triton. Steps, each under a timeout, under 8 minutes in all:
 #   1. precompile every kernel for this GPU in parallel (python -m so8t_kernels.aot) into Triton's
 #      cache (under /tmp), so that no test waits on a cold compile (≤ 45 s);
@@ -22,7 +22,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/device}"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-python3}"
 DRY_RUN="${DRY_RUN:-0}"
 PRECOMPILE_S="${PRECOMPILE_S:-45}"  # the precompile step's limit
 mkdir -p "$OUT"

@@ -4,6 +4,7 @@ concurrent requests share batches; a client that goes away stops its generation 
 ``cancelled`` audit row."""
 
 import asyncio
+import math
 import threading
 import time
 
@@ -147,3 +148,48 @@ def test_a_client_that_goes_away_cancels_its_generation(generator, tmp_path, mon
     assert [result.finish_reason for result in finished] == [CANCELLED, CANCELLED]
     assert all(result.new_tokens < 480 for result in finished)
     assert [row.status for row in read_rows(tmp_path / "audit.db")] == [499, 499]
+
+
+def test_logit_statistics_equal_the_stored_logits_ones_and_rows_retain_nothing_vocab_sized(generator, monkeypatch):
+    from so8t.serve import generation
+    from so8t_kernels import logit_stats
+
+    steps, shapes, retained = [], [], []
+    choose, forward, result = generation.next_tokens, generator.model.forward, generation.TextGenerator._result
+
+    def recording_choose(logits, *args):
+        steps.append(logits.detach().clone())
+        return choose(logits, *args)
+
+    def recording_forward(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        shapes.append(tuple(output.logits.shape))
+        return output
+
+    def inspecting_result(self, row, gates):
+        tensors = [value for value in vars(row).values() if isinstance(value, torch.Tensor)]
+        tensors += [item for value in vars(row).values() if isinstance(value, list) for item in value
+                    if isinstance(item, torch.Tensor)]
+        stats = getattr(row, "stats", None)
+        tensors += [value for value in getattr(stats, "__dict__", {}).values() if isinstance(value, torch.Tensor)]
+        retained.append(tensors)
+        return result(self, row, gates)
+
+    monkeypatch.setattr(generation, "next_tokens", recording_choose)
+    monkeypatch.setattr(generator.model, "forward", recording_forward)
+    monkeypatch.setattr(generation.TextGenerator, "_result", inspecting_result)
+    got = generator.generate_batch([GenerationRequest(generator.encode(PROMPTS[2], 24), 24)])[0]
+    assert got.new_tokens == len(steps) > 5
+    expected = logit_stats(torch.stack(steps)).tolist()
+    stats = [got.logit_mean, got.logit_std, got.logit_min, got.logit_max, got.logit_nonfinite]
+    assert stats == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert retained == [[]]  # nothing per step, nothing vocab-sized, kept per row
+    assert shapes[0][1] == 1  # the prefill computed only the last position's logits
+
+    poisoned = torch.tensor([[1.0, float("nan"), 3.0, float("inf")], [float("nan")] * 4])
+    running = [generation.RunningLogitStats(), generation.RunningLogitStats()]
+    for partial, row in zip(generation.step_partials(poisoned).tolist(), running):
+        row.add(partial)
+        row.add(partial)
+    assert running[0].result() == pytest.approx(logit_stats(torch.stack([poisoned[0], poisoned[0]])).tolist())
+    assert all(math.isnan(value) for value in running[1].result()[:4]) and running[1].result()[4] == 8

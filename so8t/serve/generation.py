@@ -13,13 +13,12 @@ its one model thread (scheduler.py).
 from __future__ import annotations
 
 import inspect
+import math
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-
-from so8t_kernels import logit_stats
 
 from ..dataset import THINK_CLOSE, THINK_OPEN, render_prompt
 from ..placement import SO8THandle
@@ -61,13 +60,58 @@ class Generation:
     finish_reason: str = LENGTH  # STOP (EOS or a stop string), LENGTH or CANCELLED
 
 
+def step_partials(logits: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] logits → [rows, 6] float64 (finite count, mean, M2, min, max, non-finite count), the
+    finite entries' moments of each row (mean and M2 0, min +inf, max -inf where none is finite)."""
+    values = logits.double()
+    finite = torch.isfinite(values)
+    count = finite.sum(-1).double()
+    mean = torch.where(finite, values, 0).sum(-1) / count.clamp(min=1)
+    centered = torch.where(finite, values - mean[:, None], 0)
+    low = torch.where(finite, values, math.inf).amin(-1)
+    high = torch.where(finite, values, -math.inf).amax(-1)
+    return torch.stack([count, mean, (centered * centered).sum(-1), low, high, values.shape[-1] - count], dim=-1)
+
+
+class RunningLogitStats:
+    """Mean, population std, min and max of the finite logits and the non-finite count, over every step
+    merged so far: O(1) memory per row (storing the steps' logits was 16 rows × 2048 steps × 49,152 vocab
+    × 4 bytes ≈ 6.4 GB). Steps merge exactly in float64 (Chan et al. 1979)."""
+
+    def __init__(self):
+        self.count = self.mean = self.m2 = 0.0
+        self.low, self.high = math.inf, -math.inf
+        self.nonfinite = 0
+
+    def add(self, partial: list[float]) -> None:
+        count, mean, m2, low, high, nonfinite = partial
+        self.nonfinite += int(nonfinite)
+        self.low, self.high = min(self.low, low), max(self.high, high)
+        if count == 0:
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean += delta * count / total
+        self.m2 += m2 + delta * delta * self.count * count / total
+        self.count = total
+
+    def result(self) -> tuple[float, float, float, float, int]:
+        """(mean, std, min, max, non-finite), rounded to float32 as so8t_kernels.logit_stats reports them;
+        NaN statistics where no logit was finite."""
+        if self.count == 0:
+            return math.nan, math.nan, math.nan, math.nan, self.nonfinite
+        stats = torch.tensor([self.mean, math.sqrt(self.m2 / self.count), self.low, self.high],
+                             dtype=torch.float32).tolist()
+        return (*stats, self.nonfinite)
+
+
 class _Row:
     """One request's progress through a batch."""
 
     def __init__(self, request: GenerationRequest):
         self.request = request
         self.ids: list[int] = []  # generated, EOS included
-        self.logits: list[torch.Tensor] = []  # raw logits of each step
+        self.stats = RunningLogitStats()  # of each step's raw logits
         self.text = ""
         self.finish_reason: str | None = None
 
@@ -88,7 +132,11 @@ class TextGenerator:
         eos = eos if eos is not None else tokenizer.eos_token_id
         self._eos_ids = set(eos) if isinstance(eos, (list, tuple)) else {eos} - {None}
         # transformers 5 renamed `past_key_values` to `cache` (the old name warns, then goes in 5.40).
-        self._cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        parameters = inspect.signature(model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        # Only the last position's logits are used: the prefill's [batch, prompt width, vocab] is not
+        # computed where the model can skip it.
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
     @property
     def device(self) -> torch.device:
@@ -143,11 +191,14 @@ class TextGenerator:
         cache = DynamicCache(config=self.model.config)
         while True:
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                use_cache=True, **{self._cache_argument: cache}).logits[:, -1, :]
+                                use_cache=True, **{self._cache_argument: cache}, **self._last_logits_only
+                                ).logits[:, -1, :]
             tokens = next_tokens(logits, [row.request.temperature for row in rows],
                                  [row.request.top_p for row in rows]).tolist()
-            for index, (row, token) in enumerate(zip(rows, tokens)):
-                row.logits.append(logits[index].float())
+            partials = step_partials(logits).tolist()
+            del logits  # not alive during the next step's forward
+            for row, token, partial in zip(rows, tokens, partials):
+                row.stats.add(partial)
                 row.ids.append(token)
                 self._advance(row, token)
             keep = [index for index, row in enumerate(rows) if row.finish_reason is None]
@@ -185,14 +236,10 @@ class TextGenerator:
                                      skip_special_tokens=False)
 
     def _result(self, row: _Row, gates: dict[int, float]) -> Generation:
-        if row.logits:
-            mean, std, low, high, nonfinite = logit_stats(torch.stack(row.logits)).tolist()
-        else:  # cancelled before its first step
-            mean = std = low = high = float("nan")
-            nonfinite = 0
+        mean, std, low, high, nonfinite = row.stats.result()  # NaN when cancelled before its first step
         text = row.text if row.request.stop else self._decode_text(row.ids)
         return Generation(text=text, new_tokens=len(row.ids), logit_mean=mean, logit_std=std, logit_min=low,
-                          logit_max=high, logit_nonfinite=int(nonfinite), sigma_alpha=gates,
+                          logit_max=high, logit_nonfinite=nonfinite, sigma_alpha=gates,
                           finish_reason=row.finish_reason)
 
     def sigma_alpha(self) -> dict[int, float]:

@@ -193,3 +193,21 @@ def test_logit_statistics_equal_the_stored_logits_ones_and_rows_retain_nothing_v
         row.add(partial)
     assert running[0].result() == pytest.approx(logit_stats(torch.stack([poisoned[0], poisoned[0]])).tolist())
     assert all(math.isnan(value) for value in running[1].result()[:4]) and running[1].result()[4] == 8
+
+
+def test_streamed_text_never_shows_the_start_of_a_multi_token_stop_string(generator):
+    from so8t.serve.openai_api import AnswerStream
+    from so8t.serve.thinking import parse_thinking
+
+    prompt = generator.encode(PROMPTS[2], 30)
+    raw = generator.generate_batch([GenerationRequest(prompt, 30)])[0].text
+    stop = raw[6:16]
+    assert len(generator.tokenizer(stop, add_special_tokens=False)["input_ids"]) >= 3  # spans several tokens
+    texts = []
+    result = generator.generate_batch([GenerationRequest(prompt, 30, stop=(stop,), on_text=texts.append)])[0]
+    assert result.finish_reason == STOP and result.text == raw[:raw.find(stop)]
+    assert len(texts) > 3 and all(result.text.startswith(text) for text in texts)
+    answer = AnswerStream()
+    deltas = [answer.feed(f"<think>x</think>{text}") for text in texts]
+    deltas.append(answer.finish(f"<think>x</think>{result.text}"))
+    assert "".join(deltas) == parse_thinking(f"<think>x</think>{result.text}").answer == result.text

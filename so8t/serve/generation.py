@@ -43,7 +43,9 @@ class GenerationRequest:
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # the completion ends before the first of these (not included)
-    on_text: Callable[[str], None] | None = None  # the completion so far, after each step (model thread)
+    # The completion so far, after each step (model thread), less a tail that may be the start of a stop
+    # string (only ever a prefix of the final text).
+    on_text: Callable[[str], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -229,7 +231,8 @@ class TextGenerator:
             elif request.cancelled.is_set():
                 row.finish_reason = CANCELLED
         if request.on_text is not None and row.finish_reason != CANCELLED:
-            request.on_text(row.text)
+            final = row.finish_reason is not None
+            request.on_text(row.text if final else _without_partial_stop(row.text, request.stop))
 
     def _decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode([token for token in ids if token not in self._dropped_ids],
@@ -247,3 +250,10 @@ class TextGenerator:
             return {}
         gates = torch.sigmoid(self.handle.alpha.detach().float()).tolist()
         return dict(zip(self.handle.layer_indices, gates))
+
+
+def _without_partial_stop(text: str, stops: tuple[str, ...]) -> str:
+    """``text`` less its longest tail that a stop string starts with ("Hello world E" for stop "END")."""
+    held = max((length for stop in stops for length in range(1, len(stop)) if text.endswith(stop[:length])),
+               default=0)
+    return text[:len(text) - held]

@@ -9,9 +9,9 @@ thinking text), ``thinking_parse``, ``safety`` and ``monitor``. A prompt the jud
 ``content: null``, a ``refusal`` and ``finish_reason: "content_filter"``.
 
 Streaming sends the answer as it is generated: nothing while the model is thinking, then the answer's
-text as it grows (text that might still turn out to be the start of a tag is held back). The last chunk
-has ``finish_reason``, ``usage`` and the ``so8t`` object; its audit row is written before it is sent.
-If that row cannot be written the stream ends with an ``error`` event instead.
+text as it grows (text that might still turn out to be the start of a tag or of a stop string is held
+back). The last chunk has ``finish_reason``, ``usage`` and the ``so8t`` object; its audit row is written
+before it is sent. If that row cannot be written the stream ends with an ``error`` event instead.
 """
 
 from __future__ import annotations

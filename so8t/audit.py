@@ -31,6 +31,7 @@ import secrets
 import sqlite3
 import stat
 import sys
+import tempfile
 import threading
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -146,15 +147,31 @@ class AuditKey:
 
     @classmethod
     def load_or_create(cls, path: str | Path) -> tuple[AuditKey, bool]:
-        """The key in ``path``, or a new one written there with mode 0600; True when it was created."""
+        """The key in ``path``, or a new one written there with mode 0600; True when it was created.
+
+        The key is written and fsynced under a temporary name, then hard-linked into place (and the
+        directory fsynced): ``path`` never holds a partial key, a crash cannot lose a key whose rows
+        are already durable, and of servers starting at once the first link wins and the others load
+        its key."""
         path = Path(path)
         if path.exists():
             return cls.load(path), False
         key = cls.generate()
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others
-        with os.fdopen(descriptor, "w") as file:
-            file.write(key._secret.hex() + "\n")
+        # mkstemp creates the file with mode 0600: never readable by others.
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(key._secret.hex() + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+            try:
+                os.link(temporary, path)  # atomic; never replaces a key already there
+            except FileExistsError:  # another server created it first
+                return cls.load(path), False
+        finally:
+            os.unlink(temporary)
+        _fsync_directory(path.parent)
         return key, True
 
     @property
@@ -171,6 +188,14 @@ class AuditKey:
         Floats go through repr, which SQLite's 8-byte REAL gives back unchanged."""
         canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
         return hmac.new(self._secret, b"row\x00" + canonical.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _now() -> str:

@@ -250,3 +250,57 @@ def test_unknown_outcome_is_refused(tmp_path):
         log.append(record(1, outcome="maybe"))
     log.close()
     assert read_rows(tmp_path / "a.db") == []
+
+
+def test_servers_creating_the_key_at_once_all_end_with_the_same_complete_key(tmp_path, monkeypatch):
+    path = tmp_path / "keys" / "audit.key"
+    barrier = threading.Barrier(8)
+    keys, errors = [], []
+
+    def start():
+        barrier.wait()
+        try:
+            keys.append(AuditKey.load_or_create(path))
+        except Exception as error:  # noqa: BLE001 (any failure is what the test looks for)
+            errors.append(error)
+
+    for _ in range(5):
+        path.unlink(missing_ok=True)
+        keys.clear()
+        threads = [threading.Thread(target=start) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == [] and len(keys) == 8
+        assert {key.key_id for key, _ in keys} == {AuditKey.load(path).key_id}
+        assert sum(created for _, created in keys) == 1
+    assert sorted(os.listdir(path.parent)) == ["audit.key"] and path.stat().st_mode & 0o777 == 0o600
+
+    # Deterministically: another server's key lands while this one writes its own; this one loads it.
+    path.unlink()
+    theirs, generate = AuditKey.generate(), AuditKey.generate
+
+    def racing_generate():
+        path.write_text(theirs._secret.hex() + "\n")
+        path.chmod(0o600)
+        return generate()
+
+    monkeypatch.setattr(AuditKey, "generate", staticmethod(racing_generate))
+    key, created = AuditKey.load_or_create(path)
+    assert (key.key_id, created) == (theirs.key_id, False)
+
+
+def test_a_created_key_file_and_its_directory_are_fsynced(tmp_path, monkeypatch):
+    synced = []
+    fsync = os.fsync
+
+    def recording_fsync(descriptor):
+        synced.append(os.readlink(f"/proc/self/fd/{descriptor}"))
+        return fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    path = tmp_path / "audit.key"
+    AuditKey.load_or_create(path)
+    assert synced[-1] == str(tmp_path) and len(synced) == 2  # the key's data (temporary name), then the directory
+    assert synced[0].startswith(str(tmp_path / ".audit.key."))

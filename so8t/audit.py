@@ -6,7 +6,8 @@ own, HMAC-SHA256 under the server's key over a canonical serialization of every 
 the key nobody can edit, insert, append or rehash a row undetected, nor test guessed prompts against
 the digests. The key lives in its own file (``--audit-key-file``, created with mode 0600 on first use),
 never in the database; the database records only the key's id, so a wrong key is told apart from
-tampering.
+tampering (the id is not MACed: a key whose id differs yet verifies the first row is the log's key, and
+the id was edited).
 
 Deleting rows from the end (or all of them) leaves a valid shorter chain, and an attacker who also has
 the key can rewrite and re-MAC everything. Anchors catch both: the head (row count and MAC of the last
@@ -441,6 +442,13 @@ def run(args: argparse.Namespace) -> int:
         rows = read_rows(args.database)
         key_id = read_key_id(args.database)
         if key_id is not None and key_id != key.key_id:
+            # audit_meta has no MAC; the rows do: a first row that verifies under this key makes it the
+            # log's key, so the stored key id was edited.
+            if rows and verify_chain(rows[:1], key).ok:
+                print(f"so8t audit: {args.database}: tampered: audit_meta's key id {key_id} is not "
+                      f"{args.key_file}'s ({key.key_id}), yet the rows are MACed under it (the key id was edited)",
+                      file=sys.stderr)
+                return 1
             raise AuditFileError(f"{args.database}: written with another key (key id {key_id}, "
                                  f"{args.key_file}'s is {key.key_id})")
         anchors = read_anchors(args.anchors) if args.anchors is not None else []

@@ -304,3 +304,13 @@ def test_a_created_key_file_and_its_directory_are_fsynced(tmp_path, monkeypatch)
     AuditKey.load_or_create(path)
     assert synced[-1] == str(tmp_path) and len(synced) == 2  # the key's data (temporary name), then the directory
     assert synced[0].startswith(str(tmp_path / ".audit.key."))
+
+
+def test_an_edited_key_id_is_tampering_not_another_key(database, key_file, tmp_path, capsys):
+    execute(database, "UPDATE audit_meta SET value = ? WHERE name = 'key_id'", "0123456789abcdef")
+    assert main(["audit", "verify", str(database), "--key-file", str(key_file)]) == 1
+    assert "tampered: audit_meta's key id 0123456789abcdef" in capsys.readouterr().err
+    other_key = tmp_path / "other.key"
+    AuditKey.load_or_create(other_key)
+    assert main(["audit", "verify", str(database), "--key-file", str(other_key)]) == 2  # truly another key
+    assert "written with another key" in capsys.readouterr().err

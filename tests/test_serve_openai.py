@@ -3,6 +3,10 @@
 the audit row, and errors surfacing as the client's exception types."""
 
 
+import asyncio
+import contextlib
+import json
+
 import httpx
 import openai
 import pytest
@@ -156,3 +160,37 @@ def test_a_busy_server_answers_503_with_retry_after(tmp_path):
     assert raised.value.status_code == 503 and raised.value.response.headers["retry-after"] == "1"
     rows = read_rows(tmp_path / "audit.db")
     assert sum(row.status == 503 and row.outcome == "rejected" for row in rows) == len(busy) + 1
+
+
+def test_a_stream_whose_start_cannot_be_sent_gives_back_its_place_and_is_recorded_cancelled(tmp_path):
+    """Under ASGI 2.4 a client gone before the response start makes ``send`` raise OSError: the event
+    generator never runs, yet the stream's place in the queue comes back and its row says 499."""
+    generator = load_generator()
+    audit = open_audit(tmp_path / "audit.db")
+    app = create_app(generator, audit, max_queue=1)
+    body = json.dumps({"model": generator.name, "messages": MESSAGES, "max_tokens": 4, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 9),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            raise OSError("the client went away")
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            with contextlib.suppress(Exception):
+                await app(scope, receive, send)
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+                assert (await client.get("/health")).json()["queue_depth"] == 0
+                answered = await client.post("/v1/chat/completions", json={**json.loads(body), "stream": False})
+                assert answered.status_code == 200  # the one place in the queue is free
+
+    asyncio.run(scenario())
+    audit.close()
+    rows = read_rows(tmp_path / "audit.db")
+    assert [(row.outcome, row.status) for row in rows] == [("cancelled", 499), ("answered", 200)]

@@ -76,10 +76,8 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
             decision = await service.decide(request, record, judged, messages, body.new_tokens, body.temperature,
                                             body.top_p, body.stops, body.length_field)
             if body.stream and decision.request is not None:
-                stream = _Stream(service, request, record, body, decision, admission)
                 request.scope["state"][STATE_DEFERRED] = True
-                return StreamingResponse(stream.events(), media_type="text/event-stream",
-                                         headers={"cache-control": "no-cache"})
+                return _StreamResponse(_Stream(service, request, record, body, decision, admission))
             generation = None
             if decision.request is not None:
                 generation = await service.generate(request, decision.request)
@@ -247,10 +245,30 @@ class _Stream:
             yield _event(_as_chunk(completion, include_usage))
             yield _DONE
         except BaseException:  # the client went away (the task is cancelled) or the stream broke
-            generation_request.cancelled.set()
-            if not state.get(STATE_RECORDED):
-                self.service.finish_record(self.request, self.record, "cancelled")
-                self.record.status = 499
+            self.end()
             raise
+
+    def end(self) -> None:
+        """Once the response is over, however it ended: an unrecorded stream is a client that went away
+        (499), and the stream's place in the server is given back."""
+        self.decision.request.cancelled.set()  # no effect on a finished generation
+        if not self.request.scope["state"].get(STATE_RECORDED):
+            self.service.finish_record(self.request, self.record, "cancelled")
+            self.record.status = 499
+        self.admission.release()
+
+
+class _StreamResponse(StreamingResponse):
+    """A stream's server-sent events. Ends the stream even where its event generator never runs (sending
+    the response start failed: the client went away first) or is left suspended mid-stream."""
+
+    def __init__(self, stream: _Stream):
+        super().__init__(stream.events(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        self.stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
         finally:
-            self.admission.release()
+            await self.body_iterator.aclose()
+            self.stream.end()

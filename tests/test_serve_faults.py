@@ -216,6 +216,7 @@ def test_a_stream_whose_audit_row_cannot_be_written_ends_with_an_error_event(ser
         connection.execute("PRAGMA max_page_count = 1073741823")
     [(error, chunks)] = failed
     assert "audit row could not be written" in error.message
+    assert "the answer was sent but could not be audited" in error.message  # not "nothing was answered"
     assert chunks and all(chunk.choices[0].finish_reason is None for chunk in chunks)  # no final chunk
     request_id = chunks[0].id.removeprefix("chatcmpl-")
     assert request_id not in {row.request_id for row in read_rows(path)} and verify(path, audit).ok

@@ -30,6 +30,9 @@ STATE_DEFERRED = "so8t_audit_deferred"  # a streamed response: its handler write
 STATE_RECORDED = "so8t_audit_recorded"
 AUDIT_UNAVAILABLE = ApiError(503, "audit log unavailable",
                              message="the request's audit row could not be written; nothing was answered")
+# A stream's row is written when it ends, after its answer's text went out.
+STREAM_AUDIT_UNAVAILABLE = ApiError(503, "audit log unavailable", message=(
+    "the answer was sent but could not be audited: the request's audit row could not be written"))
 SERVER_ERROR = ApiError(500, "internal error", message="the server failed on this request; see its log")
 
 log = logging.getLogger("so8t.serve")

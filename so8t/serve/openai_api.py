@@ -11,7 +11,8 @@ thinking text), ``thinking_parse``, ``safety`` and ``monitor``. A prompt the jud
 Streaming sends the answer as it is generated: nothing while the model is thinking, then the answer's
 text as it grows (text that might still turn out to be the start of a tag or of a stop string is held
 back). The last chunk has ``finish_reason``, ``usage`` and the ``so8t`` object; its audit row is written
-before it is sent. If that row cannot be written the stream ends with an ``error`` event instead.
+before it is sent. If that row cannot be written the stream ends with an ``error`` event instead (the
+answer's text has been sent by then: the event says it was not audited).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ..dataset import THINK_CLOSE, THINK_OPEN
 from .errors import ApiError, error_body
 from .generation import STOP, Generation
-from .ledger import AUDIT_UNAVAILABLE, STATE_DEFERRED, STATE_RECORDED
+from .ledger import STATE_DEFERRED, STATE_RECORDED, STREAM_AUDIT_UNAVAILABLE
 from .schemas import ChatCompletionRequest
 from .scheduler import ServerBusy
 from .service import Decision, Refusal, Service, busy_refusal, model_failure
@@ -239,7 +240,8 @@ class _Stream:
             completion = _completion(self.service, self.record, self.body, self.decision, generation)
             state[STATE_RECORDED] = True
             if not await self.service.ledger.write(self.record):
-                yield _event(error_body(self.request.scope["path"], self.record.request_id, AUDIT_UNAVAILABLE))
+                yield _event(error_body(self.request.scope["path"], self.record.request_id,
+                                        STREAM_AUDIT_UNAVAILABLE))
                 return
             include_usage = self.body.stream_options is not None and self.body.stream_options.include_usage
             yield _event(_as_chunk(completion, include_usage))

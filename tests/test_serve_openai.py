@@ -162,6 +162,14 @@ def test_a_busy_server_answers_503_with_retry_after(tmp_path):
     assert sum(row.status == 503 and row.outcome == "rejected" for row in rows) == len(busy) + 1
 
 
+def asgi_scope(path: str, body: bytes) -> dict:
+    """An ASGI 2.4 HTTP scope of a JSON POST, as uvicorn builds it."""
+    return {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
+            "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 9),
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+
+
 def test_a_stream_whose_start_cannot_be_sent_gives_back_its_place_and_is_recorded_cancelled(tmp_path):
     """Under ASGI 2.4 a client gone before the response start makes ``send`` raise OSError: the event
     generator never runs, yet the stream's place in the queue comes back and its row says 499."""
@@ -169,10 +177,7 @@ def test_a_stream_whose_start_cannot_be_sent_gives_back_its_place_and_is_recorde
     audit = open_audit(tmp_path / "audit.db")
     app = create_app(generator, audit, max_queue=1)
     body = json.dumps({"model": generator.name, "messages": MESSAGES, "max_tokens": 4, "stream": True}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1",
-             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-             "query_string": b"", "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 9),
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    scope = asgi_scope("/v1/chat/completions", body)
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
@@ -194,3 +199,29 @@ def test_a_stream_whose_start_cannot_be_sent_gives_back_its_place_and_is_recorde
     audit.close()
     rows = read_rows(tmp_path / "audit.db")
     assert [(row.outcome, row.status) for row in rows] == [("cancelled", 499), ("answered", 200)]
+
+
+@pytest.mark.parametrize("path", ["/think", "/v1/chat/completions"])
+def test_a_client_gone_while_uploading_its_body_is_recorded_cancelled(server, path):
+    _, generator, audit_path, audit = server
+    body = json.dumps({"model": generator.name, "messages": MESSAGES, "prompt": "hi", "max_tokens": 4}).encode()
+    messages = iter([{"type": "http.request", "body": body[:10], "more_body": True}, {"type": "http.disconnect"}])
+    sent = []
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    app = create_app(generator, audit)
+    before = len(read_rows(audit_path))
+
+    async def scenario():
+        async with app.router.lifespan_context(app):
+            await app(asgi_scope(path, body), receive, send)
+
+    asyncio.run(scenario())
+    assert sent == []  # nobody to answer
+    [row] = read_rows(audit_path)[before:]
+    assert (row.outcome, row.status) == ("cancelled", 499)

@@ -42,6 +42,10 @@ def latency_ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1000.0
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its body was in."""
+
+
 class Ledger:
     """Writes audit rows off the event loop and counts every request in the metrics."""
 
@@ -134,6 +138,8 @@ class LedgerMiddleware:
                 await refuse(ApiError.invalid(invalid_status(path), [("body", f"invalid UTF-8: {error.reason} at byte {error.start}")]))
                 return
             await self.app(scope, _replay(body, receive), send_recorded)
+        except _ClientGone:  # no one to answer; the row below says so
+            state[STATE_RECORD] = AuditRecord(request_id, "cancelled", 499, latency_ms_since(started))
         except Exception:
             log.exception("request %s failed", request_id)
             if not response_started:
@@ -144,7 +150,8 @@ class LedgerMiddleware:
                 await self.ledger.write(current_record(record.status if record is not None else 500))
 
     async def _read_body(self, scope, receive) -> bytes | None:
-        """The whole body, or None once it is over the limit (by Content-Length, or by counting)."""
+        """The whole body, or None once it is over the limit (by Content-Length, or by counting); raises
+        _ClientGone when the client disconnects first."""
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body_bytes:
                 return None
@@ -152,7 +159,7 @@ class LedgerMiddleware:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                break
+                raise _ClientGone
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:

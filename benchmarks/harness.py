@@ -88,6 +88,13 @@ def interleaved_step_times(runs: dict[str, tuple], rounds: int) -> dict[str, lis
     return mean_step_ms
 
 
+def baseline_and_variant_rows(ctx: "Context", op: str, shape: str, dtype: str, mean_step_ms: dict[str, list[float]],
+                              baseline: str, variant: str) -> list:
+    """The rows of two interleaved training runs: ``baseline`` and ``variant`` referring to it."""
+    plain = ctx.row(op, "step", baseline, shape, dtype, summarize(mean_step_ms[baseline]), kind="baseline")
+    return [plain, ctx.row(op, "step", variant, shape, dtype, summarize(mean_step_ms[variant]), references=[plain])]
+
+
 def time_on_cpu(fn: Callable[[], object], plan: TimingPlan) -> Timing:
     warmup_started = time.perf_counter()
     for _ in range(plan.cpu_warmup_calls):

@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 
 from harness import (
-    LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, benchmark, interleaved_step_times, register_targets,
-    summarize,
+    LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, baseline_and_variant_rows, benchmark,
+    interleaved_step_times, register_targets,
 )
 from train_step_monitor import step_clock
 
@@ -47,11 +47,7 @@ def train_step_gates(ctx: Context) -> list:
         mean_step_ms = interleaved_step_times(runs, rounds)
     shape = f"{'phi3-mini' if on_gpu else 'demo phi3'} nf4 b8, {steps - WARMUP_STEPS} steps × {rounds}"
     dtype = "bf16" if on_gpu else "fp32"
-    plain = ctx.row("train step (gates)", "step", NO_GATES, shape, dtype, summarize(mean_step_ms[NO_GATES]),
-                    kind="baseline")
-    gated = ctx.row("train step (gates)", "step", GATES, shape, dtype, summarize(mean_step_ms[GATES]),
-                    references=[plain])
-    return [plain, gated]
+    return baseline_and_variant_rows(ctx, "train step (gates)", shape, dtype, mean_step_ms, NO_GATES, GATES)
 
 
 register_targets(

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from harness import (
-    LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, benchmark, interleaved_step_times, register_targets,
-    summarize,
+    LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, baseline_and_variant_rows, benchmark,
+    interleaved_step_times, register_targets,
 )
 from train_step_monitor import step_clock
 
@@ -76,10 +76,8 @@ def train_step_gates_real(ctx: Context) -> list:
         mean_step_ms = interleaved_step_times(runs, rounds)
     shape = f"smollm2-135m b{BATCH}×≤{MAX_LENGTH}, {steps - WARMUP_STEPS} steps × {rounds}"
     dtype = "bf16" if on_gpu else "fp32"
-    plain = ctx.row("train step (gates, real)", "step", NO_GATES, shape, dtype, summarize(mean_step_ms[NO_GATES]),
-                    kind="baseline")
-    gated = ctx.row("train step (gates, real)", "step", GATES, shape, dtype, summarize(mean_step_ms[GATES]),
-                    references=[plain])
+    plain, gated = baseline_and_variant_rows(ctx, "train step (gates, real)", shape, dtype, mean_step_ms,
+                                             NO_GATES, GATES)
     import torch
 
     alone = ctx.row("train step (gates, real)", "step", GATES_ALONE, f"28 × 72 blocks, b{BATCH}×{TOKENS}", dtype,

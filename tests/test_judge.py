@@ -1,4 +1,4 @@
-"""The safety judge without a server: the fail-closed decision, encoding, the bundled data, label
+"""The safety judge without a server: the fail-closed decision, encoding, data rows, label
 vocabulary checks, an untrained judge escalating, and the LoRA path of ``--task classify``."""
 
 import json
@@ -8,7 +8,7 @@ import torch
 from transformers import Phi3ForCausalLM, Phi3ForSequenceClassification
 
 from so8t import SO8TError, attach_so8t, find_so8t_handle
-from so8t.classify import bundled_safety_path, read_labelled_jsonl, train_classifier
+from so8t.classify import read_labelled_jsonl, train_classifier
 from so8t.demo import build_demo_tokenizer, demo_model_config
 from so8t.judge import (
     ALLOW, DENY, ESCALATE, LABELS, SafetyJudge, check_threshold, decide, encode_for_judge, label_maps,
@@ -63,13 +63,6 @@ def test_encoding_ends_with_eos_and_reports_truncation(tokenizer):
     assert ids == tokenizer("abc")["input_ids"] + [tokenizer.eos_token_id] and not truncated
     ids, truncated = encode_for_judge(tokenizer, "x" * 50, 10)
     assert len(ids) == 10 and ids[-1] == tokenizer.eos_token_id and truncated
-
-
-def test_bundled_data_is_balanced_over_the_vocabulary():
-    examples = read_labelled_jsonl(bundled_safety_path())
-    counts = {label: sum(LABELS[e.label] == label for e in examples) for label in LABELS}
-    assert counts == {ALLOW: 60, ESCALATE: 60, DENY: 60}
-    assert len({e.text for e in examples}) == 180
 
 
 @pytest.mark.parametrize(

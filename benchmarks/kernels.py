@@ -74,7 +74,7 @@ def matrix_exp_baseline(theta: torch.Tensor) -> torch.Tensor:
 
 
 @benchmark
-def exp_benchmark(ctx: Context) -> list:
+def so8_exp_benchmark(ctx: Context) -> list:
     layers = NUM_LAYERS // QUICK_DIVISOR if ctx.quick else NUM_LAYERS
     shape = shape_text(layers, NUM_BLOCKS, NUM_PARAMS)
     # ‖A‖_F ≈ 0.3·√56 ≈ 2.2, a trained gate's scale: one or two squarings in either exp.
@@ -132,7 +132,7 @@ def block_diag_baseline(x, rotation, alpha):
 
 
 @benchmark
-def rotate_benchmark(ctx: Context) -> list:
+def so8_rotate_benchmark(ctx: Context) -> list:
     num_tokens = NUM_TOKENS // QUICK_DIVISOR if ctx.quick else NUM_TOKENS
     shape = shape_text(num_tokens, HIDDEN)
     skew = torch.randn(NUM_BLOCKS, 8, 8, device=ctx.device)

@@ -1,6 +1,6 @@
 // The C++ CPU kernels of so8t_kernels, registered as torch.ops.so8t_cpp.* (register.cpp).
-// Each one computes exactly what the PyTorch reference of its op computes (so8t_kernels/expm.py,
-// rotate.py, stats.py), in fp32 whatever the input dtype.
+// Each one computes exactly what the PyTorch reference of its op computes (so8t_kernels/so8_exp.py,
+// so8_rotate.py, logit_stats.py, linear_cross_entropy.py), in fp32 whatever the input dtype.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -18,7 +18,7 @@ namespace so8t {
 constexpr int kBlockSize = 8;
 constexpr int kNumParams = 28;  // pairs (i, j), i < j, row-major: (0,1), (0,2), …, (6,7)
 
-// Copies of so8t_kernels/expm.py's constants (tests/test_cpp_backend.py checks that they agree):
+// Copies of so8t_kernels/so8_exp.py's constants (tests/test_csrc.py checks that they agree):
 // TAYLOR_DEGREE[torch.float32], SCALED_NORM_MAX and MAX_SQUARINGS.
 constexpr int kTaylorDegree = 13;
 constexpr float kScaledNormMax = 2.0f;

@@ -13,9 +13,9 @@ reference (everywhere); chosen per call, see ``SO8T_BACKEND`` and ``python -m so
 """
 
 from ._backend import BACKENDS
-from .expm import so8_exp
+from .so8_exp import so8_exp
 from .linear_cross_entropy import linear_cross_entropy
-from .rotate import so8_rotate
-from .stats import logit_stats
+from .logit_stats import logit_stats
+from .so8_rotate import so8_rotate
 
 __all__ = ["BACKENDS", "so8_exp", "so8_rotate", "logit_stats", "linear_cross_entropy"]

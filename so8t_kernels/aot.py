@@ -73,24 +73,27 @@ def _meta(shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
+OPS = ("so8_exp", "so8_rotate", "logit_stats", "linear_cross_entropy")
+
+
 def _op_modules():
-    """The modules that define Triton kernels (imported by name: the package re-exports a function
-    called linear_cross_entropy over its module)."""
-    return [importlib.import_module(f"so8t_kernels.{name}") for name in ("expm", "rotate", "stats", "linear_cross_entropy")]
+    """The modules that define Triton kernels, one per op (imported by path: the package's attribute
+    of each op's name is the op's function, which shadows its module)."""
+    return [importlib.import_module(f"so8t_kernels.{name}") for name in OPS]
 
 
 def scenarios():
     """[(label, thunk)]: each thunk calls one launcher on meta tensors."""
-    expm, rotate, stats, linear_cross_entropy = _op_modules()
+    exp_ops, rotate_ops, stats_ops, lce_ops = _op_modules()
 
     out = []
     # so8_exp: a gate bank θ [layers, hidden/8, 28]; dL/dR arrives in R's dtype (fp32).
     for dtype_name, dtype in DTYPES.items():
         for hidden in HIDDEN_SIZES:
             shape = (30, hidden // 8, 28)
-            out.append((f"exp fwd θ {dtype_name} 30x{hidden // 8}", lambda s=shape, d=dtype: expm.exp_triton(_meta(s, d))))
+            out.append((f"exp fwd θ {dtype_name} 30x{hidden // 8}", lambda s=shape, d=dtype: exp_ops.exp_triton(_meta(s, d))))
             out.append((f"exp bwd θ {dtype_name} 30x{hidden // 8}",
-                        lambda s=shape, d=dtype: expm.exp_backward_triton(_meta(s[:-1] + (8, 8)), _meta(s, d))))
+                        lambda s=shape, d=dtype: exp_ops.exp_backward_triton(_meta(s[:-1] + (8, 8)), _meta(s, d))))
 
     # so8_rotate: R and alpha are views into fp32 banks [G, hidden/8, 8, 8] and [G]; gate 1's alpha
     # sits 4 bytes into its bank, unaligned, as in a model with several gates.
@@ -105,17 +108,17 @@ def scenarios():
                     x = lambda t=tokens, h=hidden, d=dtype: _meta((t, h), d)
                     for with_stats in (False, True):
                         out.append((f"rotate fwd {label}{' +stats' if with_stats else ''}",
-                                    lambda x=x, h=hidden, g=gate, s=with_stats: rotate.rotate_triton(x(), *params(h, g), s)))
+                                    lambda x=x, h=hidden, g=gate, s=with_stats: rotate_ops.rotate_triton(x(), *params(h, g), s)))
                     for need_x, need_params in ((True, True), (True, False), (False, True)):
                         out.append((f"rotate bwd {label} {'dx' if need_x else ''}{'+' if need_x and need_params else ''}{'dR' if need_params else ''}",
                                     lambda x=x, h=hidden, g=gate, nx=need_x, np_=need_params:
-                                    rotate.rotate_backward_triton(x(), x(), *params(h, g), nx, np_)))
+                                    rotate_ops.rotate_backward_triton(x(), x(), *params(h, g), nx, np_)))
 
     # logit_stats: training and serving logits, and one over 2^31 elements.
     for dtype_name, dtype in DTYPES.items():
         for shape in ((2048, 32064), (1, 32064), (7, 100), (4, 8192, 128256)):
             out.append((f"logit_stats {dtype_name} {'x'.join(map(str, shape))}",
-                        lambda s=shape, d=dtype: stats.logit_stats_triton(_meta(s, d))))
+                        lambda s=shape, d=dtype: stats_ops.logit_stats_triton(_meta(s, d))))
 
     # linear_cross_entropy: one chunk of logits per launch (Phi-3: 512 × 32,064; SmolLM2: 256 × 49,152).
     for dtype_name, dtype in DTYPES.items():
@@ -124,7 +127,7 @@ def scenarios():
                 for with_stats in (False, True):
                     out.append((f"linear_cross_entropy rows {dtype_name} {rows}x{vocab}"
                                 f"{' +grad' if write_grad else ''}{' +stats' if with_stats else ''}",
-                                lambda r=rows, v=vocab, d=dtype, g=write_grad, st=with_stats: linear_cross_entropy.rows_triton(
+                                lambda r=rows, v=vocab, d=dtype, g=write_grad, st=with_stats: lce_ops.rows_triton(
                                     _meta((r, v), d), _meta((r,), torch.int64), _meta((r,), torch.bool), _meta((r,)), g, st)))
     return out
 

@@ -37,7 +37,7 @@ import torch
 from . import _backend
 from ._triton import tl, triton
 from ._validate import check_same_device, check_tensor
-from .stats import NUM_PARTIALS, merge_partials
+from .logit_stats import NUM_PARTIALS, merge_partials
 
 NUM_STATS = 7  # logit mean, std, min, max, non-finite count; entropy; top-1 accuracy
 REDUCTIONS = ("none", "mean", "sum")

@@ -9,6 +9,7 @@ and Triton version (``SO8T_AOT_CACHE``, default ~/.cache/so8t/aot): a cold run c
 specializations (~1.5 CPU-minutes: about a minute on 2 cores), a warm one reads JSON files.
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -112,7 +113,7 @@ def test_occupancy_within_budget(compiled):
 def test_rotate_forward_has_no_lane_shuffles(compiled):
     """Per warp and tile the loop body moves 2 tokens × 32 chunks × 8 = 512 elements; shuffles outside
     the loop (the statistics' final reduction) are spread over the tiles of one program at 4096 tokens."""
-    from so8t_kernels import rotate
+    rotate = importlib.import_module("so8t_kernels.so8_rotate")  # the package's so8_rotate is the function
 
     records, _ = compiled
     forward = [r for r in records if r["kernel"] == "_rotate_forward_kernel" and r["ok"]]

@@ -1,5 +1,5 @@
 // Logit statistics in one pass over memory: the semantics of logit_stats_reference in
-// so8t_kernels/stats.py. Each tile of 4096 values (16 KB, in L1 after the first read) reduces to
+// so8t_kernels/logit_stats.py. Each tile of 4096 values (16 KB, in L1 after the first read) reduces to
 // (count, mean, M2, min, max, non-finite) — M2 from a second sweep over the cached tile, centred on
 // the tile's mean — and the tiles merge in order with Chan's formula in fp64, which keeps the std
 // accurate when |mean| ≫ std and gives the same bits for any thread count.

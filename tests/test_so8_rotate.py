@@ -12,7 +12,7 @@ from ops_helpers import (
 )
 
 from so8t_kernels import so8_exp, so8_rotate
-from so8t_kernels.rotate import activation_stats_reference
+from so8t_kernels.so8_rotate import activation_stats_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (leading shape, hidden size): 1 and 7 tokens, 3-d inputs, d = 8, 24, 136 and a 3072-wide slice.

@@ -16,7 +16,7 @@ from ops_helpers import (
 )
 
 from so8t_kernels import so8_exp
-from so8t_kernels.expm import PAIRS, exp_reference, skew_from_theta
+from so8t_kernels.so8_exp import PAIRS, exp_reference, skew_from_theta
 
 NORMS = [0.0, 1e-4, 0.3, 1.0, 2.0, 3.0, 10.0, 30.0, 50.0]
 

@@ -1,5 +1,5 @@
 // Gated block rotation y_b = M_b x_b, M_b = (1 − g)I + gR_b, and its backward: the semantics of
-// rotate_reference, rotate_backward_reference and activation_stats_reference in so8t_kernels/rotate.py.
+// rotate_reference, rotate_backward_reference and activation_stats_reference in so8t_kernels/so8_rotate.py.
 //
 // Memory bound: the forward reads x and writes y once (8 FMAs per value) and reduces the activation
 // statistics from y while it is in registers. The backward reads dy and x once, writes dx and sums
@@ -381,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rotate_backward(
   if (need_x) grad_x = grad_rows_x.view(x.sizes()).to(x.scalar_type());
   if (need_params) {
     // S_b = Σ_chunks partial_b in chunk order; dR_b = g S_b; dα = g(1 − g) Σ_b ⟨S_b, R_b − I⟩
-    // (_param_grads in rotate.py), with ⟨S_b, R_b − I⟩ per block summed in block order.
+    // (_param_grads in so8_rotate.py), with ⟨S_b, R_b − I⟩ per block summed in block order.
     at::Tensor grad_rotation_f = at::empty({num_blocks, kBlockSize, kBlockSize}, float_options);
     std::vector<double> block_grad_gate(num_blocks);
     const float* partial = outer_partial.const_data_ptr<float>();

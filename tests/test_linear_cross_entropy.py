@@ -88,8 +88,9 @@ def test_values_gradients_and_stats_against_float64(backend, num_tokens, hidden_
     loss = linear_cross_entropy(op_inputs[0], op_inputs[1], labels, bias=op_inputs[2], stats=stats, chunk_size=chunk)
     op_grads = grads(loss, op_inputs)
 
-    # The model path's own error: fp32 roundings (≤ 1e-6), or bf16 logits (≤ 2e-2, 4e-3 typical).
-    bound = 1e-6 if dtype == torch.float32 else 2e-2
+    # The model path's own error: fp32 roundings (≤ 2e-6: dhidden, a sum over 2,100 vocabulary rows, measured
+    # 1.2e-6 on an AVX-512 CPU), or bf16 logits (≤ 2e-2, 4e-3 typical).
+    bound = 2e-6 if dtype == torch.float32 else 2e-2
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert_matches_oracle(loss, oracle_loss, reference_loss, torch.float32, "loss", bound)
     for name, actual, oracle, reference in zip(("hidden", "weight", "bias"), op_grads, oracle_grads, reference_grads):

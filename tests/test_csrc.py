@@ -1,9 +1,10 @@
 """The C++ CPU backend (csrc/) specifically: it loaded, it matches the fp32 PyTorch reference to a few
 ulps on awkward inputs, and its reductions give the same bits on every run and for any thread count.
 
-The op suite (test_ops_*.py) runs against every usable backend, cpp included, with the float64 oracle
-and the same tolerances; these tests add what only this backend can get wrong. With
-SO8T_REQUIRE_CPP=1 (CI) a missing extension fails the run instead of only skipping these tests.
+The op suites (test_so8_exp.py, test_so8_rotate.py, test_logit_stats.py, test_linear_cross_entropy.py)
+run against every usable backend, cpp included, with the float64 oracle and the same tolerances; these
+tests add what only this backend can get wrong. With SO8T_REQUIRE_CPP=1 (CI) a missing extension fails
+the run instead of only skipping these tests.
 """
 
 import os
@@ -11,7 +12,16 @@ import os
 import pytest
 import torch
 
-from so8t_kernels import _cpp, expm, logit_stats, so8_exp, so8_rotate, stats
+from so8t_kernels import _cpp, logit_stats, so8_exp, so8_rotate
+from so8t_kernels.logit_stats import logit_stats_reference
+from so8t_kernels.so8_exp import (
+    MAX_SQUARINGS,
+    SCALED_NORM_MAX,
+    TAYLOR_DEGREE,
+    exp_backward_reference,
+    exp_reference,
+)
+from so8t_kernels.so8_rotate import rotate_backward_reference, rotate_reference
 
 WHY_UNAVAILABLE = _cpp.why_unavailable()
 REQUIRED = os.environ.get("SO8T_REQUIRE_CPP") == "1"
@@ -53,19 +63,19 @@ def ulp_close(actual: torch.Tensor, expected: torch.Tensor, ulps: float, scale: 
 
 
 def rotation_matrices(blocks: int, generator) -> torch.Tensor:
-    return expm.exp_reference(torch.randn(blocks, 28, generator=generator) * 0.5)[0]
+    return exp_reference(torch.randn(blocks, 28, generator=generator) * 0.5)[0]
 
 
 # --------------------------------------------------------------------------------------------------
 # Build facts
 # --------------------------------------------------------------------------------------------------
 @needs_cpp
-def test_constants_agree_with_expm():
+def test_constants_agree_with_so8_exp():
     import so8t_kernels._C as extension
 
-    assert extension.TAYLOR_DEGREE == expm.TAYLOR_DEGREE[torch.float32]
-    assert extension.SCALED_NORM_MAX == expm.SCALED_NORM_MAX
-    assert extension.MAX_SQUARINGS == expm.MAX_SQUARINGS
+    assert extension.TAYLOR_DEGREE == TAYLOR_DEGREE[torch.float32]
+    assert extension.SCALED_NORM_MAX == SCALED_NORM_MAX
+    assert extension.MAX_SQUARINGS == MAX_SQUARINGS
 
 
 @needs_cpp
@@ -99,13 +109,13 @@ def test_exp_matches_reference_from_norm_0_to_50():
     norms = torch.linspace(0, 50, 201)
     theta = direction / direction.norm(dim=1, keepdim=True) * norms[:, None] / 2**0.5  # ‖A‖_F = √2 ‖θ‖
     rotation, residual = ops.exp_forward(theta)
-    expected, expected_residual = expm.exp_reference(theta)
+    expected, expected_residual = exp_reference(theta)
     assert residual.max() <= 1e-5
     ulp_close(rotation, expected, ulps=64, scale=1.0)
     ulp_close(residual, expected_residual, ulps=1, scale=1e-5 / torch.finfo(torch.float32).eps)
     grad = torch.randn(201, 8, 8, generator=generator)
     actual_grad = ops.exp_backward(grad, theta)
-    expected_grad = expm.exp_backward_reference(grad, theta)
+    expected_grad = exp_backward_reference(grad, theta)
     ulp_close(actual_grad, expected_grad, ulps=64)
 
 
@@ -116,13 +126,13 @@ def test_exp_low_precision_and_batch_shapes(dtype, batch):
     generator = torch.Generator().manual_seed(1)
     theta = (torch.randn(*batch, 28, generator=generator) * 0.7).to(dtype)
     rotation, residual = ops.exp_forward(theta)
-    expected, _ = expm.exp_reference(theta)
+    expected, _ = exp_reference(theta)
     assert rotation.dtype == residual.dtype == torch.float32 and residual.shape == batch
     ulp_close(rotation, expected, ulps=16, scale=1.0)
     grad = torch.randn(*batch, 8, 8, generator=generator)
     grad_theta = ops.exp_backward(grad, theta)
     assert grad_theta.dtype == dtype and grad_theta.shape == theta.shape
-    ulp_close(grad_theta, expm.exp_backward_reference(grad, theta), ulps=2)
+    ulp_close(grad_theta, exp_backward_reference(grad, theta), ulps=2)
 
 
 @needs_cpp
@@ -131,12 +141,12 @@ def test_exp_nonfinite_theta_stays_in_its_block():
     theta[1, 5] = float("nan")
     theta[2, 0] = float("inf")
     rotation, residual = ops.exp_forward(theta)
-    expected, expected_residual = expm.exp_reference(theta)
+    expected, expected_residual = exp_reference(theta)
     ulp_close(rotation, expected, ulps=16, scale=1.0)
     assert torch.equal(torch.isnan(residual), torch.isnan(expected_residual))
     assert torch.isfinite(rotation[[0, 3]]).all() and torch.isnan(rotation[1]).all()
     grad_theta = ops.exp_backward(torch.ones(4, 8, 8), theta)
-    ulp_close(grad_theta, expm.exp_backward_reference(torch.ones(4, 8, 8), theta), ulps=16)
+    ulp_close(grad_theta, exp_backward_reference(torch.ones(4, 8, 8), theta), ulps=16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,10 +156,8 @@ def rotate_both(x, rotation, alpha, grad_y):
     """(cpp, reference) pairs of y, stats, dx, dR, dα."""
     y, y_stats = ops.rotate_forward(x, rotation, alpha, True)
     grads = ops.rotate_backward(grad_y, x, rotation, alpha, True, True)
-    from so8t_kernels import rotate
-
-    expected_y, expected_stats = rotate.rotate_reference(x, rotation, alpha, True)
-    expected_grads = rotate.rotate_backward_reference(grad_y, x, rotation, alpha, True, True)
+    expected_y, expected_stats = rotate_reference(x, rotation, alpha, True)
+    expected_grads = rotate_backward_reference(grad_y, x, rotation, alpha, True, True)
     return (y, y_stats, *grads), (expected_y, expected_stats, *expected_grads)
 
 
@@ -216,15 +224,13 @@ def test_rotate_nonfinite_inputs(dtype):
 @needs_cpp
 def test_rotate_mixed_gradient_dtype_and_partial_requests():
     """Autograd passes dy in x's dtype; a direct call with another dtype is still the reference's math."""
-    from so8t_kernels import rotate
-
     generator = torch.Generator().manual_seed(5)
     x = torch.randn(3, 16, generator=generator).bfloat16()
     grad_y = torch.randn(3, 16, generator=generator)
     rotation, alpha = rotation_matrices(2, generator), torch.tensor(0.2)
     for need_x, need_params in ((True, False), (False, True), (False, False), (True, True)):
         actual = ops.rotate_backward(grad_y, x, rotation, alpha, need_x, need_params)
-        expected = rotate.rotate_backward_reference(grad_y, x, rotation, alpha, need_x, need_params)
+        expected = rotate_backward_reference(grad_y, x, rotation, alpha, need_x, need_params)
         for a, e in zip(actual, expected):
             torch.testing.assert_close(a, e)  # dtype-aware: one bf16 ulp apart at most
 
@@ -264,13 +270,13 @@ def test_logit_stats_matches_reference(numel, dtype):
     """Sizes around the 4096-value tile and the 16-lane vectors; mean 3 ≫ std 0.1 tests the centring."""
     generator = torch.Generator().manual_seed(numel)
     logits = (torch.randn(numel, generator=generator) * 0.1 + 3).to(dtype)
-    actual, expected = ops.logit_stats(logits), stats.logit_stats_reference(logits)
+    actual, expected = ops.logit_stats(logits), logit_stats_reference(logits)
     torch.testing.assert_close(actual, expected, rtol=2e-6, atol=0)
 
 
 @needs_cpp
 def test_logit_stats_nonfinite_and_extreme_values():
-    reference = stats.logit_stats_reference
+    reference = logit_stats_reference
     generator = torch.Generator().manual_seed(6)
     mixed = torch.randn(3 * 4096 + 7, generator=generator)
     mixed[[5, 4100, 9000, 12290]] = torch.tensor([float("nan"), float("inf"), float("-inf"), float("nan")])

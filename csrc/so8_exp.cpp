@@ -1,6 +1,6 @@
 // R = exp(A(θ)) for SO(8) blocks by scaling and squaring around a degree-13 Horner Taylor core, and
 // its adjoint Fréchet derivative for the backward: the algorithm of exp_reference and
-// exp_backward_reference in so8t_kernels/expm.py, one matrix at a time in 8 vector registers.
+// exp_backward_reference in so8t_kernels/so8_exp.py, one matrix at a time in 8 vector registers.
 //
 // Cost per matrix: 12 + s 8×8 products forward (s = squarings, 0 for ‖A‖_F ≤ 2), 3 per Horner step
 // and 3 per squaring backward; one product is 64 8-wide FMAs.

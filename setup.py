@@ -56,7 +56,7 @@ setup(
     version=package_version(),
     description="SO(8) rotation gates for Hugging Face decoder models: kernels, QLoRA training, monitoring",
     packages=find_packages(include=["so8t", "so8t.*", "so8t_kernels", "so8t_kernels.*"]),
-    package_data={"so8t": ["data/*.jsonl"]},
+    package_data={"so8t.data": ["*.jsonl"]},
     python_requires=">=3.10",
     # A range, never a pin: a user with a CUDA torch keeps it. On a machine without torch, install the
     # CPU wheel first (see README) or pip may fetch a CUDA build.
@@ -71,6 +71,6 @@ setup(
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scipy", "openai"],
         "serve": ["fastapi", "uvicorn", "httpx", "prometheus-client"],
     },
-    entry_points={"console_scripts": ["so8t=so8t.cli:main"]},
+    entry_points={"console_scripts": ["so8t=so8t.commands.main:main"]},
     **cpp_extension_options(),
 )

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers import TrainerCallback  # noqa: E402
 
-from so8t.finetune import finetune  # noqa: E402
-from so8t.model_source import installed_smollm2_gguf  # noqa: E402
+from so8t.models.source import installed_smollm2_gguf  # noqa: E402
+from so8t.training.finetune import finetune  # noqa: E402
 from so8t.training.options import TrainOptions  # noqa: E402
 
 

@@ -31,10 +31,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from so8t.dataset import IGNORE_INDEX, PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl  # noqa: E402
-from so8t.model_source import installed_smollm2_gguf, resolve_model_source  # noqa: E402
-from so8t.finetune import build_training  # noqa: E402
-from so8t.training.loading import load_model_and_tokenizer  # noqa: E402
+from so8t.data.dataset import IGNORE_INDEX, PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl  # noqa: E402
+from so8t.models.loading import load_model_and_tokenizer  # noqa: E402
+from so8t.models.source import installed_smollm2_gguf, resolve_model_source  # noqa: E402
+from so8t.training.finetune import build_training  # noqa: E402
 from so8t.training.options import TrainOptions  # noqa: E402
 
 
@@ -131,7 +131,7 @@ def main() -> None:
         (scratch / "heldout.jsonl").write_text("\n".join(heldout_lines) + "\n")
         heldout_pairs = read_jsonl(scratch / "heldout.jsonl")
 
-        base, tokenizer = load_model_and_tokenizer(TrainOptions(model=source, load_in_4bit=args.load_in_4bit))
+        base, tokenizer = load_model_and_tokenizer(source, load_in_4bit=args.load_in_4bit)
         loss, tokens = heldout_loss(base, tokenizer, heldout_pairs, args.max_length)
         results["base_heldout_loss"], results["heldout_tokens"] = loss, tokens
         print(f"base model: held-out loss {loss:.4f} over {tokens} tokens", flush=True)

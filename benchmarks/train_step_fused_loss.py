@@ -22,7 +22,7 @@ STEPS_LINE = re.compile(r"so8t train: (\d+) steps in ([0-9.]+) s")
 
 def default_model() -> str:
     sys.path.insert(0, str(REPO_ROOT))
-    from so8t.model_source import installed_smollm2_gguf
+    from so8t.models.source import installed_smollm2_gguf
 
     path = installed_smollm2_gguf()
     if path is None:

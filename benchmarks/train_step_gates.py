@@ -12,8 +12,15 @@ import tempfile
 from pathlib import Path
 
 from harness import (
-    LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, baseline_and_variant_rows, benchmark,
-    interleaved_step_times, register_targets,
+    LOWER_IS_BETTER,
+    MINIMUM,
+    Context,
+    Target,
+    TimesReference,
+    baseline_and_variant_rows,
+    benchmark,
+    interleaved_step_times,
+    register_targets,
 )
 from train_step_monitor import step_clock
 
@@ -27,7 +34,7 @@ NO_GATES, GATES = "QLoRA, no gates", "QLoRA + gates"
 
 
 def qlora_training(directory: Path, steps: int, gates: bool, on_gpu: bool):
-    from so8t.finetune import build_training
+    from so8t.training.finetune import build_training
     from so8t.training.options import TrainOptions
 
     clock = step_clock(WARMUP_STEPS + 1)

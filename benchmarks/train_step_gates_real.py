@@ -16,8 +16,15 @@ import tempfile
 from pathlib import Path
 
 from harness import (
-    LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, baseline_and_variant_rows, benchmark,
-    interleaved_step_times, register_targets,
+    LOWER_IS_BETTER,
+    MINIMUM,
+    Context,
+    Target,
+    TimesReference,
+    baseline_and_variant_rows,
+    benchmark,
+    interleaved_step_times,
+    register_targets,
 )
 from train_step_monitor import step_clock
 
@@ -50,7 +57,7 @@ def gates_alone(num_layers: int, hidden_size: int, device, dtype):
 
 
 def lora_training(model: str, directory: Path, steps: int, gates: bool, on_gpu: bool):
-    from so8t.finetune import build_training
+    from so8t.training.finetune import build_training
     from so8t.training.options import TrainOptions
 
     clock = step_clock(WARMUP_STEPS + 1)
@@ -61,7 +68,7 @@ def lora_training(model: str, directory: Path, steps: int, gates: bool, on_gpu: 
 
 @benchmark
 def train_step_gates_real(ctx: Context) -> list:
-    from so8t.model_source import installed_smollm2_gguf
+    from so8t.models.source import installed_smollm2_gguf
 
     gguf = installed_smollm2_gguf()
     if gguf is None:

@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 
 from harness import (
-    LOWER_IS_BETTER, MINIMUM, Context, Target, TimesReference, benchmark, interleaved_step_times, register_targets,
+    LOWER_IS_BETTER,
+    MINIMUM,
+    Context,
+    Target,
+    TimesReference,
+    benchmark,
+    interleaved_step_times,
+    register_targets,
     summarize,
 )
 
@@ -45,7 +52,7 @@ def step_clock(first_timed_step: int):
 def demo_training(directory: Path, steps: int, interval: int | None):
     """The ``so8t train`` demo's Trainer, with the monitor at ``interval`` (None: without it)."""
     from so8t.monitor import MonitorConfig
-    from so8t.finetune import build_training
+    from so8t.training.finetune import build_training
     from so8t.training.options import TrainOptions
 
     clock = step_clock(WARMUP_STEPS + 1)

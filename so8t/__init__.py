@@ -21,16 +21,16 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "SO8TConfig": "config",
+    "SO8TConfig": "gates.config",
     "SO8TError": "errors",
-    "SO8THandle": "placement",
-    "attach_so8t": "placement",
-    "find_so8t_handle": "placement",
-    "load_so8t_adapter": "adapter",
-    "save_so8t_adapter": "adapter",
-    "AlphaAnnealingCallback": "annealing",
-    "alpha_at_step": "annealing",
-    "apply_alpha_schedule": "annealing",
+    "SO8THandle": "gates.placement",
+    "attach_so8t": "gates.placement",
+    "find_so8t_handle": "gates.placement",
+    "load_so8t_adapter": "gates.adapter",
+    "save_so8t_adapter": "gates.adapter",
+    "AlphaAnnealingCallback": "gates.annealing",
+    "alpha_at_step": "gates.annealing",
+    "apply_alpha_schedule": "gates.annealing",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import torch
 
-from so8t.finetune import build_training
+from so8t.training.finetune import build_training
 from so8t.training.options import TrainOptions
 
 

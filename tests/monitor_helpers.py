@@ -29,8 +29,8 @@ def tiny_gated_model(classifier: bool = False, seed: int = 0, warmup_steps: int 
     from peft import LoraConfig, get_peft_model
     from transformers import Phi3ForCausalLM, Phi3ForSequenceClassification
 
-    from so8t.config import SO8TConfig
-    from so8t.placement import attach_so8t
+    from so8t.gates.config import SO8TConfig
+    from so8t.gates.placement import attach_so8t
 
     torch.manual_seed(seed)
     if classifier:
@@ -71,7 +71,7 @@ def make_trainer(model, handle, output_dir, max_steps: int, monitor=None, callba
                  eval_dataset=None, **arguments):
     from transformers import Trainer, TrainingArguments
 
-    from so8t.annealing import AlphaAnnealingCallback
+    from so8t.gates.annealing import AlphaAnnealingCallback
 
     values = dict(
         output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=max_steps, logging_steps=2,

@@ -11,10 +11,9 @@ import threading
 
 import pytest
 
-from so8t.audit import (
-    GENESIS_MAC, AuditFileError, AuditKey, AuditLog, AuditRecord, read_anchors, read_rows, verify_chain,
-)
-from so8t.cli import main
+from so8t.audit.log import GENESIS_MAC, AuditFileError, AuditKey, AuditLog, AuditRecord, read_rows
+from so8t.audit.verify import read_anchors, verify_chain
+from so8t.commands.main import main
 
 
 def record(index: int, **overrides) -> AuditRecord:

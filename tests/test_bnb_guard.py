@@ -1,6 +1,6 @@
 """The bitsandbytes CPU repack hazard: on CPUs with avx512_bf16, an eval-mode no-grad forward of a 4-bit
 layer rewrites its weight for an inference kernel without a backward, and LoRA gradients become exactly
-zero. These tests show it happens with the installed bitsandbytes, that so8t.bnb_guard prevents and
+zero. These tests show it happens with the installed bitsandbytes, that so8t.models.bnb_guard prevents and
 undoes it, and that so8t's own paths (train, an eval before training, serve then train in one process)
 keep every LoRA gradient."""
 
@@ -11,10 +11,10 @@ from bitsandbytes.nn import Linear4bit
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import TrainerCallback
 
-from so8t.bnb_guard import keep_4bit_weights_trainable
-from so8t.dataset import TokenizedDataset, bundled_dataset_path, read_jsonl
-from so8t.finetune import build_training
-from so8t.training.loading import load_model_and_tokenizer
+from so8t.data.dataset import TokenizedDataset, bundled_dataset_path, read_jsonl
+from so8t.models.bnb_guard import keep_4bit_weights_trainable
+from so8t.models.loading import load_model_and_tokenizer
+from so8t.training.finetune import build_training
 from so8t.training.options import TrainOptions
 
 REPACKING_CPU = bool(has_avx512bf16())
@@ -51,7 +51,7 @@ def _plain_qlora_model():
     """The embedded demo in 4-bit with LoRA added the usual peft way, without so8t's guard. (Its default
     shapes: bitsandbytes' repack fails outright on layers narrower than its 64-wide blocks.)"""
     options = TrainOptions(load_in_4bit=True, monitor=None)
-    model, _ = load_model_and_tokenizer(options)
+    model, _ = load_model_and_tokenizer(**options.base_model_arguments())
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
 
@@ -124,7 +124,7 @@ def test_so8t_training_keeps_every_lora_gradient(tmp_path, evaluate_first):
 
 
 def test_serving_then_training_in_one_process_keeps_every_lora_gradient(tmp_path):
-    from so8t.serve.loading import load_generator
+    from so8t.serve.generation import load_generator
 
     generator = load_generator()
     assert generator.generate("What is 2 + 3?", max_new_tokens=4, temperature=0.0, top_p=1.0).new_tokens > 0
@@ -135,7 +135,7 @@ def test_serving_then_training_in_one_process_keeps_every_lora_gradient(tmp_path
 def _train_command(output, *extra: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from so8t.cli import main
+    from so8t.commands.main import main
 
     assert main(["train", "--load-in-4bit", "--max-steps", "3", "--batch-size", "2", "--max-length", "48",
                  "--no-monitor", "--data", str(bundled_dataset_path()), "--output-dir", str(output), *extra]) == 0

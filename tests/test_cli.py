@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from so8t import __version__
-from so8t.cli import COMMANDS
+from so8t.commands.main import COMMANDS
 
 HEAVY = {"torch", "transformers", "peft", "bitsandbytes", "accelerate", "triton"}
 
@@ -64,11 +64,10 @@ def test_the_readme_documents_every_command_the_version_and_the_openapi_page():
     assert "folder that contains it" in " ".join(readme.split())  # the clone-named-so8t import pitfall
 
 
-@pytest.mark.parametrize("module", ["so8t.train", "so8t.report", "so8t.generate"])
-def test_python_dash_m_on_a_command_module_is_that_command(module):
-    """``python -m so8t.train`` (what torchrun runs) parses, errs and stays light like ``so8t train``."""
-    name = module.rsplit(".", 1)[1]
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--no-such-option"],
+@pytest.mark.parametrize("name", ["train", "report", "generate"])
+def test_python_dash_m_so8t_is_the_so8t_command(name):
+    """``python -m so8t train`` (what ``torchrun -m so8t train`` runs) parses, errs and stays light like ``so8t train``."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "so8t", name, "--no-such-option"],
                             capture_output=True, text=True, timeout=120)
     imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in result.stderr.splitlines()
                 if line.startswith("import time:")}
@@ -78,7 +77,7 @@ def test_python_dash_m_on_a_command_module_is_that_command(module):
 
 def test_a_broken_pipe_that_is_not_stdout_keeps_its_traceback(tmp_path):
     # Only a closed stdout is stopped quietly (tests/test_monitor_report.py); stdout here stays open.
-    code = ("import sys, so8t.report as report; from so8t.cli import main\n"
+    code = ("import sys, so8t.commands.report as report; from so8t.commands.main import main\n"
             "def run(args): raise BrokenPipeError(32, 'Broken pipe')\n"
             "report.run = run; sys.exit(main(['report', sys.argv[1]]))")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)

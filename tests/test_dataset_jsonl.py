@@ -2,7 +2,7 @@
 
 import pytest
 
-from so8t.dataset import iter_jsonl_objects
+from so8t.data.dataset import iter_jsonl_objects
 from so8t.errors import SO8TError
 
 

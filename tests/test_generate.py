@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import generate as main
 
-from so8t.generate import ThinkingFilter, main
-from so8t.serve.loading import load_generator
+from so8t.commands.generate import ThinkingFilter
+from so8t.serve.generation import load_generator
 
 TEXT = "Sure.<think>add the ones</think>It is 5."
 

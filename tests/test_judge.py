@@ -5,16 +5,25 @@ import json
 
 import pytest
 import torch
+from serve_helpers import one_torch_thread  # noqa: F401 (autouse)
 from transformers import Phi3ForCausalLM, Phi3ForSequenceClassification
 
 from so8t import SO8TError, attach_so8t, find_so8t_handle
-from so8t.classify import read_labelled_jsonl, train_classifier
-from so8t.demo import build_demo_tokenizer, demo_model_config
-from so8t.judge import (
-    ALLOW, DENY, ESCALATE, LABELS, SafetyJudge, check_threshold, decide, encode_for_judge, label_maps,
+from so8t.judge.data import read_labelled_jsonl
+from so8t.judge.judge import (
+    ALLOW,
+    DENY,
+    ESCALATE,
+    LABELS,
+    SafetyJudge,
+    check_threshold,
+    decide,
+    encode_for_judge,
+    label_maps,
 )
+from so8t.models.demo import build_demo_tokenizer, demo_model_config
+from so8t.training.classify import train_classifier
 from so8t.training.options import TrainOptions
-from serve_helpers import one_torch_thread  # noqa: F401 (autouse)
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,16 @@
 every prediction, lowers the calibration error of an overconfident model; the judge applies the T that
 so8t train wrote next to it, and a bad calibration file is one clear error."""
 
-import json
 import math
 
 import pytest
 import torch
+from test_judge import classifier
 
 from so8t import SO8TError
-from so8t.calibration import CALIBRATION_FILE, fit_temperature, read_temperature, write_calibration
-from so8t.demo import build_demo_tokenizer
-from so8t.judge import LABELS, SafetyJudge, encode_for_judge
-from test_judge import classifier
+from so8t.judge.judge import LABELS, SafetyJudge, encode_for_judge
+from so8t.judge.calibration import CALIBRATION_FILE, fit_temperature, read_temperature, write_calibration
+from so8t.models.demo import build_demo_tokenizer
 
 
 def _overconfident(rows: int, true_temperature: float, seed: int):

@@ -12,11 +12,11 @@ import subprocess
 import sys
 
 import pytest
-
-from so8t.calibration import CALIBRATION_FILE
-from so8t.classify import bundled_heldout_path, read_labelled_jsonl
-from so8t.judge import LABELS, SafetyJudge
 from serve_helpers import one_torch_thread  # noqa: F401 (autouse)
+
+from so8t.judge.calibration import CALIBRATION_FILE
+from so8t.judge.data import bundled_heldout_path, read_labelled_jsonl
+from so8t.judge.judge import LABELS, SafetyJudge
 
 
 @pytest.fixture(scope="module")

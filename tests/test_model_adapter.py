@@ -7,8 +7,8 @@ import torch
 from transformers import Phi3ForCausalLM
 
 from so8t import SO8TConfig, SO8TError, attach_so8t, load_so8t_adapter, save_so8t_adapter
-from so8t.adapter import CONFIG_FILE, WEIGHTS_FILE
-from so8t.demo import build_demo_tokenizer, demo_model_config
+from so8t.gates.adapter import CONFIG_FILE, WEIGHTS_FILE
+from so8t.models.demo import build_demo_tokenizer, demo_model_config
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=4)
 

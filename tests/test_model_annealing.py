@@ -8,9 +8,9 @@ import torch
 from transformers import TrainerCallback
 
 from so8t import SO8TConfig, attach_so8t
-from so8t.annealing import alpha_at_step, apply_alpha_schedule
-from so8t.config import SCHEDULES
-from so8t.finetune import build_training
+from so8t.gates.annealing import alpha_at_step, apply_alpha_schedule
+from so8t.gates.config import SCHEDULES
+from so8t.training.finetune import build_training
 from so8t.training.options import TrainOptions
 
 TARGET = math.log(0.1 / 0.9)  # logit(0.1) = −2.1972
@@ -35,8 +35,9 @@ def test_schedule_shapes_differ_where_they_should():
 
 
 def test_apply_alpha_schedule_freezes_during_warmup_and_never_overwrites_after():
-    from so8t.demo import build_demo_tokenizer, demo_model_config
     from transformers import Phi3ForCausalLM
+
+    from so8t.models.demo import build_demo_tokenizer, demo_model_config
 
     handle = attach_so8t(Phi3ForCausalLM(demo_model_config(build_demo_tokenizer(), **TINY)),
                          SO8TConfig(warmup_steps=4))

@@ -7,9 +7,9 @@ import transformers
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-import so8t.gate
+import so8t.gates.bank
 from so8t import SO8TConfig, SO8TError, attach_so8t, find_so8t_handle
-from so8t.demo import build_demo_tokenizer, demo_model_config
+from so8t.models.demo import build_demo_tokenizer, demo_model_config
 from so8t_kernels import so8_exp, so8_rotate
 
 HIDDEN = 32
@@ -103,7 +103,7 @@ def exp_calls(monkeypatch):
         calls.append(tuple(theta.shape))
         return so8_exp(theta)
 
-    monkeypatch.setattr(so8t.gate, "so8_exp", counting_so8_exp)
+    monkeypatch.setattr(so8t.gates.bank, "so8_exp", counting_so8_exp)
     return calls
 
 

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from so8t.report import main as report
+from cli_helpers import report
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

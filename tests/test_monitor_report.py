@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+from cli_helpers import report as main
 from monitor_helpers import SYNTHETIC_INFO, synthetic_sample
+from test_monitor_files import PLOTS, PNG_SIGNATURE, record_run
+
 from so8t.monitor.recorder import Recorder
 from so8t.monitor.records import encode_meta
-from so8t.report import main
-from test_monitor_files import PLOTS, PNG_SIGNATURE, record_run
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_report_accepts_the_monitoring_directory_itself(run_dir, capsys):
 
 def test_report_needs_no_model_and_no_gpu(run_dir):
     code = (
-        "import sys; from so8t.report import main; status = main([sys.argv[1]]); "
+        "import sys; from so8t.commands.main import main; status = main(['report', sys.argv[1]]); "
         "assert 'transformers' not in sys.modules, 'so8t report loaded transformers'; "
         "torch = sys.modules.get('torch'); "
         "assert torch is None or not torch.cuda.is_initialized(), 'so8t report initialised CUDA'; "

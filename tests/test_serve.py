@@ -19,17 +19,21 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from so8t.audit import read_rows
-from so8t.cli import main
-from so8t.serve.app import MAX_BODY_BYTES, create_app
-from so8t.serve.loading import load_generator
-from so8t.serve.thinking import CASES, parse_thinking
-from so8t.training.loading import load_model_and_tokenizer
-from so8t.training.options import TrainOptions
 from serve_helpers import (  # noqa: F401 (one_torch_thread: autouse)
-    one_torch_thread, open_audit, parse_metrics, request_counts, running_server, verify,
+    one_torch_thread,
+    open_audit,
+    parse_metrics,
+    request_counts,
+    running_server,
+    verify,
 )
+
+from so8t.audit.log import read_rows
+from so8t.commands.main import main
+from so8t.models.loading import load_model_and_tokenizer
+from so8t.serve.app import MAX_BODY_BYTES, create_app
+from so8t.serve.generation import load_generator
+from so8t.serve.thinking import CASES, parse_thinking
 
 PROMPT = "What is 16 + 25?"
 
@@ -91,8 +95,8 @@ def test_the_embedded_base_is_rebuilt_from_the_seed_the_adapter_was_trained_on(a
     assert json.loads((adapter_dir / "embedded_base.json").read_text()) == {"seed": 0}
     (tmp_path / "embedded_base.json").write_text(json.dumps({"seed": 3}))
     served = load_generator(adapter=str(tmp_path)).model.model.layers[1].self_attn.qkv_proj.weight
-    seeded, _ = load_model_and_tokenizer(TrainOptions(seed=3))
-    default, _ = load_model_and_tokenizer(TrainOptions())
+    seeded, _ = load_model_and_tokenizer(seed=3)
+    default, _ = load_model_and_tokenizer()
     assert torch.equal(served, seeded.model.layers[1].self_attn.qkv_proj.weight)
     assert not torch.equal(served, default.model.layers[1].self_attn.qkv_proj.weight)
 

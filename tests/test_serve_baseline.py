@@ -1,11 +1,11 @@
 """so8t serve --adapter on a baseline run (so8t train --no-so8t): the model is served as trained, without gates."""
 
 import torch
-
-from so8t.cli import main
-from so8t.placement import find_so8t_handle
-from so8t.serve.loading import load_generator
 from serve_helpers import one_torch_thread  # noqa: F401 (autouse)
+
+from so8t.commands.main import main
+from so8t.gates.placement import find_so8t_handle
+from so8t.serve.generation import load_generator
 
 
 def test_a_baseline_adapter_is_served_without_gates(tmp_path):

@@ -11,12 +11,11 @@ import time
 import httpx
 import pytest
 import torch
-
-from so8t.audit import read_rows
-from so8t.serve.app import create_app
-from so8t.serve.generation import CANCELLED, LENGTH, STOP, GenerationRequest
-from so8t.serve.loading import load_generator
 from serve_helpers import one_torch_thread, open_audit, running_server, verify  # noqa: F401 (autouse)
+
+from so8t.audit.log import read_rows
+from so8t.serve.app import create_app
+from so8t.serve.generation import CANCELLED, LENGTH, STOP, GenerationRequest, load_generator
 
 PROMPTS = ["What is 16 + 25?", "hi", "Tell me a long story about a dragon and a knight in a castle far away.",
            "2+2", "Recommend a good book about the sea."]

@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
-from so8t.audit import AuditKey, read_rows
-from so8t.cli import main
 from serve_helpers import one_torch_thread, verify, wait_for_health  # noqa: F401 (autouse)
+
+from so8t.audit.log import AuditKey, read_rows
+from so8t.commands.main import main
 
 # One torch thread for the tiny model, as in the in-process tests (see serve_helpers.one_torch_thread).
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -109,7 +109,7 @@ def generation_run(tmp_path_factory):
 
 
 def test_a_generation_run_as_safety_model_is_not_a_judge(generation_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("so8t.serve.loading.load_generator", _must_not_load)
+    monkeypatch.setattr("so8t.serve.generation.load_generator", _must_not_load)
     assert main(["serve", "--port", "0", "--safety-model", str(generation_run),
                  "--audit-db", str(tmp_path / "db" / "audit.db")]) == 2
     assert so8t_line(capsys.readouterr().err) == (
@@ -132,7 +132,7 @@ def _must_not_load(*args, **kwargs):
 
 
 def test_a_taken_port_is_found_before_the_model_loads_and_creates_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("so8t.serve.loading.load_generator", _must_not_load)
+    monkeypatch.setattr("so8t.serve.generation.load_generator", _must_not_load)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -156,9 +156,10 @@ def test_other_start_failures_are_status_2(tmp_path, capsys):
 
 
 def test_serve_defaults_match_the_modules_they_stand_for():
-    from so8t.audit import DEFAULT_ANCHOR_EVERY
-    from so8t.judge import DEFAULT_THRESHOLD
-    from so8t.serve import app, command
+    from so8t.audit.log import DEFAULT_ANCHOR_EVERY
+    from so8t.judge.judge import DEFAULT_THRESHOLD
+    from so8t.commands import serve as command
+    from so8t.serve import app
 
     assert command.DEFAULT_THRESHOLD == DEFAULT_THRESHOLD and command.DEFAULT_ANCHOR_EVERY == DEFAULT_ANCHOR_EVERY
     assert (command.DEFAULT_MAX_BATCH, command.DEFAULT_MAX_QUEUE) == (app.DEFAULT_MAX_BATCH, app.DEFAULT_MAX_QUEUE)

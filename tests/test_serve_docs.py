@@ -1,10 +1,10 @@
 """The interactive OpenAPI page the README points at: ``GET /docs`` and its schema ``GET /openapi.json``."""
 
 import httpx
+from serve_helpers import one_torch_thread, open_audit, running_server  # noqa: F401 (autouse)
 
 from so8t.serve.app import create_app
-from so8t.serve.loading import load_generator
-from serve_helpers import one_torch_thread, open_audit, running_server  # noqa: F401 (autouse)
+from so8t.serve.generation import load_generator
 
 
 def test_docs_page_and_openapi_schema_describe_think(tmp_path):

@@ -9,18 +9,22 @@ import httpx
 import openai
 import pytest
 import torch
-
-from so8t import attach_so8t
-from so8t.audit import read_rows
-from so8t.demo import build_demo_tokenizer
-from so8t.judge import ESCALATE, SafetyJudge, decide
-from so8t.serve.app import create_app
-from so8t.serve.loading import load_generator
-from so8t.serve.sampling import next_tokens
 from serve_helpers import (  # noqa: F401 (one_torch_thread: autouse)
-    one_torch_thread, open_audit, parse_metrics, running_server, verify,
+    one_torch_thread,
+    open_audit,
+    parse_metrics,
+    running_server,
+    verify,
 )
 from test_judge import classifier
+
+from so8t import attach_so8t
+from so8t.audit.log import read_rows
+from so8t.judge.judge import ESCALATE, SafetyJudge, decide
+from so8t.models.demo import build_demo_tokenizer
+from so8t.serve.app import create_app
+from so8t.serve.generation import load_generator
+from so8t.serve.sampling import next_tokens
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,24 @@ from collections import Counter
 import httpx
 import numpy as np
 import pytest
-
-from so8t import attach_so8t
-from so8t.audit import read_rows
-from so8t.classify import bundled_safety_path, read_labelled_jsonl
-from so8t.cli import main
-from so8t.demo import build_demo_tokenizer
-from so8t.judge import ALLOW, DENY, ESCALATE, LABELS, SafetyJudge
-from so8t.monitor.records import read_metrics
-from so8t.serve.app import create_app
-from so8t.serve.loading import load_generator
 from serve_helpers import (  # noqa: F401 (one_torch_thread: autouse)
-    one_torch_thread, open_audit, request_counts, running_server, verify,
+    one_torch_thread,
+    open_audit,
+    request_counts,
+    running_server,
+    verify,
 )
 from test_judge import classifier
+
+from so8t import attach_so8t
+from so8t.audit.log import read_rows
+from so8t.commands.main import main
+from so8t.judge.data import bundled_safety_path, read_labelled_jsonl
+from so8t.judge.judge import ALLOW, DENY, ESCALATE, LABELS, SafetyJudge
+from so8t.models.demo import build_demo_tokenizer
+from so8t.monitor.records import read_metrics
+from so8t.serve.app import create_app
+from so8t.serve.generation import load_generator
 
 TRAIN_STEPS = 150  # 95% of ROWS_PER_LABEL × 3 bundled rows at 150 steps, ~1 s of CPU per 4 steps
 # The 1M-parameter demo model memorises a slice of the bundled data, not all of it (65% of it after 500 steps):

@@ -10,14 +10,13 @@ import json
 import httpx
 import openai
 import pytest
+from serve_helpers import one_torch_thread, open_audit, running_server, verify  # noqa: F401 (autouse)
 
-from so8t.audit import read_rows
+from so8t.audit.log import read_rows
 from so8t.serve.app import create_app
-from so8t.serve.generation import GenerationRequest
-from so8t.serve.loading import load_generator
+from so8t.serve.generation import GenerationRequest, load_generator
 from so8t.serve.openai_api import AnswerStream, messages_text
 from so8t.serve.thinking import parse_thinking
-from serve_helpers import one_torch_thread, open_audit, running_server, verify  # noqa: F401 (autouse)
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 16 + 25?"}]
 

@@ -8,12 +8,12 @@ import sys
 
 import openai
 import pytest
-
-from so8t.audit import AuditKey, read_rows
-from so8t.cli import main
 from serve_helpers import verify, wait_for_health
 from test_real_model import gguf_file  # noqa: F401 (the fixture: skips, or fails in CI, without the package)
 from test_serve_cli import OFFLINE
+
+from so8t.audit.log import AuditKey, read_rows
+from so8t.commands.main import main
 
 pytestmark = pytest.mark.real_model
 

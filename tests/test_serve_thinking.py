@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from so8t.demo import build_demo_tokenizer
+from so8t.models.demo import build_demo_tokenizer
 from so8t.serve.thinking import CLOSED, MULTIPLE, NONE, UNCLOSED, UNOPENED, parse_thinking, sha256_text
 
 

@@ -12,8 +12,11 @@ import warnings
 
 import pytest
 
-from so8t.third_party_noise import (
-    BITSANDBYTES_CPU_LOGGER, OPTIONAL_KERNEL_MESSAGE, PEFT_DEPRECATION_MESSAGE, quiet_third_party_noise,
+from so8t.commands.noise import (
+    BITSANDBYTES_CPU_LOGGER,
+    OPTIONAL_KERNEL_MESSAGE,
+    PEFT_DEPRECATION_MESSAGE,
+    quiet_third_party_noise,
 )
 
 OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -62,14 +65,14 @@ def test_so8t_commands_print_no_kernel_warning():
     assert OPTIONAL_KERNEL_MESSAGE not in _stderr_of("-m", "so8t", "info")  # `so8t info` imports bitsandbytes
 
 
-ADD_LORA = ("from so8t.training.options import TrainOptions; from so8t.training.loading import load_model_and_tokenizer; "
+ADD_LORA = ("from so8t.training.options import TrainOptions; from so8t.models.loading import load_model_and_tokenizer; "
             "from so8t.training.lora import add_lora; options = TrainOptions(); "
-            "add_lora(options, load_model_and_tokenizer(options)[0])")
+            "add_lora(options, load_model_and_tokenizer(**options.base_model_arguments())[0])")
 
 
 def test_wrapping_a_model_in_lora_prints_no_deprecation_warning():
     control = _stderr_of("-c", ADD_LORA)
     if PEFT_DEPRECATION_MESSAGE not in control:
         pytest.skip("the installed peft and transformers no longer warn about is_gradient_checkpointing")
-    quiet = "from so8t.third_party_noise import quiet_third_party_noise; quiet_third_party_noise(); "
+    quiet = "from so8t.commands.noise import quiet_third_party_noise; quiet_third_party_noise(); "
     assert PEFT_DEPRECATION_MESSAGE not in _stderr_of("-c", quiet + ADD_LORA)

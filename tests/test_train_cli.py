@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from cli_helpers import train as main
 from peft import PeftModel
 from torch import nn
 from transformers import (
@@ -21,8 +22,7 @@ from transformers import (
 )
 
 from so8t import load_so8t_adapter
-from so8t.demo import build_demo_tokenizer, demo_model_config
-from so8t.train import main
+from so8t.models.demo import build_demo_tokenizer, demo_model_config
 
 EXPECTED_OUTPUTS = [
     "adapter_config.json", "adapter_model.safetensors", "so8t/so8t_adapter.json", "so8t/so8t_adapter.safetensors",

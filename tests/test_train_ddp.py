@@ -14,7 +14,7 @@ WORKER = textwrap.dedent("""
     from transformers import TrainerCallback
 
     from so8t import find_so8t_handle
-    from so8t.finetune import finetune
+    from so8t.training.finetune import finetune
     from so8t.training.options import TrainOptions
 
 

@@ -7,14 +7,15 @@ import math
 import re
 
 import pytest
+from cli_helpers import train as main
 from transformers import TrainerCallback
 
-from so8t.classify import bundled_safety_path
-from so8t.finetune import build_training
+from so8t.judge.data import bundled_safety_path
 from so8t.monitor.records import read_run
-from so8t.train import main
+from so8t.training.finetune import build_training
 from so8t.training.heldout import split_held_out
 from so8t.training.options import TrainOptions
+
 
 def eval_entries(output):
     history = json.loads((output / "trainer_state.json").read_text())["log_history"]

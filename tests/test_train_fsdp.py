@@ -21,7 +21,7 @@ WORKER = textwrap.dedent("""
     from transformers import TrainerCallback
 
     from so8t import find_so8t_handle
-    from so8t.finetune import finetune
+    from so8t.training.finetune import finetune
     from so8t.training.options import TrainOptions
 
 
@@ -56,7 +56,7 @@ def launch(processes: int, *program: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU case: this machine has a GPU")
 def test_fsdp_on_cpu_is_refused_with_one_line(tmp_path):
     output = tmp_path / "out"
-    result = launch(2, "-m", "so8t.train", "--max-steps", "2", "--max-length", "64", "--output-dir", str(output))
+    result = launch(2, "-m", "so8t", "train", "--max-steps", "2", "--max-length", "64", "--output-dir", str(output))
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("so8t train: error: ")]
     assert len(lines) == 2, result.stderr[-3000:]  # one per rank

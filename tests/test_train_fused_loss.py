@@ -11,10 +11,10 @@ from fused_loss_helpers import assert_loss_curves_agree, train_losses
 from monitor_helpers import SYNTHETIC_INFO, synthetic_sample
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig
 
-import so8t.fused_loss as fused_loss_module
-from so8t.demo import build_demo_tokenizer, demo_model_config
-from so8t.finetune import build_training
-from so8t.fused_loss import (
+import so8t.models.fused_loss as fused_loss_module
+from so8t.gates.placement import unwrap_peft
+from so8t.models.demo import build_demo_tokenizer, demo_model_config
+from so8t.models.fused_loss import (
     FusedCausalLMOutput,
     apply_fused_loss,
     fused_loss_state,
@@ -25,7 +25,7 @@ from so8t.fused_loss import (
 from so8t.monitor import SO8TMonitorCallback
 from so8t.monitor.plots import build_figures
 from so8t.monitor.series import Series
-from so8t.placement import unwrap_peft
+from so8t.training.finetune import build_training
 from so8t.training.options import TrainOptions, add_arguments, options_from_args
 from so8t_kernels import logit_stats
 

@@ -8,10 +8,10 @@ import json
 import math
 
 import pytest
+from cli_helpers import train as main
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from so8t.finetune import build_training
-from so8t.train import main
+from so8t.training.finetune import build_training
 from so8t.training.options import TrainOptions, add_arguments, options_from_args
 
 SMALL = ["--batch-size", "4", "--max-length", "64", "--save-steps", "0", "--no-monitor-plots"]

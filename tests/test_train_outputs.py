@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import train as main
 from safetensors.torch import load_file
 
-from so8t.train import main
 from so8t.training.checkpoints import CHECKPOINT_FILE
 from so8t.training.outputs import LOCK_FILE, PUBLISH_DIR, claimed_output_dir, publish
 
@@ -97,7 +97,7 @@ def test_a_publish_that_fails_while_writing_leaves_the_previous_files(tmp_path):
 
 
 def test_disk_full_while_publishing_is_one_line_and_keeps_the_previous_output(tmp_path, monkeypatch, capsys):
-    import so8t.finetune
+    import so8t.training.finetune
 
     output = previous_output(tmp_path / "run")
 
@@ -105,7 +105,7 @@ def test_disk_full_while_publishing_is_one_line_and_keeps_the_previous_output(tm
         training.model.save_pretrained(directory)
         raise OSError(errno.ENOSPC, "No space left on device", str(directory / "so8t" / "so8t_adapter.safetensors"))
 
-    monkeypatch.setattr(so8t.finetune, "save_outputs", save_until_the_disk_is_full)
+    monkeypatch.setattr(so8t.training.finetune, "save_outputs", save_until_the_disk_is_full)
     assert main([*SHORT, "--save-steps", "2", "--output-dir", str(output), "--overwrite"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "No space left on device" in line and "the previous final files are unchanged" in line

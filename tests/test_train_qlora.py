@@ -1,12 +1,12 @@
 """QLoRA: a 4-bit NF4 base + LoRA + SO8T gates trains on CPU, with nonzero gradients on LoRA and gate
-parameters at every step (the bitsandbytes CPU repack, see so8t.bnb_guard, would zero the LoRA ones)."""
+parameters at every step (the bitsandbytes CPU repack, see so8t.models.bnb_guard, would zero the LoRA ones)."""
 
 import bitsandbytes as bnb
 import pytest
 import torch
 from transformers import TrainerCallback
 
-from so8t.finetune import build_training
+from so8t.training.finetune import build_training
 from so8t.training.options import TrainOptions
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import report
+from cli_helpers import train as main
 from safetensors.torch import load_file
 
 from so8t.monitor.records import read_metrics
-from so8t.report import main as report
-from so8t.train import main
 from so8t.training.checkpoints import CHECKPOINT_FILE, find_checkpoint, rotate
 from so8t.training.outputs import LOCK_FILE
 

@@ -16,9 +16,9 @@ import numpy as np
 import transformers
 from transformers import TrainerCallback
 
-from ..config import ALL_INTERMEDIATE
 from ..errors import SO8TError
-from ..placement import find_decoder_layout, find_so8t_handle, resolve_layer_indices
+from ..gates.config import ALL_INTERMEDIATE
+from ..gates.placement import find_decoder_layout, find_so8t_handle, resolve_layer_indices
 from .alerts import AlertThresholds
 from .config import MonitorConfig
 from .probe import SampleProbe, trainable_groups

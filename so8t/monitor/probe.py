@@ -22,8 +22,8 @@ from torch import nn
 
 from so8t_kernels import logit_stats
 
-from ..fused_loss import set_fused_loss_stats
-from ..placement import SO8THandle, find_decoder_layout, unwrap_peft
+from ..gates.placement import SO8THandle, find_decoder_layout, unwrap_peft
+from ..models.fused_loss import set_fused_loss_stats
 from .schema import METRICS
 
 SUM, MEAN, MAX, MIN = "sum", "mean", "max", "min"
@@ -158,7 +158,7 @@ class SampleProbe:
             with torch.no_grad():
                 self._logits.append((logit_stats(logits.detach()), logits.numel()))
             return
-        # The fused loss made no logits tensor: its op reduced them (so8t.fused_loss.FusedCausalLMOutput).
+        # The fused loss made no logits tensor: its op reduced them (so8t.models.fused_loss.FusedCausalLMOutput).
         fused = output.get("logit_stats") if isinstance(output, dict) else None
         if fused is not None:
             self._logits.append((fused[:5], output["num_logits"]))

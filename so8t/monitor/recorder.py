@@ -11,10 +11,18 @@ from pathlib import Path
 
 from .alerts import AlertChecker, AlertThresholds
 from .exporter import Exporter
-from .metrics_log import MetricsLog
 from .losses import Losses
+from .metrics_log import MetricsLog
 from .records import (
-    ALERT, LOSS, SAMPLE, decode_alert, decode_sample, encode_alert, encode_losses, encode_meta, encode_sample,
+    ALERT,
+    LOSS,
+    SAMPLE,
+    decode_alert,
+    decode_sample,
+    encode_alert,
+    encode_losses,
+    encode_meta,
+    encode_sample,
 )
 from .ring import RingBuffer
 from .schema import RunInfo

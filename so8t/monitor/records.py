@@ -10,8 +10,8 @@ means the file is not ours or was damaged, and reading stops with a message nami
 
 import json
 import math
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -9,21 +9,21 @@ response. The audit row and the metrics of every request, answered or not, are t
 from __future__ import annotations
 
 import contextlib
-import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from ..audit import AuditLog
-from ..judge import SafetyJudge, Verdict
-from .errors import ApiError, error_body, invalid_status
+from ..audit.log import AuditLog
+from ..judge.judge import SafetyJudge, Verdict
+from .errors import ApiError, invalid_status
 from .generation import Generation, TextGenerator
-from .ledger import STATE_REQUEST_ID, Ledger, LedgerMiddleware
+from .ledger import Ledger, LedgerMiddleware
 from .metrics import ServeMetrics
 from .openai_api import add_openai_routes
+from .responses import error_response, monitor_of, refuse, safety_of
 from .scheduler import Scheduler, ServerBusy
-from .schemas import Monitor, Safety, ThinkRequest, ThinkResponse
+from .schemas import ThinkRequest, ThinkResponse
 from .service import Refusal, Service, busy_refusal, model_failure
 from .thinking import ParsedCompletion, parse_thinking
 
@@ -102,33 +102,6 @@ def create_app(generator: TextGenerator, audit: AuditLog, judge: SafetyJudge | N
     return app
 
 
-def refuse(request: Request, record, refusal: Refusal) -> JSONResponse:
-    """The error response of a Refusal, with its outcome in the audit record."""
-    Service.finish_record(request, record, refusal.outcome)
-    return error_response(request, refusal.error, refusal.headers)
-
-
-def error_response(request: Request, error: ApiError, headers: dict | None = None) -> JSONResponse:
-    request_id = request.scope.get("state", {}).get(STATE_REQUEST_ID)
-    return JSONResponse(error_body(request.scope["path"], request_id, error), status_code=error.status,
-                        headers=headers)
-
-
-def safety_of(verdict: Verdict | None) -> Safety | None:
-    if verdict is None:
-        return None
-    return Safety(label=verdict.label, confidence=verdict.confidence, predicted=verdict.predicted, reason=verdict.reason)
-
-
-def monitor_of(generation: Generation) -> Monitor:
-    return Monitor(
-        generated_tokens=generation.new_tokens, logit_mean=_finite(generation.logit_mean),
-        logit_std=_finite(generation.logit_std), logit_min=_finite(generation.logit_min),
-        logit_max=_finite(generation.logit_max), logit_nonfinite=generation.logit_nonfinite,
-        sigma_alpha={str(layer): gate for layer, gate in generation.sigma_alpha.items()},
-    )
-
-
 def _think_response(request_id: str, outcome: str, body: ThinkRequest, verdict: Verdict | None,
                     generation: Generation | None, parsed: ParsedCompletion | None, latency_ms: float) -> ThinkResponse:
     safety = safety_of(verdict)
@@ -140,10 +113,6 @@ def _think_response(request_id: str, outcome: str, body: ThinkRequest, verdict: 
         thinking_parse=parsed.case, thinking=parsed.thinking if body.return_thinking else None,
         safety=safety, monitor=monitor_of(generation), latency_ms=latency_ms,
     )
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # JSON has no NaN or inf
 
 
 def _field_name(location) -> str:

@@ -20,8 +20,9 @@ from typing import Callable
 
 import torch
 
-from ..dataset import THINK_CLOSE, THINK_OPEN, render_prompt
-from ..placement import SO8THandle
+from ..data.dataset import THINK_CLOSE, THINK_OPEN, render_prompt
+from ..gates.placement import SO8THandle
+from ..models.inference import load_for_inference
 from .sampling import next_tokens
 
 STOP, LENGTH, CANCELLED = "stop", "length", "cancelled"  # why a row finished
@@ -145,7 +146,7 @@ class TextGenerator:
         return next(self.model.parameters()).device
 
     def encode(self, prompt: str | list[dict], max_new_tokens: int) -> list[int]:
-        """The prompt (text, or chat messages) as the model saw it in training (so8t.dataset.render_prompt),
+        """The prompt (text, or chat messages) as the model saw it in training (so8t.data.dataset.render_prompt),
         checked against the context."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         ids = self.tokenizer(render_prompt(self.tokenizer, messages), add_special_tokens=True)["input_ids"]
@@ -257,3 +258,9 @@ def _without_partial_stop(text: str, stops: tuple[str, ...]) -> str:
     held = max((length for stop in stops for length in range(1, len(stop)) if text.endswith(stop[:length])),
                default=0)
     return text[:len(text) - held]
+
+
+def load_generator(model: str | None = None, adapter: str | None = None) -> TextGenerator:
+    """The generator of ``--model`` and ``--adapter`` (see so8t.models.inference)."""
+    loaded = load_for_inference(model, adapter)
+    return TextGenerator(loaded.model, loaded.tokenizer, loaded.handle, loaded.name)

@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 
-from ..audit import AuditLog, AuditRecord
+from ..audit.log import AuditLog, AuditRecord
 from .errors import ApiError, error_bytes, invalid_status
 from .metrics import ServeMetrics
 

@@ -1,7 +1,7 @@
 """OpenAI-compatible routes: POST /v1/chat/completions (plain or streamed as server-sent events) and
 GET /v1/models.
 
-The conversation is rendered with the model's chat template (so8t.dataset.render_prompt), judged as the
+The conversation is rendered with the model's chat template (so8t.data.dataset.render_prompt), judged as the
 text of all its messages, and generated like /think, with the same audit row. ``message.content`` is the
 answer (the completion outside the thinking blocks); the thinking stays on the server. so8t's own
 fields are in an ``so8t`` object: ``request_id``, ``outcome``, ``thinking_sha256`` (SHA-256 of the
@@ -25,12 +25,13 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..dataset import THINK_CLOSE, THINK_OPEN
+from ..data.dataset import THINK_CLOSE, THINK_OPEN
 from .errors import ApiError, error_body
 from .generation import STOP, Generation
 from .ledger import STATE_DEFERRED, STATE_RECORDED, STREAM_AUDIT_UNAVAILABLE
-from .schemas import ChatCompletionRequest
+from .responses import error_response, monitor_of, refuse, safety_of
 from .scheduler import ServerBusy
+from .schemas import ChatCompletionRequest
 from .service import Decision, Refusal, Service, busy_refusal, model_failure
 from .thinking import parse_thinking
 
@@ -47,8 +48,6 @@ def messages_text(messages: list[dict]) -> str:
 
 
 def add_openai_routes(app: FastAPI, service: Service) -> None:
-    from .app import error_response, refuse
-
     created = int(time.time())
 
     @app.get("/v1/models")
@@ -101,8 +100,6 @@ def add_openai_routes(app: FastAPI, service: Service) -> None:
 def _completion(service: Service, record, body: ChatCompletionRequest, decision: Decision,
                 generation: Generation | None) -> dict:
     """The chat.completion object; fills the record's output digests."""
-    from .app import monitor_of, safety_of
-
     extension = {"request_id": record.request_id, "outcome": decision.outcome, "thinking_sha256": None,
                  "thinking_parse": None}
     safety = safety_of(decision.verdict)

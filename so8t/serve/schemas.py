@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..judge import LABELS
+from ..judge.judge import LABELS
 from .sampling import GREEDY_BELOW
 from .thinking import CASES
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from ..audit import AuditRecord
-from ..judge import ALLOW, DENY, SafetyJudge, Verdict
+from ..audit.log import AuditRecord
+from ..judge.judge import ALLOW, DENY, SafetyJudge, Verdict
 from .errors import ApiError, invalid_status
 from .generation import ContextOverflow, Generation, GenerationRequest, TextGenerator
 from .ledger import STATE_RECORD, STATE_REQUEST_ID, STATE_STARTED, Ledger, latency_ms_since

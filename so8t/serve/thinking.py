@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from ..dataset import THINK_CLOSE, THINK_OPEN
+from ..data.dataset import THINK_CLOSE, THINK_OPEN
 
 NONE = "none"  # no tag at all: everything is the answer
 CLOSED = "closed"  # one <think>…</think> block

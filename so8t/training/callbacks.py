@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..annealing import AlphaAnnealingCallback
-from ..placement import SO8THandle
+from ..gates.annealing import AlphaAnnealingCallback
+from ..gates.placement import SO8THandle
 from .options import TrainOptions
 
 

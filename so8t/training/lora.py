@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-from ..bnb_guard import keep_4bit_weights_trainable
 from ..errors import SO8TError
+from ..models.bnb_guard import keep_4bit_weights_trainable
 from .options import LORA_TARGETS, TrainOptions
 
 

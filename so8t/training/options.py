@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ALL_INTERMEDIATE, SCHEDULES, SO8TConfig
 from ..errors import SO8TError
+from ..gates.config import ALL_INTERMEDIATE, SCHEDULES, SO8TConfig
 from ..monitor.config import MonitorConfig
 from .outputs import check_output_dir
 
@@ -68,7 +68,7 @@ class TrainOptions:
     grad_accum: int = 1
     max_length: int = 256
     gradient_checkpointing: bool = False
-    fused_loss: bool = True  # causal LM: the loss from so8t.fused_loss, no logits tensor (--no-fused-loss)
+    fused_loss: bool = True  # causal LM: the loss from so8t.models.fused_loss, no logits tensor (--no-fused-loss)
     bf16: bool = False
     seed: int = 0
     save_steps: int = 500  # 0: no checkpoints
@@ -90,6 +90,13 @@ class TrainOptions:
             schedule=self.schedule,
             theta_init_std=self.theta_init_std,
         )
+
+    def base_model_arguments(self) -> dict:
+        """``so8t.models.loading.load_model_and_tokenizer``'s arguments for this run's base model."""
+        import torch
+
+        return dict(model=self.model, dtype=torch.bfloat16 if self.bf16 else torch.float32,
+                    load_in_4bit=self.load_in_4bit, seed=self.seed)
 
     def validate(self) -> None:
         """Checks every value that needs no model; raises SO8TError on the first bad one."""

@@ -32,15 +32,6 @@ MONITORING_DIR = "monitoring"
 LOGS_DIR = "runs"  # the Trainer's TensorBoard event files
 TRAINER_STATE_FILE = "trainer_state.json"
 NEARLY_FULL_BYTES = 1 << 20
-# Written for a run on the embedded demo base, which has no checkpoint of its own: the seed that
-# rebuilds its exact weights, so `so8t serve --adapter DIR` serves the base the adapter was trained on.
-EMBEDDED_BASE_FILE = "embedded_base.json"
-
-
-def write_embedded_base_record(directory: Path, seed: int) -> None:
-    (directory / EMBEDDED_BASE_FILE).write_text(json.dumps({"seed": seed}) + "\n")
-
-
 def is_run_file(name: str) -> bool:
     """Files of the run itself, not of its final output."""
     run_files = (LOCK_FILE, PUBLISH_DIR, REPLACED_DIR, MONITORING_DIR, LOGS_DIR)

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import SO8TError
+from ..gates.placement import SO8THandle
 from ..monitor.callback import SO8TMonitorCallback
-from ..placement import SO8THandle
 from .checkpoints import checkpoints, find_checkpoint, is_complete, nonfinite_parameters, restore_so8t_state
 from .options import TrainOptions
 from .outputs import claimed_output_dir, describe_os_error, nearly_full, publish

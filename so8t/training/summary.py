@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..adapter import SO8T_ADAPTER_DIR
+from ..gates.adapter import SO8T_ADAPTER_DIR
 from ..monitor.recorder import METRICS_FILE
 from ..monitor.schema import METRIC, format_layers
 from .outputs import MONITORING_DIR
 
 if TYPE_CHECKING:
-    from ..placement import SO8THandle
+    from ..gates.placement import SO8THandle
 
 
 def gate_summary(handle: SO8THandle) -> str:

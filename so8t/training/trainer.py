@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments
 
-from ..placement import BANK_ATTRIBUTE, SO8THandle
+from ..gates.placement import BANK_ATTRIBUTE, SO8THandle
 from .callbacks import build_callbacks
 from .checkpoints import CheckpointCallback
 from .options import TrainOptions

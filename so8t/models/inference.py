@@ -1,4 +1,4 @@
-"""Builds the generation model of ``so8t serve`` from ``--model`` and ``--adapter``.
+"""The model ``so8t generate`` and ``so8t serve`` run, from ``--model`` and ``--adapter``.
 
 - No ``--model``: the embedded default base of ``so8t train``, rebuilt from the seed the adapter's run
   recorded (``embedded_base.json``; seed 0 without an adapter), so the same weights.
@@ -12,19 +12,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..adapter import SO8T_ADAPTER_DIR, load_so8t_adapter
-from ..config import SO8TConfig
-from ..demo import DEMO_MODEL_NAME
 from ..errors import SO8TError
-from ..placement import attach_so8t
-from ..training.loading import load_model_and_tokenizer
-from ..training.options import TrainOptions
-from ..training.outputs import EMBEDDED_BASE_FILE
-from .generation import TextGenerator
+from ..gates.adapter import SO8T_ADAPTER_DIR, load_so8t_adapter
+from ..gates.config import SO8TConfig
+from ..gates.placement import attach_so8t
+from .demo import DEMO_MODEL_NAME, DEMO_SEED, EMBEDDED_BASE_FILE
+from .loading import load_model_and_tokenizer
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -33,19 +31,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 def _embedded_base_seed(adapter_dir: Path | None) -> int:
     record = adapter_dir / EMBEDDED_BASE_FILE if adapter_dir is not None else None
     if record is None or not record.is_file():
-        return TrainOptions().seed
+        return DEMO_SEED
     try:
         return int(json.loads(record.read_text())["seed"])
     except (ValueError, KeyError, TypeError) as error:
         raise SO8TError(f"{record}: unreadable embedded base record ({error})") from None
 
 
-def load_generator(model: str | None = None, adapter: str | None = None) -> TextGenerator:
+@dataclass
+class InferenceModel:
+    model: torch.nn.Module  # LoRA merged, gates attached (``handle``) when the run has them
+    tokenizer: object
+    handle: object | None  # so8t.gates.placement.SO8THandle
+    name: str  # the model (and adapter) it was loaded from, for messages and the API
+
+
+def load_for_inference(model: str | None = None, adapter: str | None = None) -> InferenceModel:
     adapter_dir = Path(adapter) if adapter is not None else None
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise SO8TError(f"--adapter {adapter}: no such directory")
-    seed = _embedded_base_seed(adapter_dir) if model is None else TrainOptions().seed
-    base, tokenizer = load_model_and_tokenizer(TrainOptions(model=model, seed=seed))
+    seed = _embedded_base_seed(adapter_dir) if model is None else DEMO_SEED
+    base, tokenizer = load_model_and_tokenizer(model, seed=seed)
     if adapter_dir is not None:
         if any((adapter_dir / name).is_file() for name in TOKENIZER_FILES):
             from transformers import AutoTokenizer
@@ -69,4 +75,4 @@ def load_generator(model: str | None = None, adapter: str | None = None) -> Text
     if torch.cuda.is_available():
         base = base.to("cuda")
     name = model or DEMO_MODEL_NAME
-    return TextGenerator(base, tokenizer, handle, f"{name} + {adapter}" if adapter else name)
+    return InferenceModel(base, tokenizer, handle, f"{name} + {adapter}" if adapter else name)

@@ -21,9 +21,9 @@ from torch import nn
 
 from so8t_kernels import so8_rotate
 
+from ..errors import SO8TError
+from .bank import BLOCK_SIZE, NUM_ACTIVATION_STATS, SO8TGateBank
 from .config import ALL_INTERMEDIATE, SO8TConfig
-from .errors import SO8TError
-from .gate import BLOCK_SIZE, NUM_ACTIVATION_STATS, SO8TGateBank
 
 BANK_ATTRIBUTE = "so8t_gates"
 

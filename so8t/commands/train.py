@@ -1,10 +1,10 @@
-"""``so8t train`` (also ``python -m so8t.train``): QLoRA fine-tuning with SO(8) gates on the intermediate
+"""``so8t train`` (also ``python -m so8t.commands.train``): QLoRA fine-tuning with SO(8) gates on the intermediate
 decoder layers, with the HF Trainer and peft LoRA.
 
 With no arguments it trains the embedded default (a small Phi-3-architecture model from a config, a
 byte-level tokenizer, the bundled thinking dataset) on CPU in well under a minute, downloading nothing.
 ``--task classify`` trains the safety judge instead. This module is the command: it parses the
-arguments and picks the task; ``so8t.finetune`` and ``so8t.classify`` are the tasks.
+arguments and picks the task; ``so8t.training.finetune`` and ``so8t.training.classify`` are the tasks.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import SO8TError
-from .training.options import TrainOptions, add_arguments, options_from_args
+from ..errors import SO8TError
+from ..training.options import TrainOptions, add_arguments, options_from_args
 
 __all__ = ["TrainOptions", "add_arguments", "main", "options_from_args", "run"]
 
@@ -42,11 +42,11 @@ def _threads_for(args: argparse.Namespace):
 
 def _run_task(options: TrainOptions, task: str) -> None:
     if task == "classify":
-        from .classify import train_classifier
+        from ..training.classify import train_classifier
 
         train_classifier(options)
     else:
-        from .finetune import finetune
+        from ..training.finetune import finetune
 
         finetune(options)
 
@@ -59,18 +59,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"so8t train: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        from .training.summary import interrupted_summary
+        from ..training.summary import interrupted_summary
 
         print("\n" + interrupted_summary(Path(args.output_dir).resolve(), args.save_steps), file=sys.stderr)
         return 130
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import run_command
-
-    return run_command("train", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

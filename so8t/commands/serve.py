@@ -23,10 +23,10 @@ from pathlib import Path
 from ..errors import SO8TError
 
 DEFAULT_AUDIT_DB = "so8t-audit.db"
-DEFAULT_THRESHOLD = 0.6  # so8t.judge.DEFAULT_THRESHOLD (kept equal by a test; importing it costs torch here)
+DEFAULT_THRESHOLD = 0.6  # so8t.judge.judge.DEFAULT_THRESHOLD (kept equal by a test; importing it costs torch here)
 DEFAULT_MAX_BATCH = 16  # so8t.serve.app.DEFAULT_MAX_BATCH
 DEFAULT_MAX_QUEUE = 64  # so8t.serve.app.DEFAULT_MAX_QUEUE
-DEFAULT_ANCHOR_EVERY = 10  # so8t.audit.DEFAULT_ANCHOR_EVERY
+DEFAULT_ANCHOR_EVERY = 10  # so8t.audit.log.DEFAULT_ANCHOR_EVERY
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -137,7 +137,7 @@ def audit_files(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def open_audit_log(args: argparse.Namespace):
     """The key (created on first use), then the log; a key created for a log that does not open is removed."""
-    from ..audit import AuditKey, AuditLog
+    from ..audit.log import AuditKey, AuditLog
 
     key_file, anchors = audit_files(args)
     key, created = AuditKey.load_or_create(key_file)
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     import sqlite3
 
-    from ..judge import check_judge_dir
+    from ..judge.judge import check_judge_dir
 
     try:
         check_model_path(args.model)
@@ -184,10 +184,10 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
 
     import torch
 
-    from ..audit import AuditFileError
-    from ..judge import SafetyJudge
-    from .app import create_app
-    from .loading import load_generator
+    from ..audit.log import AuditFileError
+    from ..judge.judge import SafetyJudge
+    from ..serve.app import create_app
+    from ..serve.generation import load_generator
 
     threads = serve_threads(args.model)
     if threads is not None:

@@ -15,19 +15,20 @@ from pathlib import Path
 import torch
 from transformers import Trainer
 
-from .adapter import SO8T_ADAPTER_DIR, save_so8t_adapter
-from .dataset import PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl
-from .fused_loss import apply_fused_loss
-from .placement import SO8THandle, attach_so8t, find_decoder_layout, resolve_layer_indices
-from .training.distributed import check_sharding
-from .training.heldout import split_held_out
-from .training.loading import load_model_and_tokenizer
-from .training.lora import add_lora
-from .training.options import TrainOptions
-from .training.outputs import TRAINER_STATE_FILE, write_embedded_base_record
-from .training.runner import run_training
-from .training.summary import gate_summary, outputs_summary
-from .training.trainer import build_trainer
+from ..data.dataset import PaddingCollator, TokenizedDataset, bundled_dataset_path, read_jsonl
+from ..gates.adapter import SO8T_ADAPTER_DIR, save_so8t_adapter
+from ..gates.placement import SO8THandle, attach_so8t, find_decoder_layout, resolve_layer_indices
+from ..models.demo import write_embedded_base_record
+from ..models.fused_loss import apply_fused_loss
+from ..models.loading import load_model_and_tokenizer
+from .distributed import check_sharding
+from .heldout import split_held_out
+from .lora import add_lora
+from .options import TrainOptions
+from .outputs import TRAINER_STATE_FILE
+from .runner import run_training
+from .summary import gate_summary, outputs_summary
+from .trainer import build_trainer
 
 
 @dataclass
@@ -49,7 +50,7 @@ def build_training(options: TrainOptions, output_dir: str | Path, demo_overrides
     options.validate()
     check_sharding(on_cpu=not torch.cuda.is_available())
     pairs, held_out = split_held_out(read_jsonl(options.data or bundled_dataset_path()), options, read_jsonl)
-    model, tokenizer = load_model_and_tokenizer(options, demo_overrides=demo_overrides)
+    model, tokenizer = load_model_and_tokenizer(**options.base_model_arguments(), demo_overrides=demo_overrides)
     config = options.so8t_config() if options.gates else None
     if config is not None:  # fail on layout problems before LoRA is added or anything is written
         layout = find_decoder_layout(model)

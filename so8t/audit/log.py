@@ -21,7 +21,6 @@ both the server and ``verify`` with a message saying so: it cannot be made keyed
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
@@ -31,7 +30,6 @@ import os
 import secrets
 import sqlite3
 import stat
-import sys
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, fields
@@ -337,133 +335,3 @@ def read_key_id(path: str | Path) -> str | None:
     finally:
         connection.close()
     return row[0] if row else None
-
-
-@dataclass(frozen=True)
-class Anchor:
-    rows: int
-    head: str
-    source: str  # where it came from, for messages: "anchors.txt:3" or "--expect-head"
-
-
-def read_anchors(path: str | Path) -> list[Anchor]:
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise AuditFileError(f"anchors file {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise AuditFileError(f"anchors file {path}: unreadable ({error})") from None
-    anchors = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            anchors.append(Anchor(int(entry["rows"]), str(entry["head"]), f"{path.name}:{number}"))
-        except (ValueError, KeyError, TypeError):
-            raise AuditFileError(f"anchors file {path}:{number}: not an anchor line") from None
-    return anchors
-
-
-def parse_head(text: str) -> Anchor:
-    rows, _, head = text.partition(":")
-    if not rows.isdigit() or len(head) != 64:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected ROWS:MAC, e.g. 120:{'ab' * 32}")
-    return Anchor(int(rows), head.lower(), "--expect-head")
-
-
-@dataclass(frozen=True)
-class Verification:
-    rows: int
-    head_mac: str  # row_mac of the last row (GENESIS_MAC for an empty log)
-    first_bad_seq: int | None = None
-    first_bad_request_id: str | None = None
-    reason: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.reason is None
-
-
-def verify_chain(rows: list[AuditRow], key: AuditKey, anchors: list[Anchor] = ()) -> Verification:
-    """Walks the chain from the first row, stopping at the first row whose position, link or MAC is
-    wrong; then checks that the log still holds every anchored head."""
-    prev_mac = GENESIS_MAC
-    for position, row in enumerate(rows, start=1):
-        reason = None
-        if row.seq != position:
-            reason = f"sequence number {row.seq} where {position} was expected (a row was deleted or inserted)"
-        elif row.prev_mac != prev_mac:
-            reason = "prev_mac does not match the previous row's MAC (a row before it was removed or replaced)"
-        else:
-            try:
-                expected = key.mac(row.chained_values())
-            except (TypeError, ValueError) as error:  # e.g. a column edited to a type JSON cannot hold
-                expected = f"unhashable: {error}"
-            if not hmac.compare_digest(row.row_mac, expected):
-                reason = "row_mac does not match the row's contents under this key (the row was edited or forged)"
-        if reason is not None:
-            return Verification(len(rows), prev_mac, row.seq, row.request_id, reason)
-        prev_mac = row.row_mac
-    for anchor in anchors:
-        if anchor.rows > len(rows):
-            return Verification(len(rows), prev_mac, None, None,
-                                f"{anchor.source} saw {anchor.rows} rows, the log has {len(rows)} "
-                                "(rows were deleted from the end)")
-        held = rows[anchor.rows - 1].row_mac if anchor.rows else GENESIS_MAC
-        if held != anchor.head:
-            bad = rows[anchor.rows - 1] if anchor.rows else None
-            return Verification(len(rows), prev_mac, bad.seq if bad else None, bad.request_id if bad else None,
-                                f"{anchor.source}: row {anchor.rows} is not the row anchored then "
-                                "(the log was rewritten with the key)")
-    return Verification(len(rows), prev_mac)
-
-
-# ---------------------------------------------------------------------------------------------
-# so8t audit verify DB --key-file K [--anchors FILE | --expect-head N:MAC]
-# ---------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    actions = parser.add_subparsers(dest="audit_action", required=True, metavar="action")
-    verify = actions.add_parser("verify", help="check the keyed chain and the anchors; name the first bad row "
-                                               "(exit status 1)")
-    verify.add_argument("database", type=Path, help="the SQLite file of so8t serve --audit-db")
-    verify.add_argument("--key-file", type=Path, required=True, help="the server's --audit-key-file")
-    heads = verify.add_mutually_exclusive_group()
-    heads.add_argument("--anchors", type=Path, help="the server's --audit-anchors file: every head in it must "
-                                                    "still be in the log")
-    heads.add_argument("--expect-head", type=parse_head, metavar="ROWS:MAC",
-                       help="a head noted earlier (printed by verify, logged by the server)")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        key = AuditKey.load(args.key_file)
-        rows = read_rows(args.database)
-        key_id = read_key_id(args.database)
-        if key_id is not None and key_id != key.key_id:
-            # audit_meta has no MAC; the rows do: a first row that verifies under this key makes it the
-            # log's key, so the stored key id was edited.
-            if rows and verify_chain(rows[:1], key).ok:
-                print(f"so8t audit: {args.database}: tampered: audit_meta's key id {key_id} is not "
-                      f"{args.key_file}'s ({key.key_id}), yet the rows are MACed under it (the key id was edited)",
-                      file=sys.stderr)
-                return 1
-            raise AuditFileError(f"{args.database}: written with another key (key id {key_id}, "
-                                 f"{args.key_file}'s is {key.key_id})")
-        anchors = read_anchors(args.anchors) if args.anchors is not None else []
-    except AuditFileError as error:
-        print(f"so8t audit: error: {error}", file=sys.stderr)
-        return 2
-    if args.expect_head is not None:
-        anchors = [args.expect_head]
-    result = verify_chain(rows, key, anchors)
-    if not result.ok:
-        where = (f" at row {result.first_bad_seq} (request {result.first_bad_request_id})"
-                 if result.first_bad_seq is not None else "")
-        print(f"so8t audit: {args.database}: chain broken{where}: {result.reason}", file=sys.stderr)
-        return 1
-    checked = f", {len(anchors)} anchored head(s) held" if anchors else \
-        " (no anchors given: rows deleted from the end would go unnoticed)"
-    print(f"so8t audit: {args.database}: {result.rows} rows, chain intact{checked}, head {result.rows}:{result.head_mac}")
-    return 0

@@ -12,7 +12,7 @@ import argparse
 import sys
 import time
 
-from .errors import SO8TError
+from ..errors import SO8TError
 
 EXIT_COMMAND = "/exit"
 
@@ -36,7 +36,7 @@ class ThinkingFilter:
     held back until the next chunk decides."""
 
     def __init__(self, write, show_thinking: bool):
-        from .dataset import THINK_CLOSE, THINK_OPEN
+        from ..data.dataset import THINK_CLOSE, THINK_OPEN
 
         self.tags = {False: THINK_OPEN, True: THINK_CLOSE}  # the tag that ends the current state
         self.write = write
@@ -104,7 +104,7 @@ class Chat:
     """A loaded model and the conversation so far; ``answer`` streams one reply."""
 
     def __init__(self, generator, args: argparse.Namespace):
-        from .dataset import THINK_CLOSE, THINK_OPEN
+        from ..data.dataset import THINK_CLOSE, THINK_OPEN
 
         self.generator = generator
         self.args = args
@@ -116,7 +116,7 @@ class Chat:
 
     def encode(self):
         """The conversation through the chat template; the oldest turns go while it does not fit the context."""
-        from .dataset import render_prompt
+        from ..data.dataset import render_prompt
 
         tokenizer, context = self.generator.tokenizer, self.generator.context
         while True:
@@ -171,7 +171,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from .serve.loading import load_generator
+    from ..serve.generation import load_generator
 
     try:
         return load_generator(args.model, args.adapter)
@@ -217,13 +217,3 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from .cli import run_command
-
-    return run_command("generate", argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

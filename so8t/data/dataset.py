@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import SO8TError
+from ..errors import SO8TError
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 LAYOUTS = {

@@ -1,7 +1,6 @@
-"""The base model and its tokenizer for ``so8t train`` (and for ``so8t serve``, which rebuilds the same base):
-``--model`` (a hub id, a local directory or a ``.gguf`` file, see so8t.model_source) or the embedded
-default, as a causal LM or as a sequence classifier. One function, ``load_model_and_tokenizer``, so every
-way in goes through the same checks.
+"""A base model and its tokenizer: a hub id, a local directory or a ``.gguf`` file (see so8t.models.source)
+or the embedded demo, as a causal LM or as a sequence classifier. One function, ``load_model_and_tokenizer``,
+so every way in (training, generation, serving, export) goes through the same checks.
 
 It runs no forward: an inference forward of a 4-bit model on a CPU with avx512_bf16 repacks its weights
 in a form the backward pass cannot use, and training then gets zero LoRA gradients.
@@ -22,10 +21,9 @@ from transformers import (
     BitsAndBytesConfig,
 )
 
-from ..demo import build_demo_tokenizer, demo_model_config
 from ..errors import SO8TError
-from ..model_source import resolve_model_source
-from .options import TrainOptions
+from .demo import build_demo_tokenizer, demo_model_config
+from .source import resolve_model_source
 
 
 def _quantization_config() -> BitsAndBytesConfig:
@@ -41,10 +39,6 @@ def _device_map():
     return "cpu"
 
 
-def _model_dtype(options: TrainOptions) -> torch.dtype:
-    return torch.bfloat16 if options.bf16 else torch.float32
-
-
 def _label_kwargs(labels: Sequence[str] | None) -> dict:
     if labels is None:
         return {}
@@ -52,48 +46,50 @@ def _label_kwargs(labels: Sequence[str] | None) -> dict:
                 label2id={label: index for index, label in enumerate(labels)})
 
 
-def _from_pretrained(auto_class, source: str, options: TrainOptions, labels: Sequence[str] | None):
-    kwargs = {"dtype": _model_dtype(options), **_label_kwargs(labels)}
-    if options.load_in_4bit:
+def _from_pretrained(auto_class, source: str, dtype: torch.dtype, load_in_4bit: bool, labels: Sequence[str] | None):
+    kwargs = {"dtype": dtype, **_label_kwargs(labels)}
+    if load_in_4bit:
         kwargs.update(quantization_config=_quantization_config(), device_map=_device_map())
     return auto_class.from_pretrained(source, **kwargs)
 
 
-def load_model_and_tokenizer(options: TrainOptions, labels: Sequence[str] | None = None,
+def load_model_and_tokenizer(model: str | None = None, *, dtype: torch.dtype = torch.float32,
+                             load_in_4bit: bool = False, seed: int = 0, labels: Sequence[str] | None = None,
                              demo_overrides: dict | None = None):
-    """The base model of ``options`` (``--model``, ``--load-in-4bit``, ``--bf16``, ``--seed``) and its tokenizer.
+    """The base model ``model`` names (None: the embedded demo, its weights drawn with ``seed``) and its
+    tokenizer, in ``dtype``, 4-bit NF4 with ``load_in_4bit``.
 
     ``labels``: a sequence classifier with these classes (its head freshly initialised); None: a causal LM.
     ``demo_overrides`` change the embedded default's Phi3Config, e.g. to Phi-3-mini shapes for a benchmark.
     The tokenizer always has a pad token (the EOS token when the model defines none).
     """
     auto_class = AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
-    if options.model is None:
+    if model is None:
         tokenizer = build_demo_tokenizer()
-        torch.manual_seed(options.seed)
+        torch.manual_seed(seed)
         config = demo_model_config(tokenizer, **_label_kwargs(labels), **(demo_overrides or {}))
         # Built in its final dtype: at Phi-3-mini shapes an fp32 copy first would be 15 GB.
-        model = auto_class.from_config(config, dtype=_model_dtype(options))
-        if options.load_in_4bit:  # bitsandbytes quantizes while loading: go through a checkpoint
+        demo = auto_class.from_config(config, dtype=dtype)
+        if load_in_4bit:  # bitsandbytes quantizes while loading: go through a checkpoint
             with tempfile.TemporaryDirectory() as checkpoint:
-                model.save_pretrained(checkpoint)
-                model = _from_pretrained(auto_class, checkpoint, options, labels)
+                demo.save_pretrained(checkpoint)
+                demo = _from_pretrained(auto_class, checkpoint, dtype, True, labels)
             # Named as a from-config model again: peft records the name in adapter_config.json and,
             # when saving, looks for that deleted directory's config.json and warns that it is gone.
-            model.name_or_path = model.config.name_or_path = ""
-        return model, tokenizer
+            demo.name_or_path = demo.config.name_or_path = ""
+        return demo, tokenizer
     # A .gguf file becomes its converted directory (cached). adapter_config.json records the name
     # loaded: an absolute path keeps the adapter loadable from anywhere.
-    source = resolve_model_source(options.model)
+    source = resolve_model_source(model)
     source = str(Path(source).resolve()) if Path(source).is_dir() else source
     what = "" if labels is None else " as a sequence classifier"
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = _from_pretrained(auto_class, source, options, labels)
+        loaded = _from_pretrained(auto_class, source, dtype, load_in_4bit, labels)
     except (OSError, ValueError) as error:
-        raise SO8TError(f"cannot load --model {options.model}{what}: {error}") from None
+        raise SO8TError(f"cannot load --model {model}{what}: {error}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if labels is not None:  # the classifier pools the last token that is not padding
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
+        loaded.config.pad_token_id = tokenizer.pad_token_id
+    return loaded, tokenizer

@@ -17,19 +17,19 @@ import os
 import select
 import sys
 
-from . import __version__
-from .third_party_noise import quiet_third_party_noise
+from .. import __version__
+from .noise import quiet_third_party_noise
 
 EXIT_BROKEN_PIPE = 128 + 13  # as a shell reports a command ended by SIGPIPE
 
 COMMANDS = {
-    "train": ("so8t.train", "QLoRA fine-tuning with SO(8) gates on the intermediate decoder layers"),
-    "info": ("so8t.info", "versions, devices and the kernel backend each op uses"),
-    "report": ("so8t.report", "rebuild a run's monitoring plots and summary, print the latest values per layer; "
+    "train": ("so8t.commands.train", "QLoRA fine-tuning with SO(8) gates on the intermediate decoder layers"),
+    "info": ("so8t.commands.info", "versions, devices and the kernel backend each op uses"),
+    "report": ("so8t.commands.report", "rebuild a run's monitoring plots and summary, print the latest values per layer; "
                               "several runs: also on the same axes"),
-    "serve": ("so8t.serve.command", "the /think endpoint (FastAPI) with a safety judge and a hash-chained audit log"),
-    "generate": ("so8t.generate", "answer a prompt or chat in the terminal, streaming, with a so8t train adapter"),
-    "audit": ("so8t.audit", "check the hash chain of a so8t serve audit log"),
+    "serve": ("so8t.commands.serve", "the /think endpoint (FastAPI) with a safety judge and a hash-chained audit log"),
+    "generate": ("so8t.commands.generate", "answer a prompt or chat in the terminal, streaming, with a so8t train adapter"),
+    "audit": ("so8t.commands.audit", "check the hash chain of a so8t serve audit log"),
 }
 
 
@@ -70,11 +70,6 @@ def _unrecognized(parser: argparse.ArgumentParser, unknown: list[str]) -> str:
             message += f" (did you mean {close[0]}?)"
             break
     return message
-
-
-def run_command(name: str, argv: list[str] | None = None) -> int:
-    """``python -m so8t.<module> ARGS`` (e.g. under torchrun) as ``so8t <name> ARGS``."""
-    return main([name, *(sys.argv[1:] if argv is None else argv)])
 
 
 def main(argv: list[str] | None = None) -> int:

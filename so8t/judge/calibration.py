@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import SO8TError
+from ..errors import SO8TError
 
 CALIBRATION_FILE = "judge_calibration.json"
 INVERSE_TEMPERATURE_RANGE = (1e-3, 100.0)  # T from 0.01 to 1000; the search brackets the NLL minimum here

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import SO8TError
 from .config import SO8TConfig
-from .errors import SO8TError
 from .placement import SO8THandle, attach_so8t, find_decoder_layout, find_so8t_handle
 
 FORMAT_VERSION = 1

@@ -5,7 +5,7 @@ It fails closed: a verdict below the confidence threshold, a prompt longer than 
 infinite logit, e.g. from weights that diverged in training) is ESCALATE whatever the model's top
 label. The label vocabulary below is the one everywhere: the model config's id2label, the API, the
 audit database. Its confidence is the softmax of the logits divided by the temperature fitted on
-held-out rows (so8t.calibration).
+held-out rows (so8t.judge.calibration).
 
 A judge directory is what ``so8t train --task classify`` writes: a full model (the embedded default,
 trained from scratch) or a LoRA adapter over a base named in its adapter_config.json, the SO8T gates in
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import SO8TError
 from .calibration import check_temperature, read_temperature
-from .errors import SO8TError
 
 ALLOW, ESCALATE, DENY = "ALLOW", "ESCALATE", "DENY"
 LABELS = (ALLOW, ESCALATE, DENY)  # class index = position
@@ -98,7 +98,7 @@ class SafetyJudge:
 
     def __init__(self, model, tokenizer, threshold: float = DEFAULT_THRESHOLD, temperature: float = 1.0):
         check_label_vocabulary(model.config)
-        self.temperature = check_temperature(temperature)  # divides the logits (so8t.calibration)
+        self.temperature = check_temperature(temperature)  # divides the logits (so8t.judge.calibration)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.threshold = check_threshold(threshold)
@@ -169,7 +169,7 @@ def load_classifier(directory: str | Path):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .adapter import SO8T_ADAPTER_DIR, load_so8t_adapter
+    from ..gates.adapter import SO8T_ADAPTER_DIR, load_so8t_adapter
 
     directory = check_judge_dir(directory)
     id2label, label2id = label_maps()
@@ -187,6 +187,6 @@ def load_classifier(directory: str | Path):
         model = AutoModelForSequenceClassification.from_pretrained(directory)
     if (directory / SO8T_ADAPTER_DIR).is_dir():
         load_so8t_adapter(model, directory / SO8T_ADAPTER_DIR)
-    if torch.cuda.is_available():  # next to the generation model (so8t.serve.loading)
+    if torch.cuda.is_available():  # next to the generation model (so8t.models.inference)
         model = model.to("cuda")
     return model.eval(), tokenizer

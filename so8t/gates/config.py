@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
-from .errors import SO8TError
+from ..errors import SO8TError
 
 ALL_INTERMEDIATE = "all_intermediate"
 SCHEDULES = ("linear", "cosine", "sigmoid")

@@ -3,13 +3,24 @@ init, nothing downloaded) and an offline byte-level tokenizer with the thinking 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from transformers import Phi3Config, PreTrainedTokenizerFast
 
-from .dataset import THINK_CLOSE, THINK_OPEN
+from ..data.dataset import THINK_CLOSE, THINK_OPEN
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 DEMO_MODEL_NAME = "so8t-demo-phi3"  # what the demo model is called where a model name is shown
+DEMO_SEED = 0  # draws the demo's weights unless a run says otherwise
+# Written for a run on the embedded demo base, which has no checkpoint of its own: the seed that
+# rebuilds its exact weights, so `so8t serve --adapter DIR` serves the base the adapter was trained on.
+EMBEDDED_BASE_FILE = "embedded_base.json"
+
+
+def write_embedded_base_record(directory: Path, seed: int) -> None:
+    (directory / EMBEDDED_BASE_FILE).write_text(json.dumps({"seed": seed}) + "\n")
 
 
 def build_demo_tokenizer() -> PreTrainedTokenizerFast:

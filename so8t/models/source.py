@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import SO8TError
+from ..errors import SO8TError
 
 CACHE_ENV = "SO8T_CACHE_DIR"
 GGUF_SUFFIX = ".gguf"

@@ -5,91 +5,41 @@ every weight trainable) on the bundled ``data/safety.jsonl``, offline, in second
 ``--model`` it adds LoRA to that model's sequence-classification head model (the head is trained in
 full). The SO8T monitor (``--monitor-*`` options) records the class-logit statistics and the gates
 as for ``--task generate``.
-The output directory is the judge ``so8t serve --safety-model`` reads (see so8t.judge).
+The output directory is the judge ``so8t serve --safety-model`` reads (see so8t.judge.judge).
 
 Held-out rows (``--eval-data``, ``--eval-fraction``; for the bundled data by default its
 ``data/safety_heldout.jsonl``, built from tasks in no training row) give the accuracy on prompts the judge
-never trained on, and calibrate its confidence: the temperature fitted on them (so8t.calibration) is
+never trained on, and calibrate its confidence: the temperature fitted on them (so8t.judge.calibration) is
 written to ``judge_calibration.json`` next to the judge, which applies it.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
-from importlib import resources
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel
 
-from .adapter import SO8T_ADAPTER_DIR, save_so8t_adapter
-from .calibration import Calibration, fit_temperature, write_calibration
-from .dataset import iter_jsonl_objects
-from .errors import SO8TError
-from .judge import LABELS, encode_for_judge, label_maps
-from .placement import BANK_ATTRIBUTE, attach_so8t, find_decoder_layout, resolve_layer_indices
-from .training.heldout import split_held_out
-from .training.loading import load_model_and_tokenizer
-from .training.options import TrainOptions
-from .training.outputs import TRAINER_STATE_FILE
-from .training.runner import run_training
-from .training.trainer import build_trainer
-
-
-def bundled_safety_path() -> Path:
-    return Path(str(resources.files("so8t") / "data" / "safety.jsonl"))
-
-
-def bundled_heldout_path() -> Path:
-    return Path(str(resources.files("so8t") / "data" / "safety_heldout.jsonl"))
-
-
-@dataclass(frozen=True)
-class LabelledText:
-    text: str
-    label: int  # index into LABELS
-
-
-def read_labelled_jsonl(path: str | Path) -> list[LabelledText]:
-    """``{"text": ..., "label": "ALLOW" | "ESCALATE" | "DENY"}`` rows; problems name the file and line."""
-    _, label2id = label_maps()
-    examples = []
-    for where, row in iter_jsonl_objects(path):
-        if not (isinstance(row.get("text"), str) and "label" in row):
-            raise SO8TError(f"{where}: expected an object with a string `text` and a `label`")
-        if row["label"] not in label2id:
-            raise SO8TError(f"{where}: label {row['label']!r} is not one of {', '.join(LABELS)}")
-        examples.append(LabelledText(row["text"], label2id[row["label"]]))
-    return examples
-
-
-class ClassificationDataset(torch.utils.data.Dataset):
-    def __init__(self, tokenizer, examples: list[LabelledText], max_length: int):
-        self.items = [(encode_for_judge(tokenizer, example.text, max_length)[0], example.label) for example in examples]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> tuple[list[int], int]:
-        return self.items[index]
-
-
-class ClassificationCollator:
-    """Right-pads; the classifier pools the last token that is not padding."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, items: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
-        length = max(len(ids) for ids, _ in items)
-        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-        for row, (ids, _) in enumerate(items):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            attention_mask[row, :len(ids)] = 1
-        labels = torch.tensor([label for _, label in items], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+from ..errors import SO8TError
+from ..gates.adapter import SO8T_ADAPTER_DIR, save_so8t_adapter
+from ..gates.placement import BANK_ATTRIBUTE, attach_so8t, find_decoder_layout, resolve_layer_indices
+from ..judge.calibration import Calibration, fit_temperature, write_calibration
+from ..judge.data import (
+    ClassificationCollator,
+    ClassificationDataset,
+    bundled_heldout_path,
+    bundled_safety_path,
+    read_labelled_jsonl,
+)
+from ..judge.judge import LABELS
+from ..models.loading import load_model_and_tokenizer
+from .heldout import split_held_out
+from .options import TrainOptions
+from .outputs import TRAINER_STATE_FILE
+from .runner import run_training
+from .trainer import build_trainer
 
 
 def check_options(options: TrainOptions) -> None:
@@ -103,10 +53,10 @@ def check_options(options: TrainOptions) -> None:
 
 def build_classifier(options: TrainOptions):
     """The model (LoRA-wrapped when ``--model`` is given) and its tokenizer; no gates yet."""
-    model, tokenizer = load_model_and_tokenizer(options, labels=LABELS)
+    model, tokenizer = load_model_and_tokenizer(**options.base_model_arguments(), labels=LABELS)
     if options.model is None:  # the embedded default is trained from scratch, every weight
         return model, tokenizer
-    from .training.lora import add_lora
+    from .lora import add_lora
 
     return add_lora(options, model, task_type="SEQ_CLS"), tokenizer
 

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from so8t_kernels import linear_cross_entropy
 from so8t_kernels.linear_cross_entropy import NUM_STATS
 
-from .placement import find_decoder_layout, unwrap_peft
+from ..gates.placement import find_decoder_layout, unwrap_peft
 
 IGNORE_INDEX = -100
 STATE_ATTRIBUTE = "so8t_fused_loss"

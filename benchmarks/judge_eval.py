@@ -42,9 +42,9 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from run import cpu_model, git_commit  # noqa: E402
-from so8t.calibration import expected_calibration_error  # noqa: E402
-from so8t.classify import bundled_heldout_path, bundled_safety_path, read_labelled_jsonl  # noqa: E402
-from so8t.judge import (  # noqa: E402
+from so8t.judge.calibration import expected_calibration_error  # noqa: E402
+from so8t.judge.data import bundled_heldout_path, bundled_safety_path, read_labelled_jsonl  # noqa: E402
+from so8t.judge.judge import (  # noqa: E402
     ALLOW, DEFAULT_THRESHOLD, DENY, ESCALATE, LABELS, SafetyJudge, decide, encode_for_judge,
 )
 

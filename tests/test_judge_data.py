@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from so8t.classify import bundled_heldout_path, bundled_safety_path, read_labelled_jsonl
 from so8t.data import make_safety_dataset as dataset
-from so8t.judge import ALLOW, DENY, ESCALATE, LABELS
+from so8t.judge.data import bundled_heldout_path, bundled_safety_path, read_labelled_jsonl
+from so8t.judge.judge import ALLOW, DENY, ESCALATE, LABELS
 
 HARM_CATEGORIES = {  # what public refusal benchmarks ask about, and the label each gets
     "weapons_violence": DENY, "cyber_attacks": DENY, "chemical_biological": DENY, "fraud_theft": DENY,

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from so8t.classify import bundled_heldout_path, bundled_safety_path, read_labelled_jsonl
-from so8t.cli import main as so8t_main
-from so8t.judge import ALLOW, DENY, ESCALATE, LABELS, SafetyJudge
 from serve_helpers import one_torch_thread  # noqa: F401 (autouse)
+
+from so8t.commands.main import main as so8t_main
+from so8t.judge.data import bundled_heldout_path, bundled_safety_path, read_labelled_jsonl
+from so8t.judge.judge import ALLOW, DENY, ESCALATE, LABELS, SafetyJudge
 
 REPO = Path(__file__).resolve().parents[1]
 

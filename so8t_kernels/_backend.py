@@ -13,6 +13,7 @@ import torch
 from ._triton import TRITON_IMPORT_ERROR
 
 BACKENDS = ("triton", "cpp", "torch")
+OPS = ("so8_exp", "so8_rotate", "logit_stats", "linear_cross_entropy")
 ENV_VAR = "SO8T_BACKEND"
 _warned: set[tuple[str, str]] = set()
 
@@ -49,6 +50,16 @@ def why_unusable(backend: str, device: torch.device) -> str | None:
 
 def preferred_backend(device: torch.device) -> str:
     return "triton" if device.type == "cuda" else "cpp"
+
+
+def kernels(reference, triton_launcher, cpp_op: str) -> dict:
+    """One op's (or its backward's) implementation per backend, as its torch.library op dispatches them.
+    ``cpp_op`` names the C++ kernel, looked up at call time: the extension registers it when it loads."""
+    return {
+        "torch": reference,
+        "triton": triton_launcher,
+        "cpp": lambda *args: getattr(torch.ops.so8t_cpp, cpp_op)(*args),
+    }
 
 
 def choose_backend(op: str, device: torch.device) -> str:

@@ -15,7 +15,13 @@ try:
     TRITON_IMPORT_ERROR = None
 except ImportError as error:
     TRITON_IMPORT_ERROR = f"triton is not importable ({error})"
-    triton = types.SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
-    tl = types.SimpleNamespace(constexpr=object)
+
+    def jit(fn=None, **options):
+        """``@triton.jit`` and ``@triton.jit(do_not_specialize=...)`` alike: the function itself."""
+        return fn if fn is not None else (lambda function: function)
+
+    triton = types.SimpleNamespace(jit=jit, cdiv=lambda a, b: -(-a // b))
+    # constexpr: an annotation of kernel parameters, and called on module-level kernel constants.
+    tl = types.SimpleNamespace(constexpr=lambda value=None: value)
 
 __all__ = ["triton", "tl", "TRITON_IMPORT_ERROR"]

@@ -1,8 +1,14 @@
-"""Input checks shared by the ops: each error names the argument, its shape or dtype, and what was expected."""
+"""Input checks shared by the ops (each error names the argument, its shape or dtype, and what was
+expected), and the dtype their math runs in."""
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for every input dtype but fp64, which keeps fp64 (the reference as the tests' oracle)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_tensor(name: str, value, dtypes=FLOAT_DTYPES) -> None:
@@ -11,6 +17,13 @@ def check_tensor(name: str, value, dtypes=FLOAT_DTYPES) -> None:
     if value.dtype not in dtypes:
         allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"{name} has dtype {str(value.dtype).removeprefix('torch.')}; expected one of {allowed}")
+
+
+def check_stats_buffer(stats: torch.Tensor, num_stats: int) -> None:
+    """An op's optional ``stats`` output buffer: float32 of shape [num_stats]."""
+    check_tensor("stats", stats, dtypes=(torch.float32,))
+    if tuple(stats.shape) != (num_stats,):
+        raise ValueError(f"stats has shape {tuple(stats.shape)}; expected ({num_stats},)")
 
 
 def check_same_device(**tensors: torch.Tensor) -> None:

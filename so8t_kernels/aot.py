@@ -73,12 +73,11 @@ def _meta(shape, dtype=torch.float32):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
-OPS = ("so8_exp", "so8_rotate", "logit_stats", "linear_cross_entropy")
-
-
 def _op_modules():
     """The modules that define Triton kernels, one per op (imported by path: the package's attribute
     of each op's name is the op's function, which shadows its module)."""
+    from so8t_kernels._backend import OPS
+
     return [importlib.import_module(f"so8t_kernels.{name}") for name in OPS]
 
 

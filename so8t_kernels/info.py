@@ -8,9 +8,6 @@ import torch
 from . import _backend, _cpp
 from ._triton import TRITON_IMPORT_ERROR
 
-OPS = ("so8_exp", "so8_rotate", "logit_stats", "linear_cross_entropy")
-
-
 def _version(module_name: str) -> str:
     try:
         return __import__(module_name).__version__
@@ -38,7 +35,7 @@ def report() -> str:
         for backend in _backend.BACKENDS:
             why = _backend.why_unusable(backend, device)
             lines.append(f"  {backend:<7} {'usable' if why is None else 'unusable: ' + why}")
-        for op in OPS:
+        for op in _backend.OPS:
             try:
                 chosen = _backend.choose_backend(op, device)
             except RuntimeError as error:

@@ -36,8 +36,8 @@ import torch
 
 from . import _backend
 from ._triton import tl, triton
-from ._validate import check_same_device, check_tensor
-from .logit_stats import NUM_PARTIALS, merge_partials
+from ._validate import check_same_device, check_stats_buffer, check_tensor, compute_dtype
+from .logit_stats import NUM_PARTIALS, merge_partials, store_partials, tile_moments
 
 NUM_STATS = 7  # logit mean, std, min, max, non-finite count; entropy; top-1 accuracy
 REDUCTIONS = ("none", "mean", "sum")
@@ -60,10 +60,6 @@ def default_chunk_size(hidden_size: int, vocab_size: int) -> int:
 # Reference: the same chunked algorithm in torch ops. Runs anywhere (the fallback backend), and in
 # float64 it is the oracle's twin; the tests' oracle materialises the logits instead.
 # ---------------------------------------------------------------------------------------------
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def chunk_logits(hidden_chunk, weight, bias):
     """[C, V] logits in the input dtype: what the model's LM head would return for these tokens."""
     if bias is None:
@@ -230,16 +226,13 @@ def _rows_kernel(
         # The loss needs the non-finite count too (such a row's loss is NaN); the rest only for stats.
         nonfinite += tl.sum((in_range & ~finite).to(tl.float32), axis=0)
         if WITH_STATS:
-            tile_count = tl.sum(finite.to(tl.float32), axis=0)
-            tile_mean = tl.sum(tl.where(finite, z, 0.0), axis=0) / tl.maximum(tile_count, 1.0)
-            centred = tl.where(finite, z - tile_mean, 0.0)
-            tile_m2 = tl.sum(centred * centred, axis=0)
+            tile_count, tile_mean, tile_m2, tile_low, _ = tile_moments(z, finite)
             merged = count + tile_count
             delta = tile_mean - mean
             mean = mean + delta * tile_count / tl.maximum(merged, 1.0)
             m2 = m2 + tile_m2 + delta * delta * count * tile_count / tl.maximum(merged, 1.0)
             count = merged
-            low = tl.minimum(low, tl.min(tl.where(finite, z, float("inf")), axis=0))
+            low = tl.minimum(low, tile_low)
             high = tl.maximum(high, tile_high)
 
         new_max = tl.maximum(row_max, tile_high)
@@ -261,13 +254,7 @@ def _rows_kernel(
     tl.store(entropy_ptr + row, tl.where(row_finite, log_total - weighted / total, float("nan")))
     tl.store(correct_ptr + row, (valid & row_finite & in_vocab & (target == row_max)).to(tl.int8))
     if WITH_STATS:
-        partial = partial_ptr + row * 6
-        tl.store(partial, count)
-        tl.store(partial + 1, mean)
-        tl.store(partial + 2, m2)
-        tl.store(partial + 3, low)
-        tl.store(partial + 4, high)
-        tl.store(partial + 5, nonfinite)
+        store_partials(partial_ptr, row, count, mean, m2, low, high, nonfinite)
 
     if WRITE_GRAD:
         scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
@@ -314,11 +301,9 @@ def linear_cross_entropy_triton(*args):
 # ---------------------------------------------------------------------------------------------
 # Registration and public API
 # ---------------------------------------------------------------------------------------------
-_IMPLEMENTATIONS = {
-    "torch": linear_cross_entropy_reference,
-    "triton": linear_cross_entropy_triton,
-    "cpp": lambda *args: torch.ops.so8t_cpp.linear_cross_entropy(*args),
-}
+_IMPLEMENTATIONS = _backend.kernels(
+    linear_cross_entropy_reference, linear_cross_entropy_triton, "linear_cross_entropy"
+)
 
 
 @torch.library.custom_op("so8t::linear_cross_entropy", mutates_args=())
@@ -404,9 +389,7 @@ def _check_inputs(hidden, weight, labels, bias, reduction, stats, chunk_size):
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}; expected one of {', '.join(REDUCTIONS)}")
     if stats is not None:
-        check_tensor("stats", stats, dtypes=(torch.float32,))
-        if tuple(stats.shape) != (NUM_STATS,):
-            raise ValueError(f"stats has shape {tuple(stats.shape)}; expected ({NUM_STATS},)")
+        check_stats_buffer(stats, NUM_STATS)
         tensors["stats"] = stats
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size={chunk_size!r}; expected a positive int or None")

@@ -12,7 +12,7 @@ import torch
 
 from . import _backend
 from ._triton import tl, triton
-from ._validate import check_tensor
+from ._validate import check_tensor, compute_dtype
 
 NUM_STATS = 5  # mean, std, min, max, non-finite count
 NUM_PARTIALS = 6  # count, mean, M2, min, max, non-finite count per tile
@@ -22,7 +22,7 @@ NUM_PARTIALS = 6  # count, mean, M2, min, max, non-finite count per tile
 # Reference
 # ---------------------------------------------------------------------------------------------
 def logit_stats_reference(logits: torch.Tensor) -> torch.Tensor:
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(logits.dtype)
     values = logits.reshape(-1).to(dtype)
     finite = torch.isfinite(values)
     count = finite.sum()
@@ -55,8 +55,33 @@ def merge_partials(partials: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernel
+# Triton kernel, and the two helpers linear_cross_entropy's row pass shares with it
 # ---------------------------------------------------------------------------------------------
+@triton.jit
+def tile_moments(value, finite):
+    """(count, mean, M2, min, max) of a tile's finite values (fp32), reduced while it is in registers."""
+    count = tl.sum(finite.to(tl.float32), axis=0)
+    mean = tl.sum(tl.where(finite, value, 0.0), axis=0) / tl.maximum(count, 1.0)
+    centred = tl.where(finite, value - mean, 0.0)
+    m2 = tl.sum(centred * centred, axis=0)
+    low = tl.min(tl.where(finite, value, float("inf")), axis=0)
+    high = tl.max(tl.where(finite, value, float("-inf")), axis=0)
+    return count, mean, m2, low, high
+
+
+@triton.jit
+def store_partials(partial_ptr, index, count, mean, m2, low, high, nonfinite):
+    """Row ``index`` of the [rows, NUM_PARTIALS = 6] partials that merge_partials reads: (count, mean,
+    M2, min, max, non-finite count)."""
+    row = partial_ptr + index * 6
+    tl.store(row, count)
+    tl.store(row + 1, mean)
+    tl.store(row + 2, m2)
+    tl.store(row + 3, low)
+    tl.store(row + 4, high)
+    tl.store(row + 5, nonfinite)
+
+
 # numel stays specialized: its divisibility by 16 is what lets the masked loads be 128-bit.
 @triton.jit
 def _logit_stats_partial_kernel(logits_ptr, partial_ptr, numel, TILE: tl.constexpr):
@@ -65,20 +90,9 @@ def _logit_stats_partial_kernel(logits_ptr, partial_ptr, numel, TILE: tl.constex
     in_range = offsets < numel
     value = tl.load(logits_ptr + offsets, mask=in_range, other=0.0).to(tl.float32)
     finite = in_range & (tl.abs(value) < float("inf"))
-    count = tl.sum(finite.to(tl.float32), axis=0)
-    mean = tl.sum(tl.where(finite, value, 0.0), axis=0) / tl.maximum(count, 1.0)
-    centered = tl.where(finite, value - mean, 0.0)
-    m2 = tl.sum(centered * centered, axis=0)
-    low = tl.min(tl.where(finite, value, float("inf")), axis=0)
-    high = tl.max(tl.where(finite, value, float("-inf")), axis=0)
+    count, mean, m2, low, high = tile_moments(value, finite)
     nonfinite = tl.sum((in_range & ~finite).to(tl.float32), axis=0)
-    row = partial_ptr + tile * 6
-    tl.store(row, count)
-    tl.store(row + 1, mean)
-    tl.store(row + 2, m2)
-    tl.store(row + 3, low)
-    tl.store(row + 4, high)
-    tl.store(row + 5, nonfinite)
+    store_partials(partial_ptr, tile, count, mean, m2, low, high, nonfinite)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,11 +114,7 @@ def logit_stats_triton(logits: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Registration and public API
 # ---------------------------------------------------------------------------------------------
-_IMPLEMENTATIONS = {
-    "torch": logit_stats_reference,
-    "triton": logit_stats_triton,
-    "cpp": lambda logits: torch.ops.so8t_cpp.logit_stats(logits),
-}
+_IMPLEMENTATIONS = _backend.kernels(logit_stats_reference, logit_stats_triton, "logit_stats")
 
 
 @torch.library.custom_op("so8t::logit_stats", mutates_args=())

@@ -14,7 +14,7 @@ import torch
 
 from . import _backend
 from ._triton import tl, triton
-from ._validate import check_tensor
+from ._validate import check_tensor, compute_dtype
 
 BLOCK_SIZE = 8
 NUM_PARAMS = 28
@@ -51,10 +51,6 @@ def theta_grad_from_skew_grad(grad_skew: torch.Tensor) -> torch.Tensor:
     """Chain rule through skew_from_theta: dL/dθ_k = G_A[i, j] − G_A[j, i]."""
     rows, cols = _pair_indices(grad_skew.device)
     return grad_skew[..., rows, cols] - grad_skew[..., cols, rows]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def squaring_count(skew: torch.Tensor) -> torch.Tensor:
@@ -120,6 +116,12 @@ def exp_backward_reference(grad_rotation: torch.Tensor, theta: torch.Tensor) -> 
 # tl.dot's minimum K on the GPU and would leave most of an MMA idle. Per thread at most 28 + 64 + 32
 # fp32 values are live (the backward's θ, dL/dR and four rows), so nothing spills.
 # ---------------------------------------------------------------------------------------------
+# The constants above as the kernels read them: a @triton.jit function reads globals only as constexprs.
+_TAYLOR_DEGREE = tl.constexpr(TAYLOR_DEGREE[torch.float32])
+_SCALED_NORM_MAX = tl.constexpr(SCALED_NORM_MAX)
+_MAX_SQUARINGS = tl.constexpr(MAX_SQUARINGS)
+
+
 @triton.jit
 def _load_theta(theta_ptr, matrix, valid, lane):
     """The 28 parameters of each matrix, every value replicated on its 8 lanes ([M, 8] each, fp32)."""
@@ -178,14 +180,14 @@ def _select_rows(active, new, old):
 
 
 @triton.jit
-def _squaring_count(theta, SCALED_NORM_MAX: tl.constexpr, MAX_SQUARINGS: tl.constexpr):
+def _squaring_count(theta):
     """s = ceil(log2(‖A‖_F / SCALED_NORM_MAX)) clamped to [0, MAX_SQUARINGS], 0 for non-finite A."""
     sum_squares = theta[0] * theta[0]
     for pair in tl.static_range(1, 28):
         sum_squares += theta[pair] * theta[pair]
     norm = tl.sqrt(2.0 * sum_squares)  # ‖A‖_F² counts each θ twice
-    count = tl.ceil(tl.log2(norm / SCALED_NORM_MAX))
-    count = tl.minimum(tl.maximum(count, 0.0), MAX_SQUARINGS)
+    count = tl.ceil(tl.log2(norm / _SCALED_NORM_MAX))
+    count = tl.minimum(tl.maximum(count, 0.0), _MAX_SQUARINGS)
     return tl.where(count == count, count, 0.0)
 
 
@@ -197,31 +199,38 @@ def _exact_power_of_two(exponent):
 
 
 @triton.jit
-def _scaled(theta, scale):
-    out = ()
-    for pair in tl.static_range(28):
-        out = out + (theta[pair] * scale,)
-    return out
-
-
-@triton.jit(do_not_specialize=["num_matrices"])
-def _exp_forward_kernel(
-    theta_ptr, rotation_ptr, residual_ptr, num_matrices,
-    MATRICES_PER_PROGRAM: tl.constexpr, TAYLOR_DEGREE: tl.constexpr,
-    SCALED_NORM_MAX: tl.constexpr, MAX_SQUARINGS: tl.constexpr,
-):
+def _scaled_parameters(theta_ptr, num_matrices, MATRICES_PER_PROGRAM: tl.constexpr):
+    """This program's matrices [M, 1], lanes [1, 8] and their mask, each matrix's squaring count s
+    and 2^−s, and the 28 parameters of X = A / 2^s: what the forward and the backward start from."""
     matrix = tl.program_id(0) * MATRICES_PER_PROGRAM + tl.arange(0, MATRICES_PER_PROGRAM)[:, None]
     lane = tl.arange(0, 8)[None, :]
     valid = (matrix < num_matrices) & (lane < 8)
     theta = _load_theta(theta_ptr, matrix, valid, lane)
-    count = _squaring_count(theta, SCALED_NORM_MAX, MAX_SQUARINGS)
-    scaled = _scaled(theta, _exact_power_of_two(-count))
+    count = _squaring_count(theta)
+    scale = _exact_power_of_two(-count)
+    scaled = ()
+    for pair in tl.static_range(28):
+        scaled = scaled + (theta[pair] * scale,)
+    return matrix, lane, valid, count, scale, scaled
+
+
+@triton.jit
+def _reciprocal(k):
+    """1 / k correctly rounded, as on the CPU (div.rn, not div.full)."""
+    one = tl.full((), 1.0, tl.float32)
+    return tl.div_rn(one, one * k)
+
+
+@triton.jit(do_not_specialize=["num_matrices"])
+def _exp_forward_kernel(
+    theta_ptr, rotation_ptr, residual_ptr, num_matrices, MATRICES_PER_PROGRAM: tl.constexpr,
+):
+    matrix, lane, valid, count, _, scaled = _scaled_parameters(theta_ptr, num_matrices, MATRICES_PER_PROGRAM)
     # Horner: R = I + X R / k for k = K … 1 (the first step gives I + X / K).
     # A runtime loop, not unrolled: 13 copies of the step would only slow the compile.
-    rows = _identity_rows(lane, theta[0])
-    for k in range(TAYLOR_DEGREE, 0, -1):
-        one = tl.full((), 1.0, tl.float32)
-        inverse = tl.div_rn(one, one * k)  # correctly rounded, as on the CPU (not div.full)
+    rows = _identity_rows(lane, scaled[0])
+    for k in range(_TAYLOR_DEGREE, 0, -1):
+        inverse = _reciprocal(k)
         updated = ()
         for i in tl.static_range(8):
             updated = updated + ((lane == i).to(tl.float32) + _skew_times(scaled, rows, i, 1.0) * inverse,)
@@ -246,17 +255,9 @@ def _exp_forward_kernel(
 
 @triton.jit(do_not_specialize=["num_matrices"])
 def _exp_backward_kernel(
-    theta_ptr, grad_rotation_ptr, grad_theta_ptr, num_matrices,
-    MATRICES_PER_PROGRAM: tl.constexpr, TAYLOR_DEGREE: tl.constexpr,
-    SCALED_NORM_MAX: tl.constexpr, MAX_SQUARINGS: tl.constexpr,
+    theta_ptr, grad_rotation_ptr, grad_theta_ptr, num_matrices, MATRICES_PER_PROGRAM: tl.constexpr,
 ):
-    matrix = tl.program_id(0) * MATRICES_PER_PROGRAM + tl.arange(0, MATRICES_PER_PROGRAM)[:, None]
-    lane = tl.arange(0, 8)[None, :]
-    valid = (matrix < num_matrices) & (lane < 8)
-    theta = _load_theta(theta_ptr, matrix, valid, lane)
-    count = _squaring_count(theta, SCALED_NORM_MAX, MAX_SQUARINGS)
-    scale = _exact_power_of_two(-count)
-    scaled = _scaled(theta, scale)
+    matrix, lane, valid, count, scale, scaled = _scaled_parameters(theta_ptr, num_matrices, MATRICES_PER_PROGRAM)
     # E = dL/dR · 2^-s, every entry replicated on the 8 lanes: E P needs E[i, k] on lane j.
     direction = ()
     for entry in tl.static_range(64):
@@ -264,13 +265,12 @@ def _exp_backward_kernel(
         direction = direction + (value * scale,)
 
     # Horner on Y = Aᵀ/2^s = −X: P = I + Y P / k and its derivative F = (E P + Y F) / k.
-    power = _identity_rows(lane, theta[0])
+    power = _identity_rows(lane, scaled[0])
     frechet = ()
     for i in tl.static_range(8):
         frechet = frechet + (tl.zeros_like(power[0]),)
-    for k in range(TAYLOR_DEGREE, 0, -1):
-        one = tl.full((), 1.0, tl.float32)
-        inverse = tl.div_rn(one, one * k)  # correctly rounded, as on the CPU (not div.full)
+    for k in range(_TAYLOR_DEGREE, 0, -1):
+        inverse = _reciprocal(k)
         new_power = ()
         new_frechet = ()
         for i in tl.static_range(8):
@@ -308,15 +308,6 @@ def _exp_backward_kernel(
 MATRICES_PER_PROGRAM = 16
 
 
-def _kernel_constants() -> dict:
-    return dict(
-        MATRICES_PER_PROGRAM=MATRICES_PER_PROGRAM,
-        TAYLOR_DEGREE=TAYLOR_DEGREE[torch.float32],
-        SCALED_NORM_MAX=SCALED_NORM_MAX,
-        MAX_SQUARINGS=MAX_SQUARINGS,
-    )
-
-
 def _flat_theta(theta: torch.Tensor) -> torch.Tensor:
     """[..., 28] → [N, 28] fp32: the math is fp32 anyway, and one kernel per arch compiles."""
     return theta.reshape(-1, NUM_PARAMS).to(torch.float32).contiguous()
@@ -328,7 +319,7 @@ def exp_triton(theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     residual = torch.empty(flat.shape[0], dtype=torch.float32, device=theta.device)
     if flat.shape[0]:
         grid = (triton.cdiv(flat.shape[0], MATRICES_PER_PROGRAM),)
-        _exp_forward_kernel[grid](flat, rotation, residual, flat.shape[0], **_kernel_constants())
+        _exp_forward_kernel[grid](flat, rotation, residual, flat.shape[0], MATRICES_PER_PROGRAM=MATRICES_PER_PROGRAM)
     batch = theta.shape[:-1]
     return rotation.view(*batch, BLOCK_SIZE, BLOCK_SIZE), residual.view(batch)
 
@@ -339,24 +330,15 @@ def exp_backward_triton(grad_rotation: torch.Tensor, theta: torch.Tensor) -> tor
     grad_theta = torch.empty(flat.shape, dtype=torch.float32, device=theta.device)
     if flat.shape[0]:
         grid = (triton.cdiv(flat.shape[0], MATRICES_PER_PROGRAM),)
-        _exp_backward_kernel[grid](flat, grad_flat, grad_theta, flat.shape[0], **_kernel_constants())
+        _exp_backward_kernel[grid](flat, grad_flat, grad_theta, flat.shape[0], MATRICES_PER_PROGRAM=MATRICES_PER_PROGRAM)
     return grad_theta.view(theta.shape).to(theta.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # Registration and public API
 # ---------------------------------------------------------------------------------------------
-# The C++ kernels (csrc/) register themselves as torch.ops.so8t_cpp.* when the extension loads.
-_FORWARD = {
-    "torch": exp_reference,
-    "triton": exp_triton,
-    "cpp": lambda theta: torch.ops.so8t_cpp.exp_forward(theta),
-}
-_BACKWARD = {
-    "torch": exp_backward_reference,
-    "triton": exp_backward_triton,
-    "cpp": lambda grad_rotation, theta: torch.ops.so8t_cpp.exp_backward(grad_rotation, theta),
-}
+_FORWARD = _backend.kernels(exp_reference, exp_triton, "exp_forward")
+_BACKWARD = _backend.kernels(exp_backward_reference, exp_backward_triton, "exp_backward")
 
 
 @torch.library.custom_op("so8t::so8_exp", mutates_args=())

@@ -12,7 +12,7 @@ import torch
 
 from . import _backend
 from ._triton import tl, triton
-from ._validate import check_hidden_size, check_same_device, check_tensor
+from ._validate import check_hidden_size, check_same_device, check_stats_buffer, check_tensor, compute_dtype
 
 BLOCK_SIZE = 8
 NUM_STATS = 3  # Σ y² over finite y, max |y| over finite y, count of non-finite y
@@ -21,10 +21,6 @@ NUM_STATS = 3  # Σ y² over finite y, max |y| over finite y, count of non-finit
 # ---------------------------------------------------------------------------------------------
 # Reference
 # ---------------------------------------------------------------------------------------------
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def mixing_matrices(rotation: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """M_b = (1 − g)I + gR_b."""
     eye = torch.eye(BLOCK_SIZE, dtype=rotation.dtype, device=rotation.device)
@@ -33,7 +29,7 @@ def mixing_matrices(rotation: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 def activation_stats_reference(y: torch.Tensor) -> torch.Tensor:
     """[Σ y², max |y|, non-finite count] over the values of y as stored, in fp32."""
-    values = y.reshape(-1).to(torch.float64 if y.dtype == torch.float64 else torch.float32)
+    values = y.reshape(-1).to(compute_dtype(y.dtype))
     finite = torch.isfinite(values)
     magnitude = torch.where(finite, values.abs(), 0)
     sum_squares = (magnitude * magnitude).sum()
@@ -117,6 +113,15 @@ def _load_vectors(ptr, offsets, mask):
 
 
 @triton.jit
+def _as_stored(ptr, columns):
+    """8 fp32 columns [T, B] rounded to ptr's dtype, as _store_vectors will write them."""
+    out = ()
+    for i in tl.static_range(8):
+        out = out + (columns[i].to(ptr.dtype.element_ty),)
+    return out
+
+
+@triton.jit
 def _store_vectors(ptr, offsets, mask, columns):
     """Stores 8 columns [T, B] (already in ptr's dtype) as the 8-vectors at ptr + offsets."""
     low = _join4(columns[0], columns[1], columns[2], columns[3])
@@ -180,10 +185,7 @@ def _rotate_forward_kernel(
         token = tile * TOKENS + tl.arange(0, TOKENS)
         mask = (token < num_tokens)[:, None] & block_valid[None, :]
         x = _load_vectors(x_ptr, _vector_offsets(token, block, x_row_vectors), mask)
-        y = _mix(mixing, x, False)
-        stored = ()
-        for i in tl.static_range(8):
-            stored = stored + (y[i].to(y_ptr.dtype.element_ty),)
+        stored = _as_stored(y_ptr, _mix(mixing, x, False))
         _store_vectors(y_ptr, _vector_offsets(token, block, num_blocks), mask, stored)
         if WITH_STATS:
             # Measured on the values as stored: an fp16 overflow to inf counts as non-finite.
@@ -242,11 +244,8 @@ def _rotate_backward_kernel(
         mask = (token < num_tokens)[:, None] & block_valid[None, :]
         grad_y = _load_vectors(grad_y_ptr, _vector_offsets(token, block, grad_y_row_vectors), mask)
         if NEED_X:
-            grad_x = _mix(mixing, grad_y, True)  # dx_j = Σ_i M[i, j] dy_i
-            stored = ()
-            for j in tl.static_range(8):
-                stored = stored + (grad_x[j].to(grad_x_ptr.dtype.element_ty),)
-            _store_vectors(grad_x_ptr, _vector_offsets(token, block, num_blocks), mask, stored)
+            grad_x = _as_stored(grad_x_ptr, _mix(mixing, grad_y, True))  # dx_j = Σ_i M[i, j] dy_i
+            _store_vectors(grad_x_ptr, _vector_offsets(token, block, num_blocks), mask, grad_x)
         if NEED_PARAMS:
             x = _load_vectors(x_ptr, _vector_offsets(token, block, x_row_vectors), mask)
             updated = ()
@@ -345,16 +344,8 @@ def rotate_backward_triton(grad_y, x, rotation, alpha, need_x: bool, need_params
 # ---------------------------------------------------------------------------------------------
 # Registration and public API
 # ---------------------------------------------------------------------------------------------
-_FORWARD = {
-    "torch": rotate_reference,
-    "triton": rotate_triton,
-    "cpp": lambda x, rotation, alpha, with_stats: torch.ops.so8t_cpp.rotate_forward(x, rotation, alpha, with_stats),
-}
-_BACKWARD = {
-    "torch": rotate_backward_reference,
-    "triton": rotate_backward_triton,
-    "cpp": lambda *args: torch.ops.so8t_cpp.rotate_backward(*args),
-}
+_FORWARD = _backend.kernels(rotate_reference, rotate_triton, "rotate_forward")
+_BACKWARD = _backend.kernels(rotate_backward_reference, rotate_backward_triton, "rotate_backward")
 
 
 @torch.library.custom_op("so8t::so8_rotate", mutates_args=())
@@ -435,9 +426,7 @@ def so8_rotate(
         raise ValueError(f"alpha has shape {tuple(alpha.shape)}; expected a 0-d tensor (one gate per layer)")
     tensors = dict(x=x, rotation=rotation, alpha=alpha)
     if stats is not None:
-        check_tensor("stats", stats, dtypes=(torch.float32,))
-        if tuple(stats.shape) != (NUM_STATS,):
-            raise ValueError(f"stats has shape {tuple(stats.shape)}; expected ({NUM_STATS},)")
+        check_stats_buffer(stats, NUM_STATS)
         tensors["stats"] = stats
     check_same_device(**tensors)
     backend = "torch" if x.dtype == torch.float64 else _backend.choose_backend("so8_rotate", x.device)

@@ -5,7 +5,7 @@ A timed sample is the mean step time over one whole training run, from the step 
 last step: sampled and unsampled steps alike, with the monitor's flushes. Set-up before the first step
 and the end-of-training files (summary, final plots) are outside it; so is the background export of
 plots and time series, which starts 50 s into a run and then takes at most 2% of the wall time (see
-``so8t/monitor/exporter.py``), where these runs last a few seconds. The three configurations take turns
+``so8t/monitor/recorder.py``), where these runs last a few seconds. The three configurations take turns
 run by run, so that a shared machine's changing load hits each of them alike.
 """
 

@@ -1,15 +1,22 @@
 """Shared by the tests/test_monitor_*.py files: a tiny gated Phi-3 with LoRA and a Trainer around it,
-and synthetic samples for the tests that need no model."""
+synthetic samples for the tests that need no model, and metrics.jsonl read back as plain tuples."""
 
 import math
 
 import numpy as np
 
+from so8t.monitor.metrics_log import read_run
 from so8t.monitor.schema import EPOCH, METRICS, SCALAR, STEP, TIME, RunInfo
 
 VOCAB = 300
 SEQUENCE = 16
 CLASS_LABELS = ("ALLOW", "ESCALATE", "DENY")
+
+
+def read_metrics(path) -> tuple[RunInfo, list[dict], list[dict]]:
+    """The latest run info, every sample (in file order) and every alert of a metrics.jsonl."""
+    run = read_run(path)
+    return run.info, run.samples, run.alerts
 
 
 def tiny_config(**overrides):

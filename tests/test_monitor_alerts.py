@@ -8,10 +8,9 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from monitor_helpers import SYNTHETIC_INFO, make_trainer, synthetic_sample, tiny_gated_model
+from monitor_helpers import SYNTHETIC_INFO, make_trainer, read_metrics, synthetic_sample, tiny_gated_model
 from so8t.monitor import SO8TMonitorCallback
 from so8t.monitor.alerts import AlertChecker, AlertThresholds
-from so8t.monitor.records import read_metrics
 
 # kind: (the sample's fault, where the alert should point)
 FAULTS = {

@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from monitor_helpers import TokenDataset, make_trainer, tiny_gated_model
+from monitor_helpers import TokenDataset, make_trainer, read_metrics, tiny_gated_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import TrainerCallback
 
 from so8t.gates.placement import find_decoder_layout
 from so8t.monitor import SO8TMonitorCallback
-from so8t.monitor.records import read_metrics, read_run
+from so8t.monitor.metrics_log import read_run
 from so8t.monitor.schema import METRICS
 
 GATE_ONLY = [metric.name for metric in METRICS if metric.gates_only]

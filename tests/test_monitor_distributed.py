@@ -8,8 +8,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-
-from so8t.monitor.records import read_metrics
+from monitor_helpers import read_metrics
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent

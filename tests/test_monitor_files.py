@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from monitor_helpers import SYNTHETIC_INFO, synthetic_sample
-from so8t.monitor import exporter as exporter_module
-from so8t.monitor.metrics_log import MetricsLog
+from monitor_helpers import SYNTHETIC_INFO, read_metrics, synthetic_sample
+
+from so8t.monitor import recorder as recorder_module
+from so8t.monitor.metrics_log import MetricsFileError, MetricsLog, encode_meta, encode_sample
 from so8t.monitor.recorder import Recorder
-from so8t.monitor.records import MetricsFileError, encode_meta, encode_sample, read_metrics
 from so8t.monitor.ring import RingBuffer
 from so8t.monitor.schema import METRICS
 
@@ -186,10 +186,10 @@ def test_background_exports_stay_within_their_time_budget(monkeypatch, tmp_path)
         time.sleep(0.05)
         return []
 
-    monkeypatch.setattr(exporter_module, "export", slow_export)
-    monkeypatch.setattr(exporter_module, "BUDGET", 0.2)  # after a 0.05 s export, wait 0.25 s
-    monkeypatch.setattr(exporter_module, "FIRST_EXPORT_GUESS_S", 0.0)
-    exporter = exporter_module.Exporter(tmp_path)
+    monkeypatch.setattr(recorder_module, "export_files", slow_export)
+    monkeypatch.setattr(recorder_module, "BUDGET", 0.2)  # after a 0.05 s export, wait 0.25 s
+    monkeypatch.setattr(recorder_module, "FIRST_EXPORT_GUESS_S", 0.0)
+    exporter = recorder_module.Exporter(tmp_path)
     series = RingBuffer(SYNTHETIC_INFO, 4).series()
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:  # a flush every 10 ms

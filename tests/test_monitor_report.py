@@ -16,7 +16,7 @@ from monitor_helpers import SYNTHETIC_INFO, synthetic_sample
 from test_monitor_files import PLOTS, PNG_SIGNATURE, record_run
 
 from so8t.monitor.recorder import Recorder
-from so8t.monitor.records import encode_meta
+from so8t.monitor.metrics_log import encode_meta
 
 
 @pytest.fixture(scope="module")

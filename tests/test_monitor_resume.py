@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from cli_helpers import report
-from monitor_helpers import make_trainer, tiny_gated_model
+from monitor_helpers import make_trainer, read_metrics, tiny_gated_model
 
 from so8t.monitor import SO8TMonitorCallback
-from so8t.monitor.records import read_metrics
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent

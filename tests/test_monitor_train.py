@@ -8,13 +8,13 @@ import math
 
 import numpy as np
 from cli_helpers import report, train
+from monitor_helpers import read_metrics
 from safetensors.torch import load_file
 
 from so8t.commands.train import add_arguments, options_from_args
 from so8t.gates.annealing import alpha_at_step, short_warmup_warning
 from so8t.gates.config import SO8TConfig
 from so8t.monitor import MonitorConfig, SO8TMonitorCallback
-from so8t.monitor.records import read_metrics
 from so8t.monitor.schema import METRIC
 from so8t.training.callbacks import build_callbacks
 

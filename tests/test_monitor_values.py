@@ -7,12 +7,11 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
-from monitor_helpers import CLASS_LABELS, make_trainer, tiny_gated_model
+from monitor_helpers import CLASS_LABELS, make_trainer, read_metrics, tiny_gated_model
 from transformers import TrainerCallback
 
 from so8t.gates.placement import find_decoder_layout
 from so8t.monitor import SO8TMonitorCallback
-from so8t.monitor.records import read_metrics
 
 
 class IndependentMeasurements(TrainerCallback):

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..monitor.losses import LOSS_LABELS
 from ..monitor.plots import draw_comparison
 from ..monitor.recorder import METRICS_FILE
-from ..monitor.records import MetricsFileError
+from ..monitor.metrics_log import MetricsFileError
 from ..monitor.report import (
     COMPARISON_DIR,
     Report,

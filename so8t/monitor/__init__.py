@@ -1,8 +1,8 @@
 """so8t.monitor: what the SO(8) gates do while training, recorded cheaply.
 
 callback (HF TrainerCallback) → probe (device reductions) → recorder (metrics.jsonl, ring buffer,
-alerts) → exporter (timeseries.*, plots/*.png) and summary.json. The file side (records, series,
-export, plots, summary) imports no torch, so ``so8t report`` runs without it.
+alerts; off the training thread timeseries.* and plots/*.png) and summary.json. The file side
+(metrics_log, series, export, plots, summary, report) imports no torch, so ``so8t report`` runs without it.
 """
 
 from .config import MonitorConfig

@@ -8,7 +8,7 @@ from pathlib import Path
 from .losses import LOSS_LABELS
 from .plots import draw_plots
 from .recorder import METRICS_FILE, SUMMARY_FILE
-from .records import MetricsFileError, read_run
+from .metrics_log import MetricsFileError, read_run
 from .schema import BLOCK_NOTE, METRIC, format_layers
 from .series import Series
 from .summary import RunningExtremes, build_summary, write_summary

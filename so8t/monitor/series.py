@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .records import MetricsFileError
+from .metrics_log import MetricsFileError
 from .schema import EPOCH, METRICS, SCALAR, STEP, TIME, RunInfo
 
 

@@ -7,6 +7,7 @@ from collections import Counter
 import httpx
 import numpy as np
 import pytest
+from monitor_helpers import read_metrics
 from serve_helpers import (  # noqa: F401 (one_torch_thread: autouse)
     one_torch_thread,
     open_audit,
@@ -22,7 +23,6 @@ from so8t.commands.main import main
 from so8t.judge.data import bundled_safety_path, read_labelled_jsonl
 from so8t.judge.judge import ALLOW, DENY, ESCALATE, LABELS, SafetyJudge
 from so8t.models.demo import build_demo_tokenizer
-from so8t.monitor.records import read_metrics
 from so8t.serve.app import create_app
 from so8t.serve.generation import load_generator
 

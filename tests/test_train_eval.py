@@ -11,7 +11,7 @@ from cli_helpers import train as main
 from transformers import TrainerCallback
 
 from so8t.judge.data import bundled_safety_path
-from so8t.monitor.records import read_run
+from so8t.monitor.metrics_log import read_run
 from so8t.training.finetune import build_training
 from so8t.training.heldout import split_held_out
 from so8t.training.options import TrainOptions

@@ -16,9 +16,9 @@ import pytest
 import torch
 from cli_helpers import report
 from cli_helpers import train as main
+from monitor_helpers import read_metrics
 from safetensors.torch import load_file
 
-from so8t.monitor.records import read_metrics
 from so8t.training.checkpoints import CHECKPOINT_FILE, find_checkpoint, rotate
 from so8t.training.outputs import LOCK_FILE
 

@@ -21,7 +21,7 @@ LAYERS = [
     ["so8t.audit"],
     ["so8t_kernels"],
 ]
-ANYWHERE = {"so8t", "so8t.errors"}  # the public API's version string and the one exception type
+ANYWHERE = {"so8t", "so8t.errors", "so8t.durable"}  # the public API's version string, the one exception type, fsync
 MAX_ROOT_MODULES = 5
 
 

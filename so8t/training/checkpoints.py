@@ -20,11 +20,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from ..durable import fsync_tree, write_synced
 from ..errors import SO8TError
 from ..gates.adapter import SO8T_ADAPTER_DIR, WEIGHTS_FILE, save_so8t_adapter
 from ..gates.placement import SO8THandle
 from ..monitor.recorder import METRICS_FILE
-from .outputs import CHECKPOINT_PREFIX, MONITORING_DIR, fsync_tree, remove_path, write_synced
+from .outputs import CHECKPOINT_PREFIX, MONITORING_DIR, remove_path
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -21,6 +20,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..durable import fsync_directory, fsync_tree, write_synced
 from ..errors import SO8TError
 
 LOCK_FILE = ".so8t-train.lock"
@@ -32,6 +32,8 @@ MONITORING_DIR = "monitoring"
 LOGS_DIR = "runs"  # the Trainer's TensorBoard event files
 TRAINER_STATE_FILE = "trainer_state.json"
 NEARLY_FULL_BYTES = 1 << 20
+
+
 def is_run_file(name: str) -> bool:
     """Files of the run itself, not of its final output."""
     run_files = (LOCK_FILE, PUBLISH_DIR, REPLACED_DIR, MONITORING_DIR, LOGS_DIR)
@@ -207,33 +209,3 @@ def remove_path(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-
-
-def write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    fsync_directory(path.parent)
-
-
-def fsync_tree(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        for name in files:
-            descriptor = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-        fsync_directory(Path(folder))
-
-
-def fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    except OSError as error:  # some filesystems cannot fsync a directory; the files themselves are synced
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(descriptor)

@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..durable import fsync_directory
+
 FORMAT = "so8t-audit/2 hmac-sha256"
 GENESIS_MAC = "0" * 64  # prev_mac of the first row; the head of an empty log
 TABLE = "audit_log"
@@ -170,7 +172,7 @@ class AuditKey:
                 return cls.load(path), False
         finally:
             os.unlink(temporary)
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
         return key, True
 
     @property
@@ -187,14 +189,6 @@ class AuditKey:
         Floats go through repr, which SQLite's 8-byte REAL gives back unchanged."""
         canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
         return hmac.new(self._secret, b"row\x00" + canonical.encode("ascii"), hashlib.sha256).hexdigest()
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _now() -> str:

@@ -1,8 +1,10 @@
 """The monitor's figures looked at as a person would, at 4 and at 30 layers and for a one-sample run: no
 text cut off or overlapping, legends off the data, values below the colour scale visible, single points
-drawn, the loss plot, a baseline's plots, and several runs on the same axes."""
+drawn, the loss plot, a baseline's plots, several runs on the same axes, and runs whose values turned NaN
+or infinite drawn without a warning."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -13,7 +15,7 @@ from matplotlib.text import Text
 
 from monitor_helpers import synthetic_sample
 from so8t.monitor.losses import Losses
-from so8t.monitor.plots import build_comparison_figures, build_figures, draw_comparison
+from so8t.monitor.plots import build_comparison_figures, build_figures, draw_comparison, draw_plots
 from so8t.monitor.schema import RunInfo
 from so8t.monitor.series import Series
 
@@ -156,3 +158,30 @@ def test_a_gradient_frozen_at_every_sample_says_so_instead_of_an_empty_panel():
     figures = dict(build_figures(make_series(4, [1, 10, 20])))  # all within the 30-step warmup: α frozen
     _, alpha_panel, _ = [ax for ax in figures["gradients"].axes if ax.get_label() != "<colorbar>"]
     assert [text.get_text() for text in alpha_panel.texts] == ["frozen at every sample (no gradient)"]
+
+
+def diverged_series(how: str, gated: bool = True) -> Series:
+    """A run whose values turn non-finite: ``nan`` from the start, ``inf`` from the start (±inf, alternating
+    by step), or ``diverged``: healthy for a few samples, then NaN with infinities mixed in."""
+    series = make_series(4, FULL_RUN, gated=gated)
+    for name, values in series.values.items():
+        if how == "nan":
+            values[:] = np.nan
+        elif how == "inf":
+            values[:] = np.where(np.arange(len(values)) % 2 == 0, np.inf, -np.inf).reshape((-1,) + (1,) * (values.ndim - 1))
+        else:
+            values[5:] = np.nan
+            values[7::3] = np.inf
+            values[8::3] = -np.inf
+    return series  # the losses stay finite: the Trainer's non-finite losses are never recorded
+
+
+@pytest.mark.parametrize(("how", "gated"), [("nan", True), ("inf", True), ("diverged", True), ("diverged", False)])
+def test_non_finite_series_draw_without_a_warning(how, gated, tmp_path):
+    series = diverged_series(how, gated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "All-NaN slice", matplotlib's "cannot be log-scaled", ...
+        written = draw_plots(series, tmp_path / "plots")
+        written += draw_comparison([("diverged", series), ("healthy", make_series(4, FULL_RUN))], tmp_path / "compare")
+    assert all(path.read_bytes().startswith(b"\x89PNG") for path in written)
+    assert len(written) == len(build_figures(series)) + 5

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from cli_helpers import report as main
 from monitor_helpers import SYNTHETIC_INFO, synthetic_sample
 from test_monitor_files import PLOTS, PNG_SIGNATURE, record_run
 
-from so8t.monitor.recorder import Recorder
 from so8t.monitor.metrics_log import encode_meta
+from so8t.monitor.recorder import Recorder
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +145,29 @@ def test_report_draws_several_runs_on_the_same_axes_and_says_where(run_dir, tmp_
     assert "final training loss: run -, baseline 0.1" in out  # the gated run logged no loss
     assert main([str(run_dir), str(tmp_path / "baseline"), "--compare-dir", str(tmp_path / "here")]) == 0
     assert (tmp_path / "here" / "activations.png").is_file()
+
+
+def test_a_diverged_run_is_recorded_and_reported_without_a_warning(recorded_run, tmp_path, capsys):
+    diverged = tmp_path / "diverged"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "All-NaN slice encountered" from the plots, say
+        recorder = Recorder(diverged / "monitoring", SYNTHETIC_INFO, flush_every=100)
+        recorder.start(0)
+        for step in range(10, 60, 10):
+            recorder.add(synthetic_sample(step))
+        for step in range(60, 110, 10):  # every value NaN or infinite from step 60 on; the counts say so
+            broken = synthetic_sample(step)
+            broken.update({name: np.full_like(np.asarray(value, dtype=float), np.nan if step % 20 else np.inf)
+                           for name, value in broken.items() if name not in ("step", "epoch", "time")})
+            broken.update({name: np.full_like(np.asarray(value, dtype=float), 3.0)
+                           for name, value in broken.items() if name.endswith("nonfinite")})
+            recorder.add(broken)
+        recorder.finish()
+        assert main([str(diverged), str(recorded_run), "--compare-dir", str(tmp_path / "compare")]) == 0
+    out = capsys.readouterr().out
+    assert "nonfinite_logits" in out and "10 samples, steps 10 … 100" in out
+    assert "orthogonality residual ‖RᵀR − I‖_F up to inf > 0.0001 in L1, L2, L3" in out
+    first_layer = next(line.split() for line in out.splitlines() if line.split()[:1] == ["L1"])
+    assert first_layer[1:3] == ["-", "-"]  # α and σ(α) of the diverged run's last sample: not a number
+    assert sorted(path.name for path in (tmp_path / "compare").iterdir()) == [
+        "activations.png", "gates.png", "gradients.png", "logits.png"]

@@ -59,8 +59,9 @@ class AlertChecker:
             fire(NONFINITE_PARAMS, f"non-finite parameters in {', '.join(where)}", where)
         if sample["grad_nonfinite"] > 0:
             fire(NONFINITE_GRADS, f"{int(sample['grad_nonfinite'])} trainable groups with a non-finite gradient", [])
-        # Without gates there is no residual (NaN, which would otherwise count as infinitely large).
-        residual = np.nan_to_num(sample["ortho_residual_max"], nan=np.inf if self.info.gated else 0.0)
+        # NaN counts as infinitely large, except without gates, where there is no residual.
+        residual = np.asarray(sample["ortho_residual_max"], dtype=np.float64)
+        residual = np.where(np.isnan(residual), np.inf if self.info.gated else 0.0, residual)
         where = _where(layers, residual > self.thresholds.residual)
         if where:
             fire(

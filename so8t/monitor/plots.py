@@ -17,6 +17,7 @@ activations are its decoder layers' outputs. ``draw_comparison`` puts several ru
 
 import math
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,16 @@ def _figure(rows: int):
     return figure, axes
 
 
+def _plottable(series: Series) -> Series:
+    """The series with ±inf as NaN: a diverged run's values are drawn as gaps (matplotlib skips both
+    alike), its non-finite counts mark where, and no reduction over them warns."""
+    return replace(series, values={name: np.where(np.isfinite(values), values, np.nan)
+                                   for name, values in series.values.items()})
+
+
 def build_figures(series: Series) -> list[tuple[str, object]]:
     """(name, matplotlib Figure) per plot of one run."""
+    series = _plottable(series)
     gated = series.info.gated
     plots = [("loss", _loss, 1)] if series.losses else []
     if gated:
@@ -149,7 +158,7 @@ def _orthogonality(series: Series, axes) -> None:
     threshold = series.info.residual_threshold
     # A fixed scale: healthy fp32 rotations (~1e-7) stay dark, anything near the threshold lights up.
     top = max(np.log10(threshold) + 1 if threshold else -3.0,
-              float(np.nanmax(np.log10(residual), initial=RESIDUAL_SCALE_BOTTOM)))
+              float(np.max(np.log10(residual), initial=RESIDUAL_SCALE_BOTTOM, where=np.isfinite(residual))))
     # Below the scale (exactly orthogonal R at θ = 0, clipped to 1e-12) is a colour of its own, not black.
     cmap = colormaps["magma"].with_extremes(under="tab:cyan", bad="lightgrey")
     mesh = heat.pcolormesh(
@@ -165,7 +174,7 @@ def _orthogonality(series: Series, axes) -> None:
     heat.set_yticks(list(shown), [labels[row] for row in shown])
     heat.set_ylabel("gated layer")
     heat.set_title("Orthogonality residual per layer (max over blocks)")
-    curve.semilogy(series.steps, np.nanmax(residual, axis=1), color="black", marker=".", label="max over layers")
+    curve.semilogy(series.steps, _over_columns(residual)[2], color="black", marker=".", label="max over layers")
     if threshold is not None:
         curve.axhline(threshold, color="red", ls="--", label="alert threshold")
     curve.set_ylabel("‖RᵀR − I‖_F")
@@ -278,7 +287,7 @@ def build_comparison_figures(runs: list[tuple[str, Series]]) -> list[tuple[str, 
     from matplotlib import colormaps
 
     colours = colormaps["tab10"].colors
-    coloured = [(name, series, colours[i % len(colours)]) for i, (name, series) in enumerate(runs)]
+    coloured = [(name, _plottable(series), colours[i % len(colours)]) for i, (name, series) in enumerate(runs)]
     gated = [(name, series, colour) for name, series, colour in coloured if series.info.gated]
     plots = []
     if any(series.losses for _, series, _ in coloured):

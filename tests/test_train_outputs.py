@@ -201,6 +201,45 @@ def test_a_read_only_output_dir_is_one_line_and_keeps_the_previous_output(tmp_pa
     assert_previous_intact(output)
 
 
+@pytest.fixture
+def read_only_parent(tmp_path):
+    """A directory nobody can create anything in: for a normal user one with mode 0o500; root ignores
+    modes, so for root a read-only tmpfs mounted there."""
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    if os.geteuid() != 0:
+        parent.chmod(0o500)
+        yield parent
+        parent.chmod(0o700)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(parent)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:  # root without CAP_SYS_ADMIN: sysfs refuses root too (EPERM)
+        yield Path("/sys")
+        return
+    try:
+        yield parent
+    finally:
+        subprocess.run(["umount", str(parent)], check=True)
+
+
+def assert_cannot_be_created(output: Path, capsys) -> None:
+    assert main([*SHORT, "--output-dir", str(output)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"so8t train: error: cannot write into --output-dir {output}: "), line
+    assert not output.exists()
+
+
+def test_a_new_output_dir_in_a_read_only_directory_is_one_line_and_writes_nothing(read_only_parent, capsys):
+    assert_cannot_be_created(read_only_parent / "run", capsys)
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="no sysfs mounted at /sys")
+def test_a_new_output_dir_the_filesystem_refuses_even_to_root_is_one_line(capsys):
+    # sysfs refuses mkdir with EPERM although root's permission check passes: the Trainer's makedirs meets it.
+    assert_cannot_be_created(Path("/sys") / "so8t-test-run", capsys)
+
+
 def test_ctrl_c_keeps_the_checkpoints_and_monitoring_and_releases_the_directory(tmp_path):
     output = tmp_path / "run"
     command = [sys.executable, "-m", "so8t", "train", *SHORT, "--max-steps", "100000", "--save-steps", "3",

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -46,6 +47,17 @@ def nearly_full(directory: Path) -> bool:
     existing = next(path for path in (directory, *directory.parents) if path.exists())
     stats = os.statvfs(existing)
     return stats.f_bavail * stats.f_frsize < NEARLY_FULL_BYTES
+
+
+# OSErrors that mean the output cannot be written; others (a missing file, a refused connection: transformers
+# raises OSError for both) are not about the disk and keep their own traceback.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def unwritable(directory: Path, reason: str | OSError) -> SO8TError:
+    if isinstance(reason, OSError):
+        reason = reason.strerror if reason.filename == str(directory) else describe_os_error(reason)
+    return SO8TError(f"cannot write into --output-dir {directory}: {reason}")
 
 
 def describe_os_error(error: OSError) -> str:
@@ -121,8 +133,10 @@ def check_output_dir(directory: Path, overwrite: bool, resume: bool) -> None:
     if not directory.is_dir():
         ancestor = next(parent for parent in directory.parents if parent.exists())
         if not ancestor.is_dir():
-            raise SO8TError(f"cannot write into --output-dir {directory}: {ancestor} is not a directory")
+            raise unwritable(directory, f"{ancestor} is not a directory")
+        _check_writable(directory, ancestor)
         return
+    _check_writable(directory, directory)
     pid = lock_holder(directory)
     if pid is not None and pid != os.getpid():
         raise _in_use(directory, pid)
@@ -136,6 +150,17 @@ def check_output_dir(directory: Path, overwrite: bool, resume: bool) -> None:
                         f"(pass --overwrite to replace it{hint})")
 
 
+def _check_writable(directory: Path, existing: Path) -> None:
+    """Refuses an ``existing`` directory (``directory`` or its nearest existing parent) in which this
+    process cannot create files. Root passes a permission check that a filesystem may still refuse
+    (sysfs: EPERM): the Trainer's own makedirs reports those (build_trainer)."""
+    if os.access(existing, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        return
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        raise unwritable(directory, f"{existing} is on a read-only filesystem")
+    raise unwritable(directory, f"{existing} is not writable for this user")
+
+
 @contextlib.contextmanager
 def claimed_output_dir(directory: Path, overwrite: bool, resume: bool) -> Iterator[Path]:
     """Holds ``directory`` for a run: creates it, locks it, finishes a publish a killed run left, and with
@@ -145,7 +170,7 @@ def claimed_output_dir(directory: Path, overwrite: bool, resume: bool) -> Iterat
         directory.mkdir(parents=True, exist_ok=True)
         descriptor = acquire_lock(directory)
     except OSError as error:
-        raise SO8TError(f"cannot write into --output-dir {directory}: {describe_os_error(error)}") from None
+        raise unwritable(directory, error) from None
     try:
         finish_publish(directory)
         check_output_dir(directory, overwrite, resume)

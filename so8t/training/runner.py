@@ -4,7 +4,6 @@ resume, train, refuse weights that are not finite, publish the final files."""
 from __future__ import annotations
 
 import contextlib
-import errno
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from ..gates.placement import SO8THandle
 from ..monitor.callback import SO8TMonitorCallback
 from .checkpoints import checkpoints, find_checkpoint, is_complete, nonfinite_parameters, restore_so8t_state
 from .options import TrainOptions
-from .outputs import claimed_output_dir, describe_os_error, nearly_full, publish
+from .outputs import WRITE_ERRNOS, claimed_output_dir, describe_os_error, nearly_full, publish
 from .trainer import monitoring_dir
 
 
@@ -22,11 +21,6 @@ def kept_checkpoints(output_dir: Path, which: str = "checkpoints") -> str:
     if not complete:
         return ""
     return f"; {which} kept in {output_dir}: {', '.join(complete)} (continue with --resume)"
-
-
-# OSErrors that mean the output cannot be written; others (a missing file, a refused connection: transformers
-# raises OSError for both) are not about the disk and keep their own traceback.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 def _write_failure(error: BaseException, output_dir: Path) -> str | None:

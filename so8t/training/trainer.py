@@ -13,7 +13,7 @@ from ..gates.placement import BANK_ATTRIBUTE, SO8THandle
 from .callbacks import build_callbacks
 from .checkpoints import CheckpointCallback
 from .options import TrainOptions
-from .outputs import MONITORING_DIR
+from .outputs import MONITORING_DIR, WRITE_ERRNOS, unwritable
 
 # The loss is logged (and, by default, the held-out set evaluated) every 10% of the run's steps.
 LOG_EVERY = 0.1
@@ -77,8 +77,13 @@ def build_trainer(options: TrainOptions, model, handle: SO8THandle | None, outpu
     callbacks = build_callbacks(options, handle)
     if options.save_steps:
         callbacks.append(CheckpointCallback(handle, monitoring_dir(options), options.save_total_limit))
-    trainer = SO8TTrainer(model=model, args=training_arguments(options, Path(output_dir)),
-                          train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=data_collator)
+    try:
+        trainer = SO8TTrainer(model=model, args=training_arguments(options, Path(output_dir)),
+                              train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=data_collator)
+    except OSError as error:  # its os.makedirs(output_dir), where a filesystem refuses what access() allowed
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        raise unwritable(Path(output_dir), error) from None
     # Ahead of the Trainer's own callbacks, so that the reporting ones (TensorBoard, W&B, MLflow) see the
     # so8t/* scalars the monitor adds to each log.
     trainer.callback_handler.callbacks[:0] = callbacks

@@ -13,8 +13,10 @@ try:
     import triton.language as tl
 
     TRITON_IMPORT_ERROR = None
+    TRITON_VERSION = triton.__version__
 except ImportError as error:
     TRITON_IMPORT_ERROR = f"triton is not importable ({error})"
+    TRITON_VERSION = None
 
     def jit(fn=None, **options):
         """``@triton.jit`` and ``@triton.jit(do_not_specialize=...)`` alike: the function itself."""
@@ -24,4 +26,4 @@ except ImportError as error:
     # constexpr: an annotation of kernel parameters, and called on module-level kernel constants.
     tl = types.SimpleNamespace(constexpr=lambda value=None: value)
 
-__all__ = ["triton", "tl", "TRITON_IMPORT_ERROR"]
+__all__ = ["triton", "tl", "TRITON_IMPORT_ERROR", "TRITON_VERSION"]

@@ -393,7 +393,7 @@ def main(argv=None) -> int:
     if unknown := set(arches) - set(SM_LIMITS):
         parser.error(f"--arch: no SM limits for {sorted(unknown)}; known: {sorted(SM_LIMITS)}")
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError as error:
         print(f"so8t_kernels.aot: triton is not importable ({error})", file=sys.stderr)
         return 2
@@ -408,7 +408,8 @@ def main(argv=None) -> int:
     records, problems = compile_all(arches, args.jobs, progress)
     print(table(records))
     failed = [r for r in records if not r["ok"]]
-    print(f"\n{len(records) - len(failed)} specializations compiled, {len(failed)} failed; cache {cache_dir()}")
+    print(f"\n{len(records) - len(failed)} specializations compiled, {len(failed)} failed with triton "
+          f"{triton.__version__}; cache {cache_dir()}")
     for problem in problems:
         print(f"problem: {problem}")
     if args.json:

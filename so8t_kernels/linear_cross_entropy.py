@@ -302,7 +302,7 @@ def linear_cross_entropy_triton(*args):
 # Registration and public API
 # ---------------------------------------------------------------------------------------------
 _IMPLEMENTATIONS = _backend.kernels(
-    linear_cross_entropy_reference, linear_cross_entropy_triton, "linear_cross_entropy"
+    "linear_cross_entropy", linear_cross_entropy_reference, linear_cross_entropy_triton, "linear_cross_entropy"
 )
 
 

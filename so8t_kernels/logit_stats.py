@@ -114,7 +114,7 @@ def logit_stats_triton(logits: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Registration and public API
 # ---------------------------------------------------------------------------------------------
-_IMPLEMENTATIONS = _backend.kernels(logit_stats_reference, logit_stats_triton, "logit_stats")
+_IMPLEMENTATIONS = _backend.kernels("logit_stats", logit_stats_reference, logit_stats_triton, "logit_stats")
 
 
 @torch.library.custom_op("so8t::logit_stats", mutates_args=())

@@ -337,8 +337,8 @@ def exp_backward_triton(grad_rotation: torch.Tensor, theta: torch.Tensor) -> tor
 # ---------------------------------------------------------------------------------------------
 # Registration and public API
 # ---------------------------------------------------------------------------------------------
-_FORWARD = _backend.kernels(exp_reference, exp_triton, "exp_forward")
-_BACKWARD = _backend.kernels(exp_backward_reference, exp_backward_triton, "exp_backward")
+_FORWARD = _backend.kernels("so8_exp", exp_reference, exp_triton, "exp_forward")
+_BACKWARD = _backend.kernels("so8_exp", exp_backward_reference, exp_backward_triton, "exp_backward")
 
 
 @torch.library.custom_op("so8t::so8_exp", mutates_args=())

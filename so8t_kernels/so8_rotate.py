@@ -344,8 +344,10 @@ def rotate_backward_triton(grad_y, x, rotation, alpha, need_x: bool, need_params
 # ---------------------------------------------------------------------------------------------
 # Registration and public API
 # ---------------------------------------------------------------------------------------------
-_FORWARD = _backend.kernels(rotate_reference, rotate_triton, "rotate_forward")
-_BACKWARD = _backend.kernels(rotate_backward_reference, rotate_backward_triton, "rotate_backward")
+_FORWARD = _backend.kernels("so8_rotate", rotate_reference, rotate_triton, "rotate_forward")
+_BACKWARD = _backend.kernels(
+    "so8_rotate", rotate_backward_reference, rotate_backward_triton, "rotate_backward"
+)
 
 
 @torch.library.custom_op("so8t::so8_rotate", mutates_args=())

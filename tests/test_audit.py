@@ -7,12 +7,24 @@ import hashlib
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
-from so8t.audit.log import GENESIS_MAC, AuditFileError, AuditKey, AuditLog, AuditRecord, read_rows
-from so8t.audit.verify import read_anchors, verify_chain
+from so8t.audit.anchors import read_anchors
+from so8t.audit.log import (
+    GENESIS_MAC,
+    AuditFileError,
+    AuditKey,
+    AuditLog,
+    AuditRecord,
+    default_files,
+    read_rows,
+)
+from so8t.audit.verify import verify_chain
 from so8t.commands.main import main
 
 
@@ -313,3 +325,128 @@ def test_an_edited_key_id_is_tampering_not_another_key(database, key_file, tmp_p
     AuditKey.load_or_create(other_key)
     assert main(["audit", "verify", str(database), "--key-file", str(other_key)]) == 2  # truly another key
     assert "written with another key" in capsys.readouterr().err
+
+
+def served_log(directory, count: int = 5):
+    """A log as ``so8t serve --audit-db DIR/audit.db`` leaves it: key and anchors beside it, closed."""
+    database = directory / "audit.db"
+    key_file, anchors = default_files(database)
+    key, _ = AuditKey.load_or_create(key_file)
+    log = AuditLog(database, key, anchors, anchor_every=2)
+    for index in range(count):
+        log.append(record(index))
+    log.close()
+    return database
+
+
+def test_verify_defaults_to_the_key_and_anchors_beside_the_database_and_says_so(tmp_path, capsys):
+    database = served_log(tmp_path)
+    head = read_rows(database)[-1].row_mac
+    assert main(["audit", "verify", str(database)]) == 0
+    captured = capsys.readouterr()
+    assert f"5 rows, chain intact, 4 anchored head(s) held, head 5:{head}" in captured.out
+    assert f"key file {database}.key (beside the database" in captured.err
+    assert f"anchors {database}.anchors (beside the database" in captured.err
+    assert main(["audit", "verify", str(database), "--expect-head", f"5:{head}"]) == 0  # not the anchors file
+    assert "1 anchored head(s) held" in capsys.readouterr().out
+
+    Path(f"{database}.anchors").unlink()
+    assert main(["audit", "verify", str(database)]) == 0
+    assert "no anchors given" in capsys.readouterr().out
+    Path(f"{database}.key").rename(tmp_path / "elsewhere.key")
+    assert main(["audit", "verify", str(database)]) == 2
+    assert f"no --key-file given, and no {database}.key beside the database" in capsys.readouterr().err
+    assert main(["audit", "verify", str(database), "--key-file", str(tmp_path / "elsewhere.key")]) == 0
+
+
+def test_verify_creates_nothing_beside_a_closed_log(tmp_path, capsys):
+    database = served_log(tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    assert before == ["audit.db", "audit.db.anchors", "audit.db.key"]  # the writer closed: no -wal, no -shm
+    assert main(["audit", "verify", str(database)]) == 0
+    execute(database, "DELETE FROM audit_log WHERE seq = 5")  # exit 1, and 2, read the log just the same
+    assert main(["audit", "verify", str(database)]) == 1
+    assert main(["audit", "verify", str(database), "--key-file", str(tmp_path / "missing.key")]) == 2
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+WRITE_AND_DIE = """
+import os, sys
+from so8t.audit.log import AuditKey, AuditLog, AuditRecord
+log = AuditLog(sys.argv[1], AuditKey.load(sys.argv[1] + ".key"), sys.argv[1] + ".anchors")
+for index in range(3):
+    log.append(AuditRecord(f"late-{index}", "answered", 200, 1.0))
+os._exit(0)  # killed: SQLite never checkpoints, the rows stay in the -wal file
+"""
+
+
+def test_verify_reads_rows_only_in_the_wal_of_a_killed_writer_and_creates_nothing(tmp_path, capsys):
+    database = served_log(tmp_path)
+    subprocess.run([sys.executable, "-c", WRITE_AND_DIE, str(database)], check=True, timeout=120)
+    before = sorted(os.listdir(tmp_path))
+    assert {"audit.db-wal", "audit.db-shm"} <= set(before)
+    without_wal = sqlite3.connect(f"{database.as_uri()}?mode=ro&immutable=1", uri=True)
+    assert without_wal.execute("SELECT COUNT(*) FROM audit_log").fetchone()[0] == 5  # the file alone
+    without_wal.close()
+    rows = read_rows(database)
+    assert [row.request_id for row in rows[5:]] == ["late-0", "late-1", "late-2"]
+    assert main(["audit", "verify", str(database), "--expect-head", f"8:{rows[-1].row_mac}"]) == 0
+    assert "8 rows, chain intact" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == before
+
+    Path(f"{database}-shm").unlink()  # a copy of the log and its -wal, without the WAL index
+    assert [row.request_id for row in read_rows(database)] == [row.request_id for row in rows]
+    assert main(["audit", "verify", str(database), "--expect-head", f"8:{rows[-1].row_mac}"]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(set(before) - {"audit.db-shm"})
+
+
+def files_of(directory) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "rewritten with the key", "deleted"])
+def test_a_log_that_lost_its_anchored_head_is_refused_and_nothing_is_written(tmp_path, damage):
+    database = served_log(tmp_path)
+    key_file, anchors = default_files(database)
+    key = AuditKey.load(key_file)
+    if damage == "truncated":
+        execute(database, "DELETE FROM audit_log WHERE seq >= 4")
+        reason = "audit.db.anchors:4 saw 5 rows, the log has 3 (rows were deleted from the end)"
+    elif damage == "rewritten with the key":
+        last = read_rows(database)[-1]
+        forged = {**last.chained_values(), "safety_label": "DENY"}
+        execute(database, "UPDATE audit_log SET safety_label = 'DENY', row_mac = ? WHERE seq = 5", key.mac(forged))
+        reason = "audit.db.anchors:4: row 5 is not the row anchored then (the log was rewritten with the key)"
+    else:
+        database.unlink()
+        reason = "audit.db.anchors:4 saw 5 rows, the log has 0 (rows were deleted from the end)"
+    before = files_of(tmp_path)
+    with pytest.raises(AuditFileError) as refused:
+        AuditLog(database, key, anchors)
+    assert str(refused.value) == f"{reason}; --audit-accept-truncated serves on it anyway and records that in the log"
+    assert files_of(tmp_path) == before
+
+
+def test_accepting_a_truncated_log_is_a_row_of_the_chain_that_verify_names(tmp_path, capsys, caplog):
+    database = served_log(tmp_path)
+    key_file, anchors = default_files(database)
+    key = AuditKey.load(key_file)
+    execute(database, "DELETE FROM audit_log WHERE seq >= 4")
+    with caplog.at_level(logging.WARNING, logger="so8t.audit"):
+        log = AuditLog(database, key, anchors, accept_truncated=True)
+    log.append(record(9))
+    log.close()
+    assert "saw 5 rows, the log has 3" in caplog.text and "recorded as row 4" in caplog.text
+    rows = read_rows(database)
+    accepted = rows[3]
+    assert (accepted.seq, accepted.request_id, accepted.outcome, accepted.status) == (4, "-", "truncation_accepted", 0)
+    assert accepted.error == ("opened on a log that no longer held its anchors: audit.db.anchors:4 saw 5 rows, "
+                              "the log has 3 (rows were deleted from the end)")
+    assert verify_chain(rows, key).ok and [row.request_id for row in rows[4:]] == ["req-9"]
+    AuditLog(database, key, anchors).close()  # the latest anchor is the accepted log's: it opens again
+
+    assert main(["audit", "verify", str(database)]) == 1  # the rows the older anchors saw are gone all the same
+    assert (f"chain broken at row 4 (request -): audit.db.anchors:3: row 4 is not the row anchored then (rows "
+            f"were lost before row 4, where the server was told to serve on the log anyway, at {accepted.time})"
+            ) in capsys.readouterr().err
+    assert main(["audit", "verify", str(database), "--expect-head", f"5:{rows[-1].row_mac}"]) == 0

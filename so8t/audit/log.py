@@ -13,7 +13,13 @@ Deleting rows from the end (or all of them) leaves a valid shorter chain, and an
 the key can rewrite and re-MAC everything. Anchors catch both: the head (row count and MAC of the last
 row) is appended to a file outside the database every ``anchor_every`` rows, when the log opens and
 when it closes, and logged; ``verify --anchors FILE`` (or ``--expect-head N:MAC`` noted anywhere)
-checks the log still holds each anchored head.
+checks the log still holds each anchored head. The log refuses to open when it no longer holds the
+latest head of its anchors file, unless told to accept that (``accept_truncated``); the acceptance is
+then itself a row of the chain (outcome ``truncation_accepted``, the mismatch in ``error``), so the
+MACs keep it, and ``verify`` names it beside the anchors that no longer hold.
+
+Reading (``read_rows``, ``verify``) creates nothing beside the database: SQLite's read-only mode would
+leave empty ``-wal`` and ``-shm`` files next to a WAL database whose writer closed.
 
 Format: ``so8t-audit/2``. A database from an older so8t (format 1, unkeyed SHA-256 chain) is refused by
 both the server and ``verify`` with a message saying so: it cannot be made keyed after the fact.
@@ -21,6 +27,7 @@ both the server and ``verify`` with a message saying so: it cannot be made keyed
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -28,29 +35,37 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import sqlite3
 import stat
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 from ..durable import fsync_directory
+from . import AuditFileError
+from .anchors import anchor_mismatch, append_anchor, read_anchors
 
 FORMAT = "so8t-audit/2 hmac-sha256"
 GENESIS_MAC = "0" * 64  # prev_mac of the first row; the head of an empty log
 TABLE = "audit_log"
 META_TABLE = "audit_meta"
 OUTCOMES = ("answered", "escalated", "denied", "rejected", "cancelled", "error")
+# Not a request: the server was told to serve on a log that no longer held its anchored head.
+TRUNCATION_ACCEPTED = "truncation_accepted"
 KEY_BYTES = 32
 DEFAULT_ANCHOR_EVERY = 10
 
 log = logging.getLogger("so8t.audit")
 
 
-class AuditFileError(Exception):
-    """The file (database, key or anchors) cannot be used at all, as opposed to a chain that does not verify."""
+def default_files(database: str | Path) -> tuple[Path, Path]:
+    """The key file and the anchors file of ``database`` unless named otherwise: beside it, as
+    ``DATABASE.key`` and ``DATABASE.anchors`` (where ``so8t serve`` creates them)."""
+    return Path(f"{database}.key"), Path(f"{database}.anchors")
 
 
 @dataclass
@@ -197,7 +212,7 @@ def _now() -> str:
 
 def _check_format(connection: sqlite3.Connection, path: Path, key: AuditKey | None) -> None:
     """Refuses an older (unkeyed) log, a log of another key, or a database that is something else."""
-    tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    tables = _tables(connection)
     if TABLE in tables:
         columns = {row[1] for row in connection.execute(f"PRAGMA table_info({TABLE})")}
         if "row_hash" in columns:
@@ -214,14 +229,21 @@ def _check_format(connection: sqlite3.Connection, path: Path, key: AuditKey | No
 
 class AuditLog:
     """Appends chained rows; safe to share between threads (and between processes, through SQLite's
-    write lock: the previous MAC is read inside the same write transaction)."""
+    write lock: the previous MAC is read inside the same write transaction).
+
+    Opening checks that the log still holds the latest head of ``anchors`` (a log that lost rows from
+    its end, or was rewritten, since): if not, AuditFileError, and nothing is written, unless
+    ``accept_truncated``, which records the mismatch as a row of the chain and goes on."""
 
     def __init__(self, path: str | Path, key: AuditKey, anchors: str | Path | None = None,
-                 anchor_every: int = DEFAULT_ANCHOR_EVERY):
+                 anchor_every: int = DEFAULT_ANCHOR_EVERY, accept_truncated: bool = False):
         self.path = Path(path)
         self.key = key
         self.anchors = Path(anchors) if anchors is not None else None
         self.anchor_every = anchor_every
+        mismatch = check_anchors(self.path, self.anchors, key) if self.anchors is not None else None
+        if mismatch is not None and not accept_truncated:
+            raise AuditFileError(f"{mismatch}; --audit-accept-truncated serves on it anyway and records that in the log")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are the explicit BEGIN IMMEDIATE … COMMIT below.
         self._connection = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
@@ -238,6 +260,10 @@ class AuditLog:
         except BaseException:
             self._connection.close()
             raise
+        if mismatch is not None:
+            row = self._append(AuditRecord("-", TRUNCATION_ACCEPTED, 0, 0.0,
+                                           error=f"opened on a log that no longer held its anchors: {mismatch}"))
+            log.warning("audit log %s: %s; serving on it as asked, recorded as row %d", self.path, mismatch, row.seq)
         self.write_anchor()
 
     def digest(self, text: str) -> str:
@@ -246,6 +272,9 @@ class AuditLog:
     def append(self, record: AuditRecord) -> AuditRow:
         if record.outcome not in OUTCOMES:
             raise ValueError(f"outcome {record.outcome!r}: expected one of {', '.join(OUTCOMES)}")
+        return self._append(record)
+
+    def _append(self, record: AuditRecord) -> AuditRow:
         with self._lock:
             cursor = self._connection.cursor()
             cursor.execute("BEGIN IMMEDIATE")
@@ -285,14 +314,8 @@ class AuditLog:
         log.info("audit anchor: %s rows=%d head=%s", self.path, rows, mac)
         if self.anchors is None:
             return
-        line = json.dumps({"time": _now(), "rows": rows, "head": mac}, separators=(",", ":")) + "\n"
         try:
-            descriptor = os.open(self.anchors, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(descriptor, line.encode("ascii"))
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
+            append_anchor(self.anchors, _now(), rows, mac)
         except OSError:
             log.exception("cannot append the audit anchor to %s", self.anchors)
 
@@ -302,30 +325,79 @@ class AuditLog:
             self._connection.close()
 
 
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
+    """A connection that reads the log as it stands, rows still in its -wal file included, and creates
+    nothing beside it (SQLite's ``mode=ro`` alone creates -wal and -shm files for a WAL database whose
+    writer closed, and leaves them behind)."""
+    wal, index = Path(f"{path}-wal"), Path(f"{path}-shm")
+    with contextlib.ExitStack() as cleanup:
+        if not wal.exists():
+            # A writer keeps the -wal file while it has the log open: without one, the file is the whole log.
+            query = "mode=ro&immutable=1"
+        elif index.exists():
+            # A running writer's, or a killed one's: read through its WAL index, as another reader would.
+            query = "mode=ro"
+        else:
+            # A -wal without its index (copied without it): SQLite would create the index beside it, so a
+            # copy of both is read instead.
+            directory = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="so8t-audit-"))
+            copy = Path(directory) / path.name
+            shutil.copyfile(path, copy)
+            shutil.copyfile(wal, f"{copy}-wal")
+            path, query = copy, "mode=ro"
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?{query}", uri=True)
+        cleanup.callback(connection.close)
+        yield connection
+
+
+def _tables(connection: sqlite3.Connection) -> set[str]:
+    return {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def check_anchors(database: str | Path, anchors: str | Path, key: AuditKey | None = None) -> str | None:
+    """Why ``database`` no longer holds the latest head in ``anchors`` (rows deleted from its end, the
+    file deleted, a rewrite), or None when it does or there is no anchor yet. Reads both and writes
+    nothing; raises AuditFileError for a file that is not a (current) audit log, or one of another key."""
+    database, anchors = Path(database), Path(anchors)
+    latest = read_anchors(anchors)[-1:] if anchors.exists() else []
+    if not latest:
+        return None
+    if not database.exists():  # deleted with all its rows
+        return anchor_mismatch(latest[0], 0, lambda rows: GENESIS_MAC)
+    with _read_only(database) as connection:
+        _check_format(connection, database, key)
+        if TABLE not in _tables(connection):
+            return anchor_mismatch(latest[0], 0, lambda rows: GENESIS_MAC)
+        count = connection.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()[0]
+
+        def row_mac(seq: int) -> str | None:
+            if seq == 0:
+                return GENESIS_MAC
+            row = connection.execute(f"SELECT row_mac FROM {TABLE} WHERE seq = ?", (seq,)).fetchone()
+            return row[0] if row else None
+
+        return anchor_mismatch(latest[0], count, row_mac)
+
+
 def read_rows(path: str | Path) -> list[AuditRow]:
     """Every row in chain order; raises AuditFileError for a file that is not a (current) audit log."""
     path = Path(path)
     if not path.is_file():
         raise AuditFileError(f"{path}: no such file")
     try:
-        # Read-only: verifying must not create, migrate or checkpoint anything.
-        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
+        with _read_only(path) as connection:
             _check_format(connection, path, None)
             cursor = connection.execute(f"SELECT {', '.join(COLUMNS)} FROM {TABLE} ORDER BY seq")
             return [AuditRow(*values) for values in cursor]
-        finally:
-            connection.close()
     except sqlite3.DatabaseError as error:
         raise AuditFileError(f"{path}: not a so8t audit log ({error})") from None
 
 
 def read_key_id(path: str | Path) -> str | None:
-    connection = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
     try:
-        row = connection.execute(f"SELECT value FROM {META_TABLE} WHERE name = 'key_id'").fetchone()
+        with _read_only(Path(path)) as connection:
+            row = connection.execute(f"SELECT value FROM {META_TABLE} WHERE name = 'key_id'").fetchone()
     except sqlite3.DatabaseError:
         row = None
-    finally:
-        connection.close()
     return row[0] if row else None

@@ -3,38 +3,10 @@
 from __future__ import annotations
 
 import hmac
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
-from .log import GENESIS_MAC, AuditFileError, AuditKey, AuditRow
-
-
-@dataclass(frozen=True)
-class Anchor:
-    rows: int
-    head: str
-    source: str  # where it came from, for messages: "anchors.txt:3" or "--expect-head"
-
-
-def read_anchors(path: str | Path) -> list[Anchor]:
-    path = Path(path)
-    try:
-        lines = path.read_text().splitlines()
-    except FileNotFoundError:
-        raise AuditFileError(f"anchors file {path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise AuditFileError(f"anchors file {path}: unreadable ({error})") from None
-    anchors = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            anchors.append(Anchor(int(entry["rows"]), str(entry["head"]), f"{path.name}:{number}"))
-        except (ValueError, KeyError, TypeError):
-            raise AuditFileError(f"anchors file {path}:{number}: not an anchor line") from None
-    return anchors
+from .anchors import Anchor, anchor_mismatch
+from .log import GENESIS_MAC, TRUNCATION_ACCEPTED, AuditKey, AuditRow
 
 
 @dataclass(frozen=True)
@@ -52,7 +24,9 @@ class Verification:
 
 def verify_chain(rows: list[AuditRow], key: AuditKey, anchors: list[Anchor] = ()) -> Verification:
     """Walks the chain from the first row, stopping at the first row whose position, link or MAC is
-    wrong; then checks that the log still holds every anchored head."""
+    wrong; then checks that the log still holds every anchored head. A server told to serve on a log
+    that no longer held its anchors recorded that as a row: the anchors it overrode still fail (the
+    rows they saw are gone all the same), and the reason names that row as the cause."""
     prev_mac = GENESIS_MAC
     for position, row in enumerate(rows, start=1):
         reason = None
@@ -70,15 +44,17 @@ def verify_chain(rows: list[AuditRow], key: AuditKey, anchors: list[Anchor] = ()
         if reason is not None:
             return Verification(len(rows), prev_mac, row.seq, row.request_id, reason)
         prev_mac = row.row_mac
+
+    def row_mac(count: int) -> str:
+        return rows[count - 1].row_mac if count else GENESIS_MAC
+
     for anchor in anchors:
-        if anchor.rows > len(rows):
-            return Verification(len(rows), prev_mac, None, None,
-                                f"{anchor.source} saw {anchor.rows} rows, the log has {len(rows)} "
-                                "(rows were deleted from the end)")
-        held = rows[anchor.rows - 1].row_mac if anchor.rows else GENESIS_MAC
-        if held != anchor.head:
-            bad = rows[anchor.rows - 1] if anchor.rows else None
-            return Verification(len(rows), prev_mac, bad.seq if bad else None, bad.request_id if bad else None,
-                                f"{anchor.source}: row {anchor.rows} is not the row anchored then "
-                                "(the log was rewritten with the key)")
+        # Rows up to an acceptance row were kept; an anchor beyond it may have seen rows lost before it.
+        accepted = next((row for row in rows if row.outcome == TRUNCATION_ACCEPTED and row.seq <= anchor.rows), None)
+        cause = accepted and (f"rows were lost before row {accepted.seq}, where the server was told to serve on "
+                              f"the log anyway, at {accepted.time}")
+        reason = anchor_mismatch(anchor, len(rows), row_mac, cause)
+        if reason is not None:
+            bad = rows[anchor.rows - 1] if 0 < anchor.rows <= len(rows) else None
+            return Verification(len(rows), prev_mac, bad.seq if bad else None, bad.request_id if bad else None, reason)
     return Verification(len(rows), prev_mac)

@@ -11,8 +11,9 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from so8t.audit.anchors import read_anchors
 from so8t.audit.log import AuditKey, AuditLog, read_rows
-from so8t.audit.verify import Verification, read_anchors, verify_chain
+from so8t.audit.verify import Verification, verify_chain
 from so8t.commands.serve import bind_socket, build_server
 
 STARTUP_TIMEOUT_S = 60

@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -163,3 +164,48 @@ def test_serve_defaults_match_the_modules_they_stand_for():
 
     assert command.DEFAULT_THRESHOLD == DEFAULT_THRESHOLD and command.DEFAULT_ANCHOR_EVERY == DEFAULT_ANCHOR_EVERY
     assert (command.DEFAULT_MAX_BATCH, command.DEFAULT_MAX_QUEUE) == (app.DEFAULT_MAX_BATCH, app.DEFAULT_MAX_QUEUE)
+
+
+def test_a_log_shorter_than_its_anchors_is_refused_unless_accepted_and_the_acceptance_is_a_row(tmp_path):
+    from so8t.audit.log import AuditLog, AuditRecord
+    from so8t.audit.verify import verify_chain
+
+    audit_db = tmp_path / "audit.db"
+    key, _ = AuditKey.load_or_create(tmp_path / "audit.db.key")
+    log = AuditLog(audit_db, key, tmp_path / "audit.db.anchors")
+    for index in range(5):
+        log.append(AuditRecord(f"req-{index}", "answered", 200, 1.0))
+    log.close()
+    connection = sqlite3.connect(audit_db)  # rows deleted from the end while the server was down
+    with connection:
+        connection.execute("DELETE FROM audit_log WHERE seq >= 4")
+    connection.close()
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    refused = serve_subprocess("--port", "0", "--audit-db", str(audit_db))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert so8t_line(refused.stderr) == (
+        f"so8t serve: error: cannot open --audit-db {audit_db}: audit.db.anchors:2 saw 5 rows, the log has 3 "
+        "(rows were deleted from the end); --audit-accept-truncated serves on it anyway and records that in the log")
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "so8t", "serve", "--port", "0", "--audit-db", str(audit_db), "--audit-accept-truncated",
+         "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE,
+    )
+    try:
+        wait_for_health(re.search(r"on (http://\S+) ", process.stdout.readline()).group(1), process=process)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        _kill_if_running(process)
+    assert "saw 5 rows, the log has 3" in process.stderr.read()
+    rows = read_rows(audit_db)
+    assert [(row.seq, row.outcome) for row in rows[3:]] == [(4, "truncation_accepted")]
+    assert verify_chain(rows, key).ok  # the chain goes on through the acceptance
+
+
+def _kill_if_running(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()

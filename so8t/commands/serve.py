@@ -53,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                 "(default: AUDIT_DB.anchors)")
     parser.add_argument("--audit-anchor-every", type=_positive_int, default=DEFAULT_ANCHOR_EVERY,
                         help="write an anchor every this many rows, and at start and shutdown (default: %(default)s)")
+    parser.add_argument("--audit-accept-truncated", action="store_true",
+                        help="serve on an audit log that no longer holds the latest head of its anchors file (rows "
+                             "deleted from its end, or a rewrite), recording that as a row of the log; without it "
+                             "the server refuses to start on such a log")
     parser.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
                         help="most prompts generated together in one batch; 1 serves one at a time "
                              "(default: %(default)s)")
@@ -130,9 +134,11 @@ def serve_threads(model: str | None) -> int | None:
 
 
 def audit_files(args: argparse.Namespace) -> tuple[Path, Path]:
-    """The key file and the anchors file: as given, or next to the database."""
-    return (Path(args.audit_key_file or f"{args.audit_db}.key"),
-            Path(args.audit_anchors or f"{args.audit_db}.anchors"))
+    """The key file and the anchors file: as given, or where ``so8t audit verify`` looks by default."""
+    from ..audit.log import default_files
+
+    key_file, anchors = default_files(args.audit_db)
+    return Path(args.audit_key_file or key_file), Path(args.audit_anchors or anchors)
 
 
 def open_audit_log(args: argparse.Namespace):
@@ -142,7 +148,7 @@ def open_audit_log(args: argparse.Namespace):
     key_file, anchors = audit_files(args)
     key, created = AuditKey.load_or_create(key_file)
     try:
-        return AuditLog(args.audit_db, key, anchors, args.audit_anchor_every)
+        return AuditLog(args.audit_db, key, anchors, args.audit_anchor_every, args.audit_accept_truncated)
     except BaseException:
         if created:
             key_file.unlink()

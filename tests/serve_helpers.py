@@ -1,9 +1,11 @@
-"""A real uvicorn server on 127.0.0.1 (a free port, a thread of the test process), and readers for what
-it writes: Prometheus text and audit rows."""
+"""A real uvicorn server on 127.0.0.1 (a free port, a thread of the test process), readers for what it
+writes (Prometheus text and audit rows), and the engine driven directly: what the server should answer."""
 
+import asyncio
 import contextlib
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -15,6 +17,8 @@ from so8t.audit.anchors import read_anchors
 from so8t.audit.log import AuditKey, AuditLog, read_rows
 from so8t.audit.verify import Verification, verify_chain
 from so8t.commands.serve import bind_socket, build_server
+from so8t.serve.engines.base import Completion, EngineRequest, SamplingParams, TextDelta
+from so8t.serve.engines.hf_batch import Row
 
 STARTUP_TIMEOUT_S = 60
 
@@ -94,3 +98,26 @@ def verify(path, audit_or_key) -> Verification:
     key = audit_or_key.key if isinstance(audit_or_key, AuditLog) else audit_or_key
     anchors = read_anchors(f"{path}.anchors") if Path(f"{path}.anchors").is_file() else []
     return verify_chain(read_rows(path), key, anchors)
+
+
+def request(engine, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+            stop: tuple[str, ...] = ()) -> EngineRequest:
+    """An engine request for ``prompt`` (text, or chat messages) as the server makes one."""
+    return EngineRequest(uuid.uuid4().hex, engine.encode(prompt, max_new_tokens),
+                         SamplingParams(max_new_tokens, temperature, top_p, stop))
+
+
+def complete(engine, prompt, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             stop: tuple[str, ...] = ()) -> Completion:
+    """What the engine generates for one request alone (greedy by default)."""
+    return asyncio.run(engine.generate(request(engine, prompt, max_new_tokens, temperature, top_p, stop)))
+
+
+def decode_together(engine, requests: list[EngineRequest], deltas: bool = False) -> tuple[list[Completion], list]:
+    """The requests decoded as one batch by the engine's decoder in this thread (its model thread is idle),
+    with each row's TextDeltas (when ``deltas``)."""
+    events = [[] for _ in requests]
+    rows = [Row(engine_request, events[index].append, deltas) for index, engine_request in enumerate(requests)]
+    engine.decoder.run(rows)
+    completions = [next(event for event in row_events if isinstance(event, Completion)) for row_events in events]
+    return completions, [[event.text for event in row_events if isinstance(event, TextDelta)] for row_events in events]

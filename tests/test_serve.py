@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from serve_helpers import (  # noqa: F401 (one_torch_thread: autouse)
+    complete,
     one_torch_thread,
     open_audit,
     parse_metrics,
@@ -32,7 +33,7 @@ from so8t.audit.log import read_rows
 from so8t.commands.main import main
 from so8t.models.loading import load_model_and_tokenizer
 from so8t.serve.app import MAX_BODY_BYTES, create_app
-from so8t.serve.generation import load_generator
+from so8t.serve.engines.hf import HFEngine
 from so8t.serve.thinking import CASES, parse_thinking
 
 PROMPT = "What is 16 + 25?"
@@ -46,7 +47,7 @@ def sha256(text: str) -> str:
 class Client:
     url: str
     audit_path: object
-    generator: object
+    engine: object
     audit: object
     sent: list = field(default_factory=list)  # (request id, prompt or None, status, response json)
 
@@ -70,31 +71,35 @@ def adapter_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(adapter_dir, tmp_path_factory):
     audit_path = tmp_path_factory.mktemp("audit") / "audit.db"
-    generator = load_generator(adapter=str(adapter_dir))
+    engine = HFEngine.load(adapter=str(adapter_dir))
     audit = open_audit(audit_path)
-    with running_server(create_app(generator, audit)) as url:
-        yield Client(url, audit_path, generator, audit)
+    with running_server(create_app(engine, audit)) as url:
+        yield Client(url, audit_path, engine, audit)
     audit.close()
+    engine.shutdown()
 
 
 def test_the_adapter_of_so8t_train_is_what_is_served(client, adapter_dir):
     saved = load_file(adapter_dir / "so8t" / "so8t_adapter.safetensors")
-    handle = client.generator.handle
+    handle = client.engine.handle
     assert torch.equal(handle.theta.detach(), saved["theta"]) and torch.equal(handle.alpha.detach(), saved["alpha"])
-    assert client.generator.sigma_alpha() == pytest.approx(dict(zip(handle.layer_indices,
-                                                                    torch.sigmoid(saved["alpha"]).tolist())))
-    base = load_generator()  # the embedded base with fresh gates: LoRA must have changed the weights
-    served_weight = client.generator.model.model.layers[1].self_attn.qkv_proj.weight
+    assert client.engine.sigma_alpha == pytest.approx(dict(zip(handle.layer_indices,
+                                                                torch.sigmoid(saved["alpha"]).tolist())))
+    base = HFEngine.load()  # the embedded base with fresh gates: LoRA must have changed the weights
+    base.shutdown()
+    served_weight = client.engine.model.model.layers[1].self_attn.qkv_proj.weight
     assert not torch.equal(served_weight, base.model.model.layers[1].self_attn.qkv_proj.weight)
     health = httpx.get(f"{client.url}/health").json()
-    assert health == {"status": "ok", "model": f"so8t-demo-phi3 + {adapter_dir}", "gated_layers": [1, 2, 3, 4],
+    assert health == {"status": "ok", "model": "so8t-demo-phi3+run", "gated_layers": [1, 2, 3, 4],
                       "safety_model": False, "queue_depth": 0}
 
 
 def test_the_embedded_base_is_rebuilt_from_the_seed_the_adapter_was_trained_on(adapter_dir, tmp_path):
     assert json.loads((adapter_dir / "embedded_base.json").read_text()) == {"seed": 0}
     (tmp_path / "embedded_base.json").write_text(json.dumps({"seed": 3}))
-    served = load_generator(adapter=str(tmp_path)).model.model.layers[1].self_attn.qkv_proj.weight
+    engine = HFEngine.load(adapter=str(tmp_path))
+    engine.shutdown()
+    served = engine.model.model.layers[1].self_attn.qkv_proj.weight
     seeded, _ = load_model_and_tokenizer(seed=3)
     default, _ = load_model_and_tokenizer()
     assert torch.equal(served, seeded.model.layers[1].self_attn.qkv_proj.weight)
@@ -110,12 +115,12 @@ def test_answer_thinking_and_hashes(client):
     assert body["thinking_sha256"] == sha256(body["thinking"])
     assert body["thinking_parse"] in CASES and body["thinking"]  # the adapter learnt to open <think>
     # Greedy decoding: the server returns exactly the parse of what the model generates.
-    expected = parse_thinking(client.generator.generate(PROMPT, 40, 0.0, 1.0).text)
+    expected = parse_thinking(complete(client.engine, PROMPT, 40).text)
     assert (body["thinking"], body["answer"], body["thinking_parse"]) == (expected.thinking, expected.answer, expected.case)
     monitor = body["monitor"]
     assert 1 <= monitor["generated_tokens"] <= 40 and monitor["logit_nonfinite"] == 0
     assert monitor["logit_min"] <= monitor["logit_mean"] <= monitor["logit_max"] and monitor["logit_std"] > 0
-    assert monitor["sigma_alpha"] == pytest.approx({str(k): v for k, v in client.generator.sigma_alpha().items()})
+    assert monitor["sigma_alpha"] == pytest.approx({str(k): v for k, v in client.engine.sigma_alpha.items()})
     assert 0 < body["latency_ms"] < 120_000
 
     again = client.think({"prompt": PROMPT, "max_new_tokens": 40, "temperature": 0}).json()
@@ -213,7 +218,7 @@ def test_a_failing_model_call_is_a_500_with_an_error_row(client, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(client.generator, "generate_batch", broken)
+    monkeypatch.setattr(client.engine.decoder, "run", broken)
     response = client.think({"prompt": "this one fails"})
     assert response.status_code == 500
     assert response.json() == {"request_id": response.headers["x-request-id"], "error": "model call failed"}

@@ -11,11 +11,22 @@ import time
 import httpx
 import pytest
 import torch
-from serve_helpers import one_torch_thread, open_audit, running_server, verify  # noqa: F401 (autouse)
+from serve_helpers import (  # noqa: F401 (one_torch_thread: autouse)
+    complete,
+    decode_together,
+    one_torch_thread,
+    open_audit,
+    request,
+    running_server,
+    verify,
+)
 
 from so8t.audit.log import read_rows
 from so8t.serve.app import create_app
-from so8t.serve.generation import CANCELLED, LENGTH, STOP, GenerationRequest, load_generator
+from so8t.serve.engines.base import CANCELLED, LENGTH, STOP
+from so8t.serve.engines.hf import HFEngine
+from so8t.serve.engines.hf_batch import Row
+from so8t.serve.thinking import parse_thinking
 
 PROMPTS = ["What is 16 + 25?", "hi", "Tell me a long story about a dragon and a knight in a castle far away.",
            "2+2", "Recommend a good book about the sea."]
@@ -23,74 +34,80 @@ MAX_NEW = [30, 12, 40, 5, 25]
 
 
 @pytest.fixture(scope="module")
-def generator():
-    return load_generator()
+def engine():
+    engine = HFEngine.load()
+    yield engine
+    engine.shutdown()
 
 
-def solo_greedy_ids(generator, ids: list[int], max_new_tokens: int) -> list[int]:
+def solo_greedy_ids(engine, ids: list[int], max_new_tokens: int) -> list[int]:
     """The oracle: Hugging Face's generate on the prompt alone, no padding."""
     input_ids = torch.tensor([ids])
-    output = generator.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      max_new_tokens=max_new_tokens, do_sample=False,
-                                      pad_token_id=generator.tokenizer.pad_token_id)
+    output = engine.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                   max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=engine.tokenizer.pad_token_id)
     return output[0, len(ids):].tolist()
 
 
 @pytest.fixture
-def batch_ids(generator, monkeypatch):
-    """Records each finished row's generated ids (EOS included), by request."""
-    from so8t.serve import generation
+def batch_ids(engine, monkeypatch):
+    """Records each finished row's generated ids (EOS included), by request id."""
+    recorded, complete_row = {}, engine.decoder._complete
 
-    recorded, result = {}, generation.TextGenerator._result
+    def recording(row):
+        recorded[row.request.request_id] = list(row.ids)
+        return complete_row(row)
 
-    def recording(self, row, gates):
-        recorded[id(row.request)] = list(row.ids)
-        return result(self, row, gates)
-
-    monkeypatch.setattr(generation.TextGenerator, "_result", recording)
+    monkeypatch.setattr(engine.decoder, "_complete", recording)
     return recorded
 
 
-def test_a_padded_batch_decodes_each_row_as_generate_does_alone(generator, batch_ids):
-    requests = [GenerationRequest(generator.encode(prompt, limit), limit) for prompt, limit in zip(PROMPTS, MAX_NEW)]
-    requests.insert(2, GenerationRequest(generator.encode("sampled", 20), 20, temperature=1.5, top_p=0.9))
-    results = generator.generate_batch(requests)
-    assert len({len(request.input_ids) for request in requests}) > 3  # real padding
-    for request, result in zip(requests, results):
-        if request.temperature > 0:
+def test_a_padded_batch_decodes_each_row_as_generate_does_alone(engine, batch_ids):
+    requests = [request(engine, prompt, limit) for prompt, limit in zip(PROMPTS, MAX_NEW)]
+    requests.insert(2, request(engine, "sampled", 20, temperature=1.5, top_p=0.9))
+    results, _ = decode_together(engine, requests)
+    assert len({len(each.prompt.ids) for each in requests}) > 3  # real padding
+    for each, result in zip(requests, results):
+        if not each.sampling.greedy:
             continue
-        assert batch_ids[id(request)] == solo_greedy_ids(generator, request.input_ids, request.max_new_tokens)
-        assert result.new_tokens == len(batch_ids[id(request)]) <= request.max_new_tokens
+        ids = batch_ids[each.request_id]
+        assert ids == solo_greedy_ids(engine, each.prompt.ids, each.sampling.max_new_tokens)
+        assert result.new_tokens == len(ids) <= each.sampling.max_new_tokens
         assert result.finish_reason in (STOP, LENGTH)
-        alone = generator.generate_batch([GenerationRequest(request.input_ids, request.max_new_tokens)])[0]
-        assert (alone.text, alone.logit_max) == (result.text, pytest.approx(result.logit_max, rel=1e-5))
+        [alone], _ = decode_together(engine, [each])
+        assert (alone.text, alone.logit_stats.max) == (result.text, pytest.approx(result.logit_stats.max, rel=1e-5))
 
 
-def test_stop_strings_and_a_cancelled_row_leave_the_others_untouched(generator, batch_ids):
-    first = generator.generate_batch([GenerationRequest(generator.encode(PROMPTS[0], 30), 30)])[0].text
+def test_stop_strings_and_a_cancelled_row_leave_the_others_untouched(engine, batch_ids):
+    first = complete(engine, PROMPTS[0], 30).text
     stop = first[5:7]
-    stopped = GenerationRequest(generator.encode(PROMPTS[0], 30), 30, stop=(stop,))
-    cancelled = GenerationRequest(generator.encode(PROMPTS[1], 30), 30)
-    cancelled.cancelled.set()
-    plain = GenerationRequest(generator.encode(PROMPTS[2], 40), 40)
-    results = generator.generate_batch([stopped, cancelled, plain])
-    assert results[0].text == first[:first.find(stop)] and results[0].finish_reason == STOP
-    assert results[1].finish_reason == CANCELLED and results[1].new_tokens == 0
-    assert batch_ids[id(plain)] == solo_greedy_ids(generator, plain.input_ids, 40)
+    stopped = request(engine, PROMPTS[0], 30, stop=(stop,))
+    cancelled, plain = request(engine, PROMPTS[1], 30), request(engine, PROMPTS[2], 40)
+    events = [[], [], []]
+    rows = [Row(each, events[index].append, False) for index, each in enumerate((stopped, cancelled, plain))]
+    rows[1].cancelled.set()
+    engine.decoder.run(rows)
+    [stopped_result], [cancelled_result], [plain_result] = events
+    assert stopped_result.text == first[:first.find(stop)] and stopped_result.finish_reason == STOP
+    assert cancelled_result.finish_reason == CANCELLED and cancelled_result.new_tokens == 0
+    assert cancelled_result.logit_stats is None
+    assert batch_ids[plain.request_id] == solo_greedy_ids(engine, plain.prompt.ids, 40)
+    assert plain_result.new_tokens == len(batch_ids[plain.request_id])
 
 
-def test_concurrent_requests_share_batches_and_get_their_solo_answers(generator, tmp_path, monkeypatch):
+def test_concurrent_requests_share_batches_and_get_their_solo_answers(tmp_path, monkeypatch):
+    engine = HFEngine.load(max_batch=4)
     sizes = []
-    generate_batch = generator.generate_batch
+    run = engine.decoder.run
 
-    def counting(requests):
-        sizes.append(len(requests))
-        return generate_batch(requests)
+    def counting(rows):
+        sizes.append(len(rows))
+        return run(rows)
 
-    monkeypatch.setattr(generator, "generate_batch", counting)
+    monkeypatch.setattr(engine.decoder, "run", counting)
     prompts = [f"What is {n} + {2 * n}?" for n in range(10)]
     audit = open_audit(tmp_path / "audit.db")
-    with running_server(create_app(generator, audit, max_batch=4)) as url:
+    with running_server(create_app(engine, audit)) as url:
         async def burst():
             async with httpx.AsyncClient(base_url=url, timeout=120) as http:
                 return await asyncio.gather(*(http.post("/think", json={"prompt": p, "max_new_tokens": 16,
@@ -103,7 +120,8 @@ def test_concurrent_requests_share_batches_and_get_their_solo_answers(generator,
     for prompt, response in zip(prompts, responses):
         assert response.status_code == 200
         assert response.json()["thinking_sha256"] is not None
-        assert response.json()["answer"] == generator.generate(prompt, 16, 0.0, 1.0).text.strip()
+        assert response.json()["answer"] == parse_thinking(complete(engine, prompt, 16).text).answer
+    engine.shutdown()
     assert verify(tmp_path / "audit.db", audit).ok
 
 
@@ -117,25 +135,24 @@ def wait_for_rows(path, outcome: str, count: int, timeout_s: float = 60):
     raise AssertionError(f"fewer than {count} {outcome} rows after {timeout_s} s")
 
 
-def test_a_client_that_goes_away_cancels_its_generation(generator, tmp_path, monkeypatch):
+def test_a_client_that_goes_away_cancels_its_generation(engine, tmp_path, monkeypatch):
     finished = []
-    generate_batch = generator.generate_batch
+    complete_row = engine.decoder._complete
 
-    def recording(requests):
-        results = generate_batch(requests)
-        finished.extend(results)
-        return results
+    def recording(row):
+        finished.append(row)
+        return complete_row(row)
 
-    monkeypatch.setattr(generator, "generate_batch", recording)
+    monkeypatch.setattr(engine.decoder, "_complete", recording)
     audit = open_audit(tmp_path / "audit.db")
-    with running_server(create_app(generator, audit)) as url:
+    with running_server(create_app(engine, audit)) as url:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/think", json={"prompt": "long", "max_new_tokens": 480, "temperature": 0}, timeout=0.5)
         [row] = wait_for_rows(tmp_path / "audit.db", "cancelled", 1)
         assert row.status == 499 and row.answer_hmac is None
         streamed = threading.Event()
         with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, json={
-                "model": generator.name, "messages": [{"role": "user", "content": "long"}],
+                "model": engine.name, "messages": [{"role": "user", "content": "long"}],
                 "max_tokens": 480, "temperature": 0, "stream": True}) as response:
             for _ in response.iter_lines():
                 streamed.set()
@@ -144,17 +161,17 @@ def test_a_client_that_goes_away_cancels_its_generation(generator, tmp_path, mon
         wait_for_rows(tmp_path / "audit.db", "cancelled", 2)
         assert httpx.get(f"{url}/health").json()["queue_depth"] == 0
     audit.close()
-    assert [result.finish_reason for result in finished] == [CANCELLED, CANCELLED]
-    assert all(result.new_tokens < 480 for result in finished)
+    assert [row.finish_reason for row in finished] == [CANCELLED, CANCELLED]
+    assert all(len(row.ids) < 480 for row in finished)
     assert [row.status for row in read_rows(tmp_path / "audit.db")] == [499, 499]
 
 
-def test_logit_statistics_equal_the_stored_logits_ones_and_rows_retain_nothing_vocab_sized(generator, monkeypatch):
-    from so8t.serve import generation
+def test_logit_statistics_equal_the_stored_logits_ones_and_rows_retain_nothing_vocab_sized(engine, monkeypatch):
+    from so8t.serve.engines import hf_batch
     from so8t_kernels import logit_stats
 
     steps, shapes, retained = [], [], []
-    choose, forward, result = generation.next_tokens, generator.model.forward, generation.TextGenerator._result
+    choose, forward, complete_row = hf_batch.next_tokens, engine.model.forward, engine.decoder._complete
 
     def recording_choose(logits, *args):
         steps.append(logits.detach().clone())
@@ -165,48 +182,46 @@ def test_logit_statistics_equal_the_stored_logits_ones_and_rows_retain_nothing_v
         shapes.append(tuple(output.logits.shape))
         return output
 
-    def inspecting_result(self, row, gates):
+    def inspecting_complete(row):
         tensors = [value for value in vars(row).values() if isinstance(value, torch.Tensor)]
         tensors += [item for value in vars(row).values() if isinstance(value, list) for item in value
                     if isinstance(item, torch.Tensor)]
-        stats = getattr(row, "stats", None)
-        tensors += [value for value in getattr(stats, "__dict__", {}).values() if isinstance(value, torch.Tensor)]
         retained.append(tensors)
-        return result(self, row, gates)
+        assert all(len(partial) == 6 for partial in row.partials)  # six numbers a step, whatever the vocabulary
+        return complete_row(row)
 
-    monkeypatch.setattr(generation, "next_tokens", recording_choose)
-    monkeypatch.setattr(generator.model, "forward", recording_forward)
-    monkeypatch.setattr(generation.TextGenerator, "_result", inspecting_result)
-    got = generator.generate_batch([GenerationRequest(generator.encode(PROMPTS[2], 24), 24)])[0]
+    monkeypatch.setattr(hf_batch, "next_tokens", recording_choose)
+    monkeypatch.setattr(engine.model, "forward", recording_forward)
+    monkeypatch.setattr(engine.decoder, "_complete", inspecting_complete)
+    [got], _ = decode_together(engine, [request(engine, PROMPTS[2], 24)])
     assert got.new_tokens == len(steps) > 5
     expected = logit_stats(torch.stack(steps)).tolist()
-    stats = [got.logit_mean, got.logit_std, got.logit_min, got.logit_max, got.logit_nonfinite]
-    assert stats == pytest.approx(expected, rel=1e-5, abs=1e-6)
-    assert retained == [[]]  # nothing per step, nothing vocab-sized, kept per row
+    stats = got.logit_stats
+    assert [stats.mean, stats.std, stats.min, stats.max, stats.nonfinite] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert retained == [[]]  # nothing vocab-sized kept per row
     assert shapes[0][1] == 1  # the prefill computed only the last position's logits
 
+    from so8t_kernels.logit_stats import merge_partials
+
     poisoned = torch.tensor([[1.0, float("nan"), 3.0, float("inf")], [float("nan")] * 4])
-    running = [generation.RunningLogitStats(), generation.RunningLogitStats()]
-    for partial, row in zip(generation.step_partials(poisoned).tolist(), running):
-        row.add(partial)
-        row.add(partial)
-    assert running[0].result() == pytest.approx(logit_stats(torch.stack([poisoned[0], poisoned[0]])).tolist())
-    assert all(math.isnan(value) for value in running[1].result()[:4]) and running[1].result()[4] == 8
+    partials = hf_batch.step_partials(poisoned)
+    twice = merge_partials(torch.stack([partials[0], partials[0]]))
+    assert twice.tolist() == pytest.approx(logit_stats(torch.stack([poisoned[0], poisoned[0]])).tolist())
+    none_finite = merge_partials(torch.stack([partials[1], partials[1]])).tolist()
+    assert all(math.isnan(value) for value in none_finite[:4]) and none_finite[4] == 8
 
 
-def test_streamed_text_never_shows_the_start_of_a_multi_token_stop_string(generator):
-    from so8t.serve.openai_api import AnswerStream
-    from so8t.serve.thinking import parse_thinking
-
-    prompt = generator.encode(PROMPTS[2], 30)
-    raw = generator.generate_batch([GenerationRequest(prompt, 30)])[0].text
+def test_streamed_text_never_shows_the_start_of_a_multi_token_stop_string(engine):
+    # Sampled (seeded twice alike): the demo model's greedy text is one character repeated.
+    torch.manual_seed(0)
+    raw = complete(engine, PROMPTS[2], 30, temperature=1.0).text
     stop = raw[6:16]
-    assert len(generator.tokenizer(stop, add_special_tokens=False)["input_ids"]) >= 3  # spans several tokens
-    texts = []
-    result = generator.generate_batch([GenerationRequest(prompt, 30, stop=(stop,), on_text=texts.append)])[0]
+    assert len(engine.tokenizer(stop, add_special_tokens=False)["input_ids"]) >= 3  # spans several tokens
+    torch.manual_seed(0)
+    [result], [deltas] = decode_together(engine, [request(engine, PROMPTS[2], 30, 1.0, stop=(stop,))], deltas=True)
     assert result.finish_reason == STOP and result.text == raw[:raw.find(stop)]
-    assert len(texts) > 3 and all(result.text.startswith(text) for text in texts)
-    answer = AnswerStream()
-    deltas = [answer.feed(f"<think>x</think>{text}") for text in texts]
-    deltas.append(answer.finish(f"<think>x</think>{result.text}"))
-    assert "".join(deltas) == parse_thinking(f"<think>x</think>{result.text}").answer == result.text
+    assert len(deltas) > 3 and "".join(deltas) == result.text
+    sent = ""
+    for delta in deltas[:-1]:
+        sent += delta
+        assert not any(sent.endswith(stop[:length]) for length in range(1, len(stop)))  # no tail of the stop

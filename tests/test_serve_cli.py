@@ -1,6 +1,7 @@
 """``so8t serve`` as an operator runs it: the embedded default starts offline on a free port, answers,
-stops on Ctrl-C; what cannot start (a model that does not load, a busy port, an unusable audit
-database) exits with status 2 and one line, not a traceback."""
+logs its audit anchors, stops on Ctrl-C, and leaves its audit files in one folder; what cannot start (a
+model that does not load, a busy port, an unusable audit database) exits with status 2 and one line, not a
+traceback."""
 
 import os
 import re
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,33 +25,43 @@ from so8t.commands.main import main
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def test_serve_starts_offline_answers_and_stops_on_interrupt(tmp_path):
-    audit_db = tmp_path / "audit.db"
+def test_serve_starts_offline_answers_logs_its_anchors_and_stops_on_interrupt(tmp_path):
+    """Default options but the port, in an empty folder: at the default log level the audit anchors are on
+    stderr (the README tells operators to ship them), and the audit files are in one folder."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "so8t", "serve", "--port", "0", "--audit-db", str(audit_db), "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE,
+        [sys.executable, "-m", "so8t", "serve", "--port", "0", "--served-model-name", "tiny", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE, cwd=tmp_path,
     )
     try:
         banner = process.stdout.readline()
-        match = re.search(r"on (http://127\.0\.0\.1:\d+) ", banner)
+        match = re.search(r"^so8t serve: tiny on (http://127\.0\.0\.1:\d+) .*torch threads: 1\)$", banner)
         assert match, f"no address in {banner!r}; stderr: {process.stderr.read() if process.poll() is not None else ''}"
         url = match.group(1)
         health = wait_for_health(url, process=process)
-        assert health["model"] == "so8t-demo-phi3" and health["gated_layers"] == [1, 2, 3, 4]
+        assert health["model"] == "tiny" and health["gated_layers"] == [1, 2, 3, 4]
+        assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny"
         response = httpx.post(f"{url}/think", json={"prompt": "hello", "max_new_tokens": 4}, timeout=120)
         assert response.status_code == 200 and response.json()["outcome"] == "answered"
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait()
-    assert "Traceback" not in process.stderr.read()
+        process.communicate()
+    assert "Traceback" not in stderr
+    audit_db = tmp_path / "so8t-audit" / "audit.db"
+    anchors = re.findall(r"^INFO: +audit anchor: (\S+) rows=(\d+) head=([0-9a-f]{64})$", stderr, re.MULTILINE)
+    assert [(path, rows) for path, rows, _ in anchors] == [(str(Path("so8t-audit") / "audit.db"), "0"),
+                                                           (str(Path("so8t-audit") / "audit.db"), "1")], stderr
+    assert {path.name for path in tmp_path.iterdir()} == {"so8t-audit"}  # nothing else in the working folder
+    assert {"audit.db", "audit.db.key", "audit.db.anchors"} <= {path.name for path in audit_db.parent.iterdir()}
     [row] = read_rows(audit_db)
     assert row.request_id == response.json()["request_id"]
-    key_file = tmp_path / "audit.db.key"
+    assert anchors[-1][2] == verify(audit_db, AuditKey.load(f"{audit_db}.key")).head_mac
+    key_file = audit_db.parent / "audit.db.key"
     assert key_file.stat().st_mode & 0o777 == 0o600  # created on first use, for its owner only
-    assert key_file.read_text().strip() not in (tmp_path / "audit.db").read_bytes().hex()
+    assert key_file.read_text().strip() not in audit_db.read_bytes().hex()
     assert verify(audit_db, AuditKey.load(key_file)).ok
 
 
@@ -110,7 +122,7 @@ def generation_run(tmp_path_factory):
 
 
 def test_a_generation_run_as_safety_model_is_not_a_judge(generation_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("so8t.serve.generation.load_generator", _must_not_load)
+    monkeypatch.setattr("so8t.serve.engines.hf.HFEngine.load", _must_not_load)
     assert main(["serve", "--port", "0", "--safety-model", str(generation_run),
                  "--audit-db", str(tmp_path / "db" / "audit.db")]) == 2
     assert so8t_line(capsys.readouterr().err) == (
@@ -133,7 +145,7 @@ def _must_not_load(*args, **kwargs):
 
 
 def test_a_taken_port_is_found_before_the_model_loads_and_creates_nothing(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("so8t.serve.generation.load_generator", _must_not_load)
+    monkeypatch.setattr("so8t.serve.engines.hf.HFEngine.load", _must_not_load)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -161,9 +173,10 @@ def test_serve_defaults_match_the_modules_they_stand_for():
     from so8t.judge.judge import DEFAULT_THRESHOLD
     from so8t.commands import serve as command
     from so8t.serve import app
+    from so8t.serve.engines import hf
 
     assert command.DEFAULT_THRESHOLD == DEFAULT_THRESHOLD and command.DEFAULT_ANCHOR_EVERY == DEFAULT_ANCHOR_EVERY
-    assert (command.DEFAULT_MAX_BATCH, command.DEFAULT_MAX_QUEUE) == (app.DEFAULT_MAX_BATCH, app.DEFAULT_MAX_QUEUE)
+    assert (command.DEFAULT_MAX_BATCH, command.DEFAULT_MAX_QUEUE) == (hf.DEFAULT_MAX_BATCH, app.DEFAULT_MAX_QUEUE)
 
 
 def test_a_log_shorter_than_its_anchors_is_refused_unless_accepted_and_the_acceptance_is_a_row(tmp_path):
@@ -209,3 +222,20 @@ def _kill_if_running(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.kill()
         process.wait()
+
+
+def test_threads_default_to_half_the_cpus_and_the_name_to_model_and_adapter(monkeypatch, tmp_path):
+    from so8t.commands.serve import default_threads, serve_threads
+    from so8t.models.inference import served_model_name
+
+    assert default_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert serve_threads(None) == default_threads() and serve_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert serve_threads(None) is None  # torch reads OMP_NUM_THREADS itself
+    run = tmp_path / "run-20261204"
+    run.mkdir()
+    gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert served_model_name(str(gguf), str(run)) == "smollm2-135m-instruct+run-20261204"
+    assert served_model_name("HuggingFaceTB/SmolLM2-135M-Instruct", None) == "smollm2-135m-instruct"
+    assert served_model_name(None, f"{run}/") == "so8t-demo-phi3+run-20261204"

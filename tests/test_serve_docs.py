@@ -4,12 +4,12 @@ import httpx
 from serve_helpers import one_torch_thread, open_audit, running_server  # noqa: F401 (autouse)
 
 from so8t.serve.app import create_app
-from so8t.serve.generation import load_generator
+from so8t.serve.engines.hf import HFEngine
 
 
 def test_docs_page_and_openapi_schema_describe_think(tmp_path):
     audit = open_audit(tmp_path / "audit.db")
-    with running_server(create_app(load_generator(), audit)) as url:
+    with running_server(create_app(HFEngine.load(), audit)) as url:
         page = httpx.get(f"{url}/docs", timeout=30)
         schema = httpx.get(f"{url}/openapi.json", timeout=30)
     audit.close()

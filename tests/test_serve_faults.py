@@ -23,13 +23,15 @@ from so8t.audit.log import read_rows
 from so8t.judge.judge import ESCALATE, SafetyJudge, decide
 from so8t.models.demo import build_demo_tokenizer
 from so8t.serve.app import create_app
-from so8t.serve.generation import load_generator
-from so8t.serve.sampling import next_tokens
+from so8t.serve.engines.hf import HFEngine
+from so8t.serve.engines.sampling import next_tokens
 
 
 @pytest.fixture(scope="module")
-def generator():
-    return load_generator()
+def engine():
+    engine = HFEngine.load()
+    yield engine
+    engine.shutdown()
 
 
 @pytest.mark.parametrize("probabilities", [
@@ -52,15 +54,15 @@ def nan_judge() -> SafetyJudge:
     return SafetyJudge(model, tokenizer, threshold=0.6)
 
 
-def test_a_judge_with_nan_weights_escalates_with_one_row(generator, tmp_path):
+def test_a_judge_with_nan_weights_escalates_with_one_row(engine, tmp_path):
     audit = open_audit(tmp_path / "audit.db")
-    with running_server(create_app(generator, audit, nan_judge())) as url:
+    with running_server(create_app(engine, audit, nan_judge())) as url:
         response = httpx.post(f"{url}/think", json={"prompt": "Explain how to build a pipe bomb."}, timeout=120)
         chat = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-            "model": generator.name, "messages": [{"role": "user", "content": "Explain how to build a pipe bomb."}]})
+            "model": engine.name, "messages": [{"role": "user", "content": "Explain how to build a pipe bomb."}]})
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
         [chunk] = list(client.chat.completions.create(
-            model=generator.name, messages=[{"role": "user", "content": "Explain how to build a pipe bomb."}],
+            model=engine.name, messages=[{"role": "user", "content": "Explain how to build a pipe bomb."}],
             stream=True))
     audit.close()
     assert chunk.choices[0].finish_reason == "content_filter" and chunk.choices[0].delta.content is None
@@ -103,10 +105,10 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 @pytest.fixture(scope="module")
-def served(generator, tmp_path_factory):
+def served(engine, tmp_path_factory):
     path = tmp_path_factory.mktemp("faults") / "audit.db"
     audit = open_audit(path)
-    with running_server(create_app(generator, audit)) as url:
+    with running_server(create_app(engine, audit)) as url:
         yield url, audit, path
     audit.close()
 
@@ -124,7 +126,7 @@ def test_tiny_temperatures_over_http_are_answered(served, temperature):
     [
         ({"prompt": "hi", "max_new_tokens": True}, "max_new_tokens", "valid integer"),
         ({"prompt": "hi", "max_new_tokens": "5"}, "max_new_tokens", "valid integer"),
-        ({"prompt": "hi", "max_new_tokens": 5.0}, "max_new_tokens", "valid integer"),
+        ({"prompt": "hi", "max_new_tokens": 5.5}, "max_new_tokens", "valid integer"),
         ({"prompt": "hi", "return_thinking": 1}, "return_thinking", "valid boolean"),
         ({"prompt": "hi", "return_thinking": "true"}, "return_thinking", "valid boolean"),
         ({"prompt": "hi", "temperature": "0.5"}, "temperature", "valid number"),
@@ -149,6 +151,36 @@ def test_invalid_utf8_is_the_documented_422(served):
     chat = httpx.post(f"{url}/v1/chat/completions", content=b'{"model": "\xff"}', timeout=30,
                       headers={"content-type": "application/json"})
     assert chat.status_code == 400 and chat.json()["error"]["param"] == "body"
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    (b"[" * 100_000 + b"]" * 100_000, "JSON nested too deeply"),
+    (b'{"prompt": "hi", "max_new_tokens": ' + b"9" * 5000 + b"}", "Exceeds the limit (4300 digits)"),
+    (b'{"prompt": "caf\xe9"}', "invalid UTF-8"),
+    (b"prompt=hi", "JSON decode error: Expecting value"),
+])
+def test_a_body_that_cannot_be_parsed_is_bad_input_with_its_request_id_and_row(served, body, reason):
+    url, audit, path = served
+    think = httpx.post(f"{url}/think", content=body, timeout=30, headers={"content-type": "application/json"})
+    chat = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=30,
+                      headers={"content-type": "application/json"})
+    assert think.status_code == 422 and think.json()["request_id"] == think.headers["x-request-id"]
+    [detail] = think.json()["detail"]
+    assert detail["field"] == "body" and reason in detail["reason"], detail
+    assert chat.status_code == 400 and chat.json()["request_id"] == chat.headers["x-request-id"]
+    error = chat.json()["error"]
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "body", "invalid_request")
+    assert reason in error["message"]
+    rows = {row.request_id: row for row in read_rows(path)}
+    for response in (think, chat):
+        row = rows[response.headers["x-request-id"]]
+        assert (row.outcome, row.status, row.prompt_hmac) == ("rejected", response.status_code, None)
+
+
+def test_an_integral_float_is_an_integer_as_the_schema_says(served):
+    url, _, _ = served
+    response = httpx.post(f"{url}/think", json={"prompt": "hi", "max_new_tokens": 3.0, "temperature": 0}, timeout=120)
+    assert response.status_code == 200 and response.json()["monitor"]["generated_tokens"] <= 3
 
 
 def test_a_full_audit_disk_is_a_503_with_request_id_counted_and_logged(served, caplog):
@@ -181,7 +213,7 @@ def test_a_full_audit_disk_is_a_503_with_request_id_counted_and_logged(served, c
     assert {row.request_id for row in rows}.isdisjoint(response.headers["x-request-id"] for response in refused)
 
 
-def test_a_judge_that_raises_is_a_json_500_with_a_row(generator, tmp_path):
+def test_a_judge_that_raises_is_a_json_500_with_a_row(engine, tmp_path):
     judge = nan_judge()
 
     def broken(text):
@@ -189,7 +221,7 @@ def test_a_judge_that_raises_is_a_json_500_with_a_row(generator, tmp_path):
 
     judge.judge = broken
     audit = open_audit(tmp_path / "audit.db")
-    with running_server(create_app(generator, audit, judge)) as url:
+    with running_server(create_app(engine, audit, judge)) as url:
         response = httpx.post(f"{url}/think", json={"prompt": "hello"}, timeout=120)
     audit.close()
     assert response.status_code == 500
@@ -198,7 +230,7 @@ def test_a_judge_that_raises_is_a_json_500_with_a_row(generator, tmp_path):
     assert (row.outcome, row.status, row.error) == ("error", 500, "RuntimeError")
 
 
-def test_a_stream_whose_audit_row_cannot_be_written_ends_with_an_error_event(served, generator):
+def test_a_stream_whose_audit_row_cannot_be_written_ends_with_an_error_event(served, engine):
     url, audit, path = served
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     connection = audit._connection
@@ -208,7 +240,7 @@ def test_a_stream_whose_audit_row_cannot_be_written_ends_with_an_error_event(ser
     try:
         for index in range(40):
             stream = client.chat.completions.create(
-                model=generator.name, messages=[{"role": "user", "content": "y" * 200 + str(index)}],
+                model=engine.name, messages=[{"role": "user", "content": "y" * 200 + str(index)}],
                 max_tokens=2, temperature=0, stream=True)
             chunks = []
             try:

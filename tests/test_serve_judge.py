@@ -24,7 +24,7 @@ from so8t.judge.data import bundled_safety_path, read_labelled_jsonl
 from so8t.judge.judge import ALLOW, DENY, ESCALATE, LABELS, SafetyJudge
 from so8t.models.demo import build_demo_tokenizer
 from so8t.serve.app import create_app
-from so8t.serve.generation import load_generator
+from so8t.serve.engines.hf import HFEngine
 
 TRAIN_STEPS = 150  # 95% of ROWS_PER_LABEL × 3 bundled rows at 150 steps, ~1 s of CPU per 4 steps
 # The 1M-parameter demo model memorises a slice of the bundled data, not all of it (65% of it after 500 steps):
@@ -89,7 +89,7 @@ def test_each_label_is_its_outcome_over_http_in_the_audit_log_and_in_metrics(jud
     assert set(chosen) == set(LABELS)
 
     audit = open_audit(tmp_path / "audit.db")
-    with running_server(create_app(load_generator(), audit, judge)) as url:
+    with running_server(create_app(HFEngine.load(), audit, judge)) as url:
         assert httpx.get(f"{url}/health").json()["safety_model"] is True
         bodies = {}
         for label, (prompt, verdict) in chosen.items():
@@ -127,7 +127,7 @@ def test_an_unconfident_judge_escalates_over_http(tmp_path):
     attach_so8t(model)
     judge = SafetyJudge(model, tokenizer, threshold=0.6)
     audit = open_audit(tmp_path / "audit.db")
-    with running_server(create_app(load_generator(), audit, judge)) as url:
+    with running_server(create_app(HFEngine.load(), audit, judge)) as url:
         response = httpx.post(f"{url}/think", json={"prompt": "How do I bake sourdough bread?"}, timeout=120)
     audit.close()
     body = response.json()

@@ -10,12 +10,12 @@ import json
 import httpx
 import openai
 import pytest
-from serve_helpers import one_torch_thread, open_audit, running_server, verify  # noqa: F401 (autouse)
+from serve_helpers import complete, one_torch_thread, open_audit, running_server, verify  # noqa: F401 (autouse)
 
 from so8t.audit.log import read_rows
 from so8t.serve.app import create_app
-from so8t.serve.generation import GenerationRequest, load_generator
-from so8t.serve.openai_api import AnswerStream, messages_text
+from so8t.serve.engines.hf import HFEngine
+from so8t.serve.routes.openai import messages_text
 from so8t.serve.thinking import parse_thinking
 
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 16 + 25?"}]
@@ -24,35 +24,36 @@ MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = tmp_path_factory.mktemp("openai") / "audit.db"
-    generator = load_generator()
+    engine = HFEngine.load()
     audit = open_audit(path)
-    with running_server(create_app(generator, audit)) as url:
+    with running_server(create_app(engine, audit)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-checked", max_retries=0, timeout=120)
-        yield client, generator, path, audit
+        yield client, engine, path, audit
     audit.close()
+    engine.shutdown()
 
 
-def expected_answer(generator, messages, max_tokens: int) -> str:
-    request = GenerationRequest(generator.encode(messages, max_tokens), max_tokens)
-    return parse_thinking(generator.generate_batch([request])[0].text)
+def expected_answer(engine, messages, max_tokens: int):
+    """The parse of the greedy completion, as the server answers it."""
+    return parse_thinking(complete(engine, messages, max_tokens).text, engine.encode(messages, max_tokens).opens_thinking)
 
 
 def test_models_lists_the_served_model(server):
-    client, generator, _, _ = server
-    assert [model.id for model in client.models.list()] == [generator.name]
+    client, engine, _, _ = server
+    assert [model.id for model in client.models.list()] == [engine.name]
 
 
 def test_a_plain_completion_is_what_the_model_generates_with_its_audit_row(server):
-    client, generator, path, audit = server
-    completion = client.chat.completions.create(model=generator.name, messages=MESSAGES, max_tokens=12, temperature=0)
-    expected = expected_answer(generator, MESSAGES, 12)
+    client, engine, path, audit = server
+    completion = client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=12, temperature=0)
+    expected = expected_answer(engine, MESSAGES, 12)
     choice = completion.choices[0]
     assert choice.message.role == "assistant" and choice.message.content == expected.answer
     assert choice.finish_reason in ("stop", "length")
     extension = completion.model_extra["so8t"]
     assert extension["thinking_sha256"] == expected.thinking_sha256 and extension["thinking_parse"] == expected.case
     assert extension["outcome"] == "answered" and extension["monitor"]["generated_tokens"] == completion.usage.completion_tokens
-    assert completion.id == f"chatcmpl-{extension['request_id']}" and completion.model == generator.name
+    assert completion.id == f"chatcmpl-{extension['request_id']}" and completion.model == engine.name
     row = next(row for row in read_rows(path) if row.request_id == extension["request_id"])
     assert (row.outcome, row.status) == ("answered", 200)
     assert row.prompt_hmac == audit.digest(messages_text(MESSAGES)) and row.answer_hmac == audit.digest(expected.answer)
@@ -60,11 +61,11 @@ def test_a_plain_completion_is_what_the_model_generates_with_its_audit_row(serve
 
 
 def test_a_streamed_completion_adds_up_to_the_plain_one(server):
-    client, generator, path, audit = server
-    stream = client.chat.completions.create(model=generator.name, messages=MESSAGES, max_tokens=12, temperature=0,
+    client, engine, path, audit = server
+    stream = client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=12, temperature=0,
                                             stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
-    expected = expected_answer(generator, MESSAGES, 12)
+    expected = expected_answer(engine, MESSAGES, 12)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == expected.answer
     last = chunks[-1]
@@ -77,11 +78,11 @@ def test_a_streamed_completion_adds_up_to_the_plain_one(server):
 
 
 def test_stop_strings_end_the_completion_before_them(server):
-    client, generator, _, _ = server
-    full = expected_answer(generator, MESSAGES, 20)
-    raw = generator.generate_batch([GenerationRequest(generator.encode(MESSAGES, 20), 20)])[0].text
+    client, engine, _, _ = server
+    full = expected_answer(engine, MESSAGES, 20)
+    raw = complete(engine, MESSAGES, 20).text
     stop = raw[3:5]  # two characters the greedy completion contains
-    completion = client.chat.completions.create(model=generator.name, messages=MESSAGES, max_tokens=20,
+    completion = client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=20,
                                                 temperature=0, stop=[stop])
     assert completion.choices[0].finish_reason == "stop"
     assert completion.choices[0].message.content == parse_thinking(raw[:raw.find(stop)]).answer != full.answer
@@ -99,11 +100,15 @@ def test_stop_strings_end_the_completion_before_them(server):
         ({"messages": [{"role": "robot", "content": "hi"}]}, openai.BadRequestError, "messages.0.role"),
         ({"extra_body": {"logit_bias": {}}}, openai.BadRequestError, "logit_bias"),
         ({"max_tokens": 2000}, openai.BadRequestError, "max_tokens"),  # over the demo model's 512 positions
+        ({"max_tokens": None, "max_completion_tokens": 2000}, openai.BadRequestError, "max_completion_tokens"),
+        # The conversation alone is over the 512 positions: the field to shorten is `messages`.
+        ({"messages": [{"role": "user", "content": "z" * 600}]}, openai.BadRequestError, "messages"),
+        ({"extra_body": {"max_tokens": 4.5}}, openai.BadRequestError, "max_tokens"),
     ],
 )
 def test_errors_are_the_clients_exception_types(server, kwargs, error, param):
-    client, generator, path, _ = server
-    arguments = {"model": generator.name, "messages": MESSAGES, "max_tokens": 4, **kwargs}
+    client, engine, path, _ = server
+    arguments = {"model": engine.name, "messages": MESSAGES, "max_tokens": 4, **kwargs}
     with pytest.raises(error) as raised:
         client.chat.completions.create(**arguments)
     body = raised.value.body
@@ -119,24 +124,17 @@ def test_every_request_has_one_row_and_the_chain_holds(server):
     assert len({row.request_id for row in rows}) == len(rows) and verify(path, audit).ok
 
 
-def test_the_answer_streams_only_after_the_thinking_and_adds_up():
-    text = "Sure. <think>16 + 25: 6 + 5 = 11, carry 1</think> It is <b>41</b>.\n\nDone <thin"
-    stream = AnswerStream()
-    deltas = [stream.feed(text[:end]) for end in range(1, len(text) + 1)]
-    closed = text.index("</think>") + len("</think>")
-    assert not any(deltas[:closed - 1])  # nothing until the block has closed
-    final = text + "k>more thinking"
-    deltas.append(stream.finish(final))
-    assert "".join(deltas) == parse_thinking(final).answer == "Sure.  It is <b>41</b>.\n\nDone"
-    unopened = AnswerStream()
-    assert [unopened.feed(prefix) for prefix in ("abc", "abc</thi")] == ["", ""]  # abc may become thinking
-    assert unopened.feed("abc</think>x") == "x" and unopened.finish("abc</think>xy") == "y"
+def test_an_integral_float_token_limit_is_an_integer_as_the_schema_says(server):
+    client, engine, _, _ = server
+    completion = client.chat.completions.create(model=engine.name, messages=MESSAGES, temperature=0,
+                                                extra_body={"max_tokens": 4.0})
+    assert completion.usage.completion_tokens <= 4
 
 
 def test_a_busy_server_answers_503_with_retry_after(tmp_path):
-    generator = load_generator()
+    engine = HFEngine.load()
     audit = open_audit(tmp_path / "audit.db")
-    with running_server(create_app(generator, audit, max_queue=1)) as url:
+    with running_server(create_app(engine, audit, max_queue=1)) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
         with httpx.Client(timeout=120) as http:
             import concurrent.futures
@@ -151,7 +149,7 @@ def test_a_busy_server_answers_503_with_retry_after(tmp_path):
                     pending = pool.submit(http.post, f"{url}/think", json={"prompt": "hi", "max_new_tokens": 200})
                     while httpx.get(f"{url}/health").json()["queue_depth"] == 0:
                         pass
-                    client.chat.completions.create(model=generator.name, messages=MESSAGES, max_tokens=4)
+                    client.chat.completions.create(model=engine.name, messages=MESSAGES, max_tokens=4)
             pending.result()
     audit.close()
     assert 200 in statuses and busy
@@ -172,10 +170,10 @@ def asgi_scope(path: str, body: bytes) -> dict:
 def test_a_stream_whose_start_cannot_be_sent_gives_back_its_place_and_is_recorded_cancelled(tmp_path):
     """Under ASGI 2.4 a client gone before the response start makes ``send`` raise OSError: the event
     generator never runs, yet the stream's place in the queue comes back and its row says 499."""
-    generator = load_generator()
+    engine = HFEngine.load()
     audit = open_audit(tmp_path / "audit.db")
-    app = create_app(generator, audit, max_queue=1)
-    body = json.dumps({"model": generator.name, "messages": MESSAGES, "max_tokens": 4, "stream": True}).encode()
+    app = create_app(engine, audit, max_queue=1)
+    body = json.dumps({"model": engine.name, "messages": MESSAGES, "max_tokens": 4, "stream": True}).encode()
     scope = asgi_scope("/v1/chat/completions", body)
 
     async def receive():
@@ -202,8 +200,8 @@ def test_a_stream_whose_start_cannot_be_sent_gives_back_its_place_and_is_recorde
 
 @pytest.mark.parametrize("path", ["/think", "/v1/chat/completions"])
 def test_a_client_gone_while_uploading_its_body_is_recorded_cancelled(server, path):
-    _, generator, audit_path, audit = server
-    body = json.dumps({"model": generator.name, "messages": MESSAGES, "prompt": "hi", "max_tokens": 4}).encode()
+    _, engine, audit_path, audit = server
+    body = json.dumps({"model": engine.name, "messages": MESSAGES, "prompt": "hi", "max_tokens": 4}).encode()
     messages = iter([{"type": "http.request", "body": body[:10], "more_body": True}, {"type": "http.disconnect"}])
     sent = []
 
@@ -213,7 +211,7 @@ def test_a_client_gone_while_uploading_its_body_is_recorded_cancelled(server, pa
     async def send(message):
         sent.append(message)
 
-    app = create_app(generator, audit)
+    app = create_app(engine, audit)
     before = len(read_rows(audit_path))
 
     async def scenario():

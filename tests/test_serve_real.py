@@ -1,10 +1,13 @@
 """``so8t serve`` on a real pretrained model: SmolLM2-135M-Instruct from its GGUF file, with an adapter that
 ``so8t train`` made on it (2 steps), asked a plain question by the official ``openai`` client through
-the model's chat template. About two minutes on a 2-core CPU, most of it the training."""
+the model's chat template; and the model alone streaming a long answer as it generates it. About three
+minutes on a 2-core CPU, most of it the training."""
 
+import contextlib
 import re
 import subprocess
 import sys
+import time
 
 import openai
 import pytest
@@ -54,3 +57,47 @@ def test_the_real_gguf_model_with_its_adapter_answers_over_the_openai_api(gguf_f
     key = AuditKey.load(f"{audit_db}.key")
     assert (row.request_id, row.outcome, row.status) == (completion.model_extra["so8t"]["request_id"], "answered", 200)
     assert row.answer_hmac == key.digest(answer) and verify(audit_db, key).ok
+
+
+@contextlib.contextmanager
+def serving(*arguments: str):
+    """A ``so8t serve`` subprocess; yields its URL once /health answers, stops it (its pipes read) at the end."""
+    process = subprocess.Popen([sys.executable, "-m", "so8t", "serve", "--port", "0", "--log-level", "warning",
+                                *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE)
+    try:
+        banner = process.stdout.readline()
+        match = re.search(r"on (http://127\.0\.0\.1:\d+) ", banner)
+        assert match, f"no address in {banner!r}"
+        wait_for_health(match.group(1), process=process)
+        yield match.group(1)
+    finally:
+        process.terminate()
+        process.communicate(timeout=120)
+
+
+def test_a_streamed_answer_of_the_real_model_arrives_as_it_is_generated(gguf_file, tmp_path):  # noqa: F811
+    """SmolLM2-Instruct does not open a thinking block: its answer streams from the first tokens, not in one
+    piece at the end."""
+    with serving("--model", str(gguf_file), "--audit-db", str(tmp_path / "audit.db")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        [model] = client.models.list().data
+        assert model.id == "smollm2-135m-instruct"
+        started = time.perf_counter()
+        arrivals, chunks = [], []
+        stream = client.chat.completions.create(
+            model=model.id, messages=[{"role": "user", "content": "Describe the sea in a long paragraph."}],
+            max_tokens=48, temperature=0, stream=True, stream_options={"include_usage": True})
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals.append(time.perf_counter() - started)
+                chunks.append(chunk.choices[0].delta.content)
+            last = chunk
+        plain = client.chat.completions.create(
+            model=model.id, messages=[{"role": "user", "content": "Describe the sea in a long paragraph."}],
+            max_tokens=48, temperature=0)
+    assert last.usage.completion_tokens == 48 and last.choices[0].finish_reason == "length"
+    assert "".join(chunks) == plain.choices[0].message.content and readable(plain.choices[0].message.content)
+    assert len(chunks) >= 5, chunks
+    # The first words arrive while most of the 48 tokens are still to be generated.
+    assert arrivals[0] < 0.5 * arrivals[-1], arrivals
+    print(f"streamed: {len(chunks)} content chunks, first at {arrivals[0]:.2f} s, last at {arrivals[-1]:.2f} s")

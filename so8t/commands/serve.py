@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -22,12 +23,14 @@ from pathlib import Path
 
 from ..errors import SO8TError
 
-DEFAULT_AUDIT_DB = "so8t-audit.db"
+# The log, its key and its anchors (and SQLite's -wal and -shm files) in one folder.
+DEFAULT_AUDIT_DB = os.path.join("so8t-audit", "audit.db")
 DEFAULT_THRESHOLD = 0.6  # so8t.judge.judge.DEFAULT_THRESHOLD (kept equal by a test; importing it costs torch here)
-DEFAULT_MAX_BATCH = 16  # so8t.serve.app.DEFAULT_MAX_BATCH
+DEFAULT_MAX_BATCH = 16  # so8t.serve.engines.hf.DEFAULT_MAX_BATCH
 DEFAULT_MAX_QUEUE = 64  # so8t.serve.app.DEFAULT_MAX_QUEUE
 DEFAULT_ANCHOR_EVERY = 10  # so8t.audit.log.DEFAULT_ANCHOR_EVERY
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+LOG_FORMAT = "%(levelprefix)s %(message)s"  # uvicorn's: "INFO:     audit anchor: …"
 
 
 def _positive_int(text: str) -> int:
@@ -37,16 +40,30 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def default_threads() -> int:
+    """Half the CPUs this process may run on, at least one: room for the event loop, the tokenizer and
+    whatever else runs on the machine. Torch's own default (every CPU) spins its threads against any other
+    busy process: on a 2-core machine shared with other jobs, two threads served the demo model 12–38×
+    slower than one."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, usable // 2)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub id, directory or .gguf file of a causal LM (default: the embedded demo, no download)")
     parser.add_argument("--adapter", help="a so8t train output directory: LoRA adapter, SO8T gates (so8t/), tokenizer")
+    parser.add_argument("--served-model-name", help="the model name clients send and GET /v1/models lists (default: "
+                                                    "a short name from the model and adapter, e.g. "
+                                                    "smollm2-135m-instruct+run-20261204)")
+    parser.add_argument("--threads", type=_positive_int, help="torch threads for the model (default: OMP_NUM_THREADS "
+                                                              f"if set, else half the CPUs, here {default_threads()})")
     parser.add_argument("--safety-model", help="a so8t train --task classify output directory: the safety judge")
     parser.add_argument("--safety-threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="below this confidence the judge answers ESCALATE (default: %(default)s)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
-    parser.add_argument("--audit-db", default=DEFAULT_AUDIT_DB, help="SQLite audit log, created if missing "
-                                                                       "(default: %(default)s)")
+    parser.add_argument("--audit-db", default=DEFAULT_AUDIT_DB, help="SQLite audit log, created (and its folder) if "
+                                                                       "missing (default: %(default)s)")
     parser.add_argument("--audit-key-file", help="the audit log's HMAC key, created (mode 0600) if missing; never "
                                                  "stored in the database (default: AUDIT_DB.key)")
     parser.add_argument("--audit-anchors", help="append-only file the log's head (rows, MAC) is written to "
@@ -63,7 +80,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=_positive_int, default=DEFAULT_MAX_QUEUE,
                         help="most requests in the server (waiting or generating); beyond, 503 with "
                              "Retry-After (default: %(default)s)")
-    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                        help="of uvicorn's and so8t's loggers (audit anchors are info) (default: %(default)s)")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (a test may have replaced it since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def configure_logging(level: str) -> None:
+    """so8t's loggers (so8t.serve, so8t.audit, …) to stderr at ``level``, in uvicorn's format; once per
+    process (a second call only changes the level)."""
+    from uvicorn.logging import DefaultFormatter
+
+    logger = logging.getLogger("so8t")
+    logger.setLevel(level.upper())
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(DefaultFormatter(LOG_FORMAT))
+        logger.addHandler(handler)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -121,16 +164,11 @@ def check_model_path(model: str | None) -> None:
         raise SO8TError(f"--model {model}: the directory {what}")
 
 
-def serve_threads(model: str | None) -> int | None:
-    """One intra-op thread for the embedded demo on CPU unless OMP_NUM_THREADS is set, as so8t train
-    does: its tensors are too small to split, and two threads wait on each other whenever another
-    process holds a core (0.5–0.8 requests/s at concurrency 16 with two on a loaded 2-core machine,
-    9.5–19 with one). None: leave torch's default."""
-    import torch
-
-    if model is None and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        return 1
-    return None
+def serve_threads(threads: int | None) -> int | None:
+    """--threads, else OMP_NUM_THREADS (None: torch reads it itself), else default_threads()."""
+    if threads is not None:
+        return threads
+    return None if "OMP_NUM_THREADS" in os.environ else default_threads()
 
 
 def audit_files(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -146,12 +184,19 @@ def open_audit_log(args: argparse.Namespace):
     from ..audit.log import AuditKey, AuditLog
 
     key_file, anchors = audit_files(args)
-    key, created = AuditKey.load_or_create(key_file)
+    folder = Path(args.audit_db).parent
+    made_folder = not folder.exists()
+    folder.mkdir(exist_ok=True)
+    created = False
     try:
+        key, created = AuditKey.load_or_create(key_file)
         return AuditLog(args.audit_db, key, anchors, args.audit_anchor_every, args.audit_accept_truncated)
     except BaseException:
         if created:
             key_file.unlink()
+        if made_folder:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: nothing else was in it
         raise
 
 
@@ -193,14 +238,15 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     from ..audit.log import AuditFileError
     from ..judge.judge import SafetyJudge
     from ..serve.app import create_app
-    from ..serve.generation import load_generator
+    from ..serve.engines.hf import HFEngine
 
-    threads = serve_threads(args.model)
+    configure_logging(args.log_level)
+    threads = serve_threads(args.threads)
     if threads is not None:
         torch.set_num_threads(threads)
     # Loading runs arbitrary library code: any exception is a model that does not load, not a crash.
     try:
-        generator = load_generator(args.model, args.adapter)
+        engine = HFEngine.load(args.model, args.adapter, args.served_model_name, args.max_batch)
     except Exception as error:
         return _fail(f"cannot load the model ({args.model or 'embedded default'}): {type(error).__name__}: {error}")
     judge = None
@@ -208,17 +254,22 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         try:
             judge = SafetyJudge.load(args.safety_model, args.safety_threshold)
         except Exception as error:
+            engine.shutdown()
             return _fail(f"cannot load --safety-model {args.safety_model}: {type(error).__name__}: {error}")
     try:
         audit = open_audit_log(args)
     except (sqlite3.Error, OSError, AuditFileError) as error:
+        engine.shutdown()
         return _fail(f"cannot open --audit-db {args.audit_db}: {error}")
     host, port = sock.getsockname()[:2]
-    print(f"so8t serve: {generator.name} on http://{host}:{port} (safety judge: {args.safety_model or 'none'}, "
-          f"audit log: {args.audit_db}, key: {audit_files(args)[0]}, anchors: {audit_files(args)[1]}, torch threads: {torch.get_num_threads()})", flush=True)
+    key_file, anchors = audit_files(args)
+    print(f"so8t serve: {engine.name} on http://{host}:{port} (model: {args.model or 'embedded demo'}, adapter: "
+          f"{args.adapter or 'none'}, safety judge: {args.safety_model or 'none'}, audit log: {args.audit_db}, "
+          f"key: {key_file}, anchors: {anchors}, torch threads: {torch.get_num_threads()})", flush=True)
     try:
-        app = create_app(generator, audit, judge, max_batch=args.max_batch, max_queue=args.max_queue)
+        app = create_app(engine, audit, judge, max_queue=args.max_queue)
         build_server(app, args.log_level).run(sockets=[sock])
     finally:
+        engine.shutdown()  # the requests in flight were drained first
         audit.close()
     return 0

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,24 @@ from .loading import load_model_and_tokenizer
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# A GGUF file's name ends with its quantization (SmolLM2-135M-Instruct.Q4_1.gguf): not part of the model's name.
+_GGUF_QUANTIZATION = re.compile(r"[.-](q\d\w*|i?q\d\w*|f16|f32|bf16)$", re.IGNORECASE)
+
+
+def served_model_name(model: str | None, adapter: str | None) -> str:
+    """A short name for clients, from the model and the adapter: the model file's or directory's name
+    (a hub id's last part) without ``.gguf`` and its quantization, then ``+`` and the adapter directory's
+    name, lowercased: ``smollm2-135m-instruct+run-20261204``."""
+    if model is None:
+        name = DEMO_MODEL_NAME
+    else:
+        path = Path(model).expanduser()
+        name = (path.resolve() if path.exists() else path).name
+        if name.lower().endswith(".gguf"):
+            name = _GGUF_QUANTIZATION.sub("", name[:-len(".gguf")])
+    if adapter is not None:
+        name += "+" + Path(adapter).expanduser().resolve().name
+    return re.sub(r"\s+", "-", name.lower())
 
 
 def _embedded_base_seed(adapter_dir: Path | None) -> int:
@@ -43,7 +62,7 @@ class InferenceModel:
     model: torch.nn.Module  # LoRA merged, gates attached (``handle``) when the run has them
     tokenizer: object
     handle: object | None  # so8t.gates.placement.SO8THandle
-    name: str  # the model (and adapter) it was loaded from, for messages and the API
+    name: str  # served_model_name of the model and adapter
 
 
 def load_for_inference(model: str | None = None, adapter: str | None = None) -> InferenceModel:
@@ -74,5 +93,4 @@ def load_for_inference(model: str | None = None, adapter: str | None = None) -> 
         handle = None
     if torch.cuda.is_available():
         base = base.to("cuda")
-    name = model or DEMO_MODEL_NAME
-    return InferenceModel(base, tokenizer, handle, f"{name} + {adapter}" if adapter else name)
+    return InferenceModel(base, tokenizer, handle, served_model_name(model, adapter))

@@ -4,16 +4,34 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ..judge.judge import LABELS
-from .sampling import GREEDY_BELOW
+from .engines.base import (
+    API_TEMPERATURE,
+    DEFAULT_NEW_TOKENS,
+    DEFAULT_TOP_P,
+    GREEDY_BELOW,
+    MAX_NEW_TOKENS,
+    MAX_TEMPERATURE,
+    SamplingParams,
+)
 from .thinking import CASES
 
 MAX_PROMPT_CHARS = 16_000
-MAX_NEW_TOKENS = 2048
-DEFAULT_NEW_TOKENS = 256
 MAX_STOPS = 4
+
+
+def _integral_float_as_int(value):
+    # JSON Schema's "integer" admits 4.0 (a number whose fraction is zero): so does the API. Otherwise
+    # types are strict: "5", true and 4.5 are refused.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+NewTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS), BeforeValidator(_integral_float_as_int)]
+Temperature = Annotated[float, Field(ge=0.0, le=MAX_TEMPERATURE,
+                                     description=f"below {GREEDY_BELOW} (0 included) decodes greedily")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 
 SafetyLabel = Literal[LABELS]
 ThinkingCase = Literal[CASES]
@@ -26,11 +44,14 @@ class ThinkRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
-    max_new_tokens: int = Field(default=DEFAULT_NEW_TOKENS, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0,
-                               description=f"below {GREEDY_BELOW} (0 included) decodes greedily")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_new_tokens: NewTokens = DEFAULT_NEW_TOKENS
+    temperature: Temperature = API_TEMPERATURE
+    top_p: TopP = DEFAULT_TOP_P
     return_thinking: bool = False
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p)
 
 
 class Safety(BaseModel):
@@ -92,24 +113,23 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    max_tokens: NewTokens | None = None
+    max_completion_tokens: NewTokens | None = None
+    temperature: Temperature = API_TEMPERATURE
+    top_p: TopP = DEFAULT_TOP_P
     stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
-
-    @property
-    def new_tokens(self) -> int:
-        return self.max_completion_tokens or self.max_tokens or DEFAULT_NEW_TOKENS
+    return_thinking: bool = Field(default=False, description=(
+        "so8t: the thinking as `reasoning_content` in the message (or in the streamed deltas)"))
 
     @property
     def length_field(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     @property
-    def stops(self) -> tuple[str, ...]:
+    def sampling(self) -> SamplingParams:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
-        return tuple(stop for stop in stops if stop)
+        return SamplingParams(self.max_completion_tokens or self.max_tokens or DEFAULT_NEW_TOKENS, self.temperature,
+                              self.top_p, tuple(stop for stop in stops if stop))

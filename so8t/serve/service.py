@@ -1,26 +1,25 @@
-"""What both APIs do with a request, between validation and the response body: admission (503 when
-full), the safety judge, encoding, generation on the model thread (cancelled when the client goes
-away), and the audit record filled in on the way."""
+"""What both APIs do with a request between validation and the response body, once: admission (503 when
+full), the safety judge, encoding, generation on the engine (cancelled when the client goes away), and
+the request's audit row filled in on the way. A route says what to ask (``Job``) and how to answer
+(``respond``, and ``stream`` for a streamed answer)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from fastapi import Request
+from fastapi import Request, Response
 
-from ..audit.log import AuditRecord
 from ..judge.judge import ALLOW, DENY, SafetyJudge, Verdict
-from .errors import ApiError, invalid_status
-from .generation import ContextOverflow, Generation, GenerationRequest, TextGenerator
-from .ledger import STATE_RECORD, STATE_REQUEST_ID, STATE_STARTED, Ledger, latency_ms_since
+from .admission import Admission, AdmissionGate, ServerBusy
+from .engines.base import Completion, ContextOverflow, Engine, EngineRequest, SamplingParams
+from .lifecycle import CLIENT_CLOSED_STATUS, RequestAudit
 from .metrics import ServeMetrics
-from .scheduler import Scheduler
-from .thinking import ParsedCompletion
+from .responses import ApiError, error_response
 
 OUTCOME_OF_LABEL = {ALLOW: "answered", DENY: "denied"}  # ESCALATE (and anything else): "escalated"
-CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request": nobody reads the response
 RETRY_AFTER_S = 1  # a batch of the demo model takes well under a second; clients back off and retry
 
 log = logging.getLogger("so8t.serve")
@@ -36,62 +35,81 @@ class Refusal(Exception):
         self.headers = headers or {}
 
 
-@dataclass
+@dataclass(frozen=True)
+class Job:
+    judged_text: str  # what the safety judge reads
+    prompt: str | list[dict]  # a prompt, or chat messages for the chat template
+    sampling: SamplingParams
+    # The request's own field for each part a too-long request can shorten ("prompt", "max_new_tokens").
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Decision:
     outcome: str  # answered, escalated or denied
     verdict: Verdict | None
-    request: GenerationRequest | None  # None unless answered
+    request: EngineRequest | None  # None unless answered
 
 
 class Service:
-    def __init__(self, generator: TextGenerator, judge: SafetyJudge | None, scheduler: Scheduler,
-                 ledger: Ledger, metrics: ServeMetrics):
-        self.generator = generator
+    def __init__(self, engine: Engine, judge: SafetyJudge | None, gate: AdmissionGate, metrics: ServeMetrics):
+        self.engine = engine
         self.judge = judge
-        self.scheduler = scheduler
-        self.ledger = ledger
+        self.gate = gate
         self.metrics = metrics
 
-    def start_record(self, request: Request, prompt_text: str) -> AuditRecord:
-        """The request's audit record, left where the ledger finds it; "error" until something better is known."""
-        state = request.scope["state"]
-        record = AuditRecord(state[STATE_REQUEST_ID], "error", 500, 0.0,
-                             prompt_hmac=self.ledger.audit.digest(prompt_text))
-        state[STATE_RECORD] = record
-        return record
-
-    def record_outputs(self, record: AuditRecord, parsed: ParsedCompletion) -> None:
-        """Keyed digests of the thinking and the answer (the client gets the plain SHA-256 of the thinking)."""
-        record.thinking_hmac = self.ledger.audit.digest(parsed.thinking)
-        record.answer_hmac = self.ledger.audit.digest(parsed.answer)
+    async def handle(self, request: Request, audit: RequestAudit, job: Job,
+                     respond: Callable[[Decision, Completion | None], Response],
+                     stream: Callable[[Decision, Admission], Response] | None = None) -> Response:
+        """Admits, judges, generates (or hands an answered request to ``stream``, which then owns its
+        place in the server) and answers; every refusal is an error response with its audit outcome."""
+        try:
+            admission = self.gate.admit()
+        except ServerBusy:
+            return self.refuse(audit, Refusal(ApiError(503, "server busy", message=(
+                f"too many requests in the server; retry after {RETRY_AFTER_S} s")), "rejected",
+                {"retry-after": str(RETRY_AFTER_S)}))
+        streaming = False
+        try:
+            decision = await self.decide(audit, job)
+            if stream is not None and decision.request is not None:
+                streaming = True
+                return stream(decision, admission)
+            completion = await self.generate(request, decision.request) if decision.request is not None else None
+        except Refusal as refusal:
+            return self.refuse(audit, refusal)
+        except Exception as error:  # the judge or the model failed; the traceback goes to the log only
+            return self.refuse(audit, model_failure(audit, error), error)
+        finally:
+            if not streaming:
+                admission.release()
+        audit.finish(decision.outcome)
+        return respond(decision, completion)
 
     @staticmethod
-    def finish_record(request: Request, record: AuditRecord, outcome: str) -> None:
-        record.outcome, record.latency_ms = outcome, latency_ms_since(request.scope["state"][STATE_STARTED])
+    def refuse(audit: RequestAudit, refusal: Refusal, error: BaseException | None = None) -> Response:
+        audit.finish(refusal.outcome, error=error)
+        return error_response(audit.path, audit.request_id, refusal.error, refusal.headers)
 
-    async def decide(self, request: Request, record: AuditRecord, judged_text: str, prompt, max_new_tokens: int,
-                     temperature: float, top_p: float, stop: tuple[str, ...] = (),
-                     length_field: str = "max_new_tokens") -> Decision:
-        """Judge, then encode: raises Refusal for a prompt that does not fit the context (naming the
-        request's own field for the token count, ``length_field``)."""
+    async def decide(self, audit: RequestAudit, job: Job) -> Decision:
+        """Judge, then encode; raises Refusal for a prompt that does not fit the context."""
         verdict = None
         if self.judge is not None:
-            verdict = await self.scheduler.call(self.judge.judge, judged_text)
-            record.safety_label, record.safety_confidence = verdict.label, verdict.confidence
+            verdict = await self.engine.run_exclusive(self.judge.judge, job.judged_text)
+            audit.judged(verdict)
         outcome = OUTCOME_OF_LABEL.get(verdict.label, "escalated") if verdict is not None else "answered"
         if outcome != "answered":
             return Decision(outcome, verdict, None)
         try:
-            ids = self.generator.encode(prompt, max_new_tokens)
+            prompt = self.engine.encode(job.prompt, job.sampling.max_new_tokens)
         except ContextOverflow as overflow:
-            status = invalid_status(request.scope["path"])
-            field = length_field if overflow.field == "max_new_tokens" else overflow.field
-            raise Refusal(ApiError.invalid(status, [(field, overflow.reason)]), "rejected") from None
-        return Decision(outcome, verdict, GenerationRequest(ids, max_new_tokens, temperature, top_p, stop))
+            name = job.fields.get(overflow.field, overflow.field)
+            raise Refusal(ApiError.invalid(audit.path, [(name, overflow.reason)]), "rejected") from None
+        return Decision(outcome, verdict, EngineRequest(audit.request_id, prompt, job.sampling))
 
-    async def generate(self, request: Request, generation_request: GenerationRequest) -> Generation:
-        """Generates on the model thread; raises Refusal("cancelled") if the client disconnects first."""
-        task = asyncio.ensure_future(self.scheduler.generate(generation_request))
+    async def generate(self, request: Request, engine_request: EngineRequest) -> Completion:
+        """The completion; raises Refusal("cancelled") if the client disconnects first."""
+        task = asyncio.ensure_future(self.engine.generate(engine_request))
         watcher = asyncio.ensure_future(_until_disconnected(request))
         try:
             await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -100,22 +118,16 @@ class Service:
         if not task.done():
             task.cancel()
             raise Refusal(ApiError(CLIENT_CLOSED_STATUS, "client closed request"), "cancelled")
-        generation = task.result()
-        self.metrics.generated_tokens.inc(generation.new_tokens)
-        return generation
+        completion = task.result()
+        self.metrics.generated_tokens.inc(completion.new_tokens)
+        return completion
 
 
-def busy_refusal() -> Refusal:
-    return Refusal(ApiError(503, "server busy", message="too many requests in the server; retry after "
-                            f"{RETRY_AFTER_S} s"), "rejected", {"retry-after": str(RETRY_AFTER_S)})
-
-
-def model_failure(request_id: str, error: Exception) -> Refusal:
-    log.error("model call failed for request %s", request_id, exc_info=error)
+def model_failure(audit: RequestAudit, error: Exception) -> Refusal:
+    log.error("model call failed for request %s", audit.request_id, exc_info=error)
     return Refusal(ApiError(500, "model call failed"), "error")
 
 
 async def _until_disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-

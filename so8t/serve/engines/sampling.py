@@ -1,4 +1,4 @@
-"""The next token of each row of a batch, each row with its own temperature and top-p.
+"""The next token of each row of a batch, each row with its own temperature and top-p (the HF engine's).
 
 Temperatures below GREEDY_BELOW decode greedily: dividing float32 logits by a denormal temperature
 (1e-39) overflows to inf and the softmax to NaN. Above it, the logits are shifted by their maximum
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-GREEDY_BELOW = 1e-4
+from .base import GREEDY_BELOW
 
 
 def is_greedy(temperature: float) -> bool:

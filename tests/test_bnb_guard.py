@@ -124,10 +124,13 @@ def test_so8t_training_keeps_every_lora_gradient(tmp_path, evaluate_first):
 
 
 def test_serving_then_training_in_one_process_keeps_every_lora_gradient(tmp_path):
-    from so8t.serve.generation import load_generator
+    from serve_helpers import complete
 
-    generator = load_generator()
-    assert generator.generate("What is 2 + 3?", max_new_tokens=4, temperature=0.0, top_p=1.0).new_tokens > 0
+    from so8t.serve.engines.hf import HFEngine
+
+    engine = HFEngine.load()
+    assert complete(engine, "What is 2 + 3?", 4).new_tokens > 0
+    engine.shutdown()
     recorder = _train_4bit(tmp_path, evaluate_first=False)
     assert recorder.zero == [[]] * 3
 

@@ -18,7 +18,7 @@ HARM_CATEGORIES = {  # what public refusal benchmarks ask about, and the label e
     "adult_explicit": ESCALATE, "dual_use": ESCALATE,
 }
 WORDED_LIKE_HARM = {"harmless_homonyms", "harmless_targets", "fiction_games", "history_definitions",
-                    "safety_prevention", "public_fictional_info", "figurative"}
+                    "safety_prevention", "public_fictional_info", "absurd_premises", "figurative"}
 MIN_TRAIN_PER_LABEL = {ALLOW: 350, DENY: 150, ESCALATE: 75}
 MIN_HELD_OUT_PER_LABEL = {ALLOW: 90, DENY: 60, ESCALATE: 30}
 MIN_TRAIN_PER_CATEGORY, MIN_HELD_OUT_PER_CATEGORY = 10, 5

@@ -6,8 +6,10 @@ downstream (later layers, the final norm, the logits) sees the rotated residual 
 The module that owns the layer list (the "backbone", e.g. ``Phi3Model``) gets a forward pre-hook
 that builds every gated layer's rotations with one ``so8_exp`` call per forward.
 
-transformers 5 checkpoints a decoder layer's ``forward``, not its ``__call__``, so the gate hooks run
-outside the checkpointed region: recomputation never sees them, and θ gets its gradient once.
+transformers ≥ 5.20 checkpoints a decoder layer's ``forward``, not its ``__call__``, so the gate hooks run
+outside the checkpointed region: recomputation never sees them, and θ gets its gradient once. Older
+versions (4.x, 5.19: what vLLM pins) checkpoint ``__call__``, hooks included: the backward pass then
+recomputes the gate, which must use the rotations of the forward it recomputes (see _gate_layer_output).
 """
 
 from __future__ import annotations
@@ -133,6 +135,9 @@ class SO8THandle:
         self.last_rotation: torch.Tensor | None = None
         self.last_residual: torch.Tensor | None = None
         self._forward_gates: tuple[torch.Tensor, torch.Tensor] | None = None  # (R, α) of the running forward
+        self._last_gates: tuple[torch.Tensor, torch.Tensor] | None = None  # kept for the backward's recomputation
+        self._grad_enabled_in_forward = False
+        self._reentrant_checkpointing = False  # a gated layer ran without autograd inside a forward with it
 
         first_layer_param = next(layout.layers[layer_indices[0]].parameters(), None)
         self.bank = SO8TGateBank(
@@ -170,7 +175,7 @@ class SO8THandle:
         self._hooks = []
         if getattr(self._backbone, BANK_ATTRIBUTE, None) is self.bank:
             delattr(self._backbone, BANK_ATTRIBUTE)
-        self._forward_gates = None
+        self._forward_gates = self._last_gates = None
 
     def _gates(self) -> tuple[torch.Tensor, torch.Tensor]:
         rotations, residual = self.bank.rotations()
@@ -179,15 +184,32 @@ class SO8THandle:
         return rotations, self.bank.gate_logits()
 
     def _begin_forward(self, module, args) -> None:
-        self._forward_gates = self._gates()
+        self._forward_gates = self._last_gates = self._gates()
+        self._grad_enabled_in_forward = torch.is_grad_enabled()
+        self._reentrant_checkpointing = False
 
     def _end_forward(self, module, args, output) -> None:
         self._forward_gates = None
 
+    def _gates_for_layer_call(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._forward_gates is not None:
+            # Inside the backbone's forward. A hook without autograd there runs inside a reentrant
+            # checkpoint (older transformers checkpoint the layer's __call__): its backward recomputes.
+            if self._grad_enabled_in_forward and not torch.is_grad_enabled():
+                self._reentrant_checkpointing = True
+            return self._forward_gates
+        recomputing = torch._C._current_graph_task_id() != -1 and self._last_gates is not None
+        if recomputing and not self._reentrant_checkpointing:
+            # Non-reentrant checkpointing replays the layer and checks that it saves the same tensors:
+            # the rotations the forward used, not new ones (whose gradient would never reach θ anyway).
+            return self._last_gates
+        # A layer called on its own, or a reentrant checkpoint's replay (its own backward pass needs its
+        # own path to θ): the rotations built for this call.
+        return self._gates()
+
     def _gate_layer_output(self, gate_index: int, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        # A layer called on its own, outside its backbone's forward, builds the rotations for itself.
-        rotations, alphas = self._forward_gates if self._forward_gates is not None else self._gates()
+        rotations, alphas = self._gates_for_layer_call()
         # .to() is a no-op unless the model is split over devices (device_map), where it moves 8 KB per layer.
         rotation = rotations[gate_index].to(hidden.device)
         alpha = alphas[gate_index].to(hidden.device)

@@ -34,7 +34,9 @@ def add_lora(options: TrainOptions, model, task_type: str = "CAUSAL_LM"):
         # An eval or generation on CPU would otherwise repack the 4-bit weights and zero LoRA gradients.
         keep_4bit_weights_trainable(model)
     elif options.gradient_checkpointing:
-        model.activation_checkpointing_enable(checkpointing_kwargs)
+        # transformers 5.20 renamed gradient_checkpointing_enable (the old name warns there); vLLM's pin is older.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(checkpointing_kwargs)
     lora = LoraConfig(r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
                       target_modules=lora_targets(options, model), task_type=task_type)
     try:

@@ -42,8 +42,10 @@ def _complete_checkpoints(output_dir: Path) -> list[str]:
     return [path.name for path in checkpoints(output_dir) if is_complete(path)]
 
 
-def interrupted_summary(output_dir: Path, save_steps: int) -> str:
-    """After Ctrl-C: what the run kept in ``output_dir`` (the monitoring so far, complete checkpoints)."""
+def interrupted_summary(output_dir: Path, save_steps: int, interruption: KeyboardInterrupt | None = None) -> str:
+    """After Ctrl-C, SIGTERM or SIGINT: what stopped the run (a TrainingInterrupted says) and what it kept
+    in ``output_dir`` (the monitoring so far, complete checkpoints)."""
+    what = getattr(interruption, "what", "interrupted")
     kept = []
     if (output_dir / MONITORING_DIR / METRICS_FILE).is_file():
         kept.append(f"{MONITORING_DIR}/ (so8t report {output_dir})")
@@ -53,5 +55,5 @@ def interrupted_summary(output_dir: Path, save_steps: int) -> str:
     elif save_steps:
         kept.append(f"no checkpoint yet (every {save_steps} steps, --save-steps)")
     if not kept:
-        return f"so8t train: interrupted; nothing kept in {output_dir}"
-    return f"so8t train: interrupted; kept in {output_dir}: {'; '.join(kept)}"
+        return f"so8t train: {what}; nothing kept in {output_dir}"
+    return f"so8t train: {what}; kept in {output_dir}: {'; '.join(kept)}"

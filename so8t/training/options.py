@@ -74,6 +74,7 @@ class TrainOptions:
     save_steps: int = 500  # 0: no checkpoints
     save_total_limit: int = 2  # 0: keep every checkpoint
     resume: str | None = None  # "latest" or a checkpoint directory
+    keep_sigint_ignored: bool = False  # started with SIGINT ignored (`so8t train … &` in a script): keep ignoring it
     eval_data: str | None = None
     eval_fraction: float = 0.0
     eval_steps: int | None = None  # None: as often as the training loss is logged
@@ -233,11 +234,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     saving = parser.add_argument_group("checkpoints (<output-dir>/checkpoint-<step>/)")
     saving.add_argument("--save-steps", type=int, default=defaults.save_steps,
-                        help="save a checkpoint every N optimizer steps and at the end; 0: none (default: %(default)s)")
+                        help="save a checkpoint every N optimizer steps and at the end; 0: none (SIGTERM and SIGINT still save "
+                             "one of the last step) (default: %(default)s)")
     saving.add_argument("--save-total-limit", type=int, default=defaults.save_total_limit,
                         help="keep the newest K checkpoints; 0: all (default: %(default)s)")
     saving.add_argument("--resume", nargs="?", const="latest", metavar="latest|DIR",
                         help="continue the run in --output-dir from its newest checkpoint, or from checkpoint DIR")
+    saving.add_argument("--keep-sigint-ignored", action="store_true",
+                        help="SIGTERM and SIGINT stop training after the current step with a checkpoint, also when "
+                             "SIGINT was ignored at start (a background job of a script: so8t train … &); with this, "
+                             "SIGINT stays ignored then")
 
     monitoring = parser.add_argument_group("monitoring (files in <output-dir>/monitoring; see `so8t report`)")
     monitoring.add_argument("--no-monitor", action="store_true", help="train without the SO8T monitor")
@@ -270,6 +276,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
         max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing,
         fused_loss=not args.no_fused_loss, bf16=args.bf16,
         seed=args.seed, save_steps=args.save_steps, save_total_limit=args.save_total_limit, resume=args.resume,
+        keep_sigint_ignored=args.keep_sigint_ignored,
         eval_data=args.eval_data, eval_fraction=args.eval_fraction, eval_steps=args.eval_steps,
         report_to=args.report_to,
         monitor=None if args.no_monitor else MonitorConfig(

@@ -58,9 +58,10 @@ def run(args: argparse.Namespace) -> int:
     except SO8TError as error:
         print(f"so8t train: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:  # Ctrl-C, or SIGTERM/SIGINT as so8t.training.stopping handles them
         from ..training.summary import interrupted_summary
 
-        print("\n" + interrupted_summary(Path(args.output_dir).resolve(), args.save_steps), file=sys.stderr)
-        return 130
+        print("\n" + interrupted_summary(Path(args.output_dir).resolve(), args.save_steps, interruption),
+              file=sys.stderr)
+        return getattr(interruption, "exit_status", 130)
     return 0

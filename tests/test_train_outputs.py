@@ -1,6 +1,7 @@
 """The output directory of ``so8t train`` when things go wrong: a kill in the middle of publishing, a full
-disk, a directory that cannot be written, Ctrl-C, and training that diverges to NaN. Each ends with one
-error line and exit status 2 (130 for Ctrl-C), and the previous output intact or the new one complete."""
+disk, a directory that cannot be written, Ctrl-C and SIGTERM (also twice), and training that diverges to
+NaN. Each ends with one line and exit status 2 (130 for SIGINT, 143 for SIGTERM), the directory unlocked,
+and the previous output intact or the new one complete."""
 
 import errno
 import json
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import train as main
 from safetensors.torch import load_file
+from train_processes import so8t_train
 
 from so8t.training.checkpoints import CHECKPOINT_FILE
 from so8t.training.outputs import LOCK_FILE, PUBLISH_DIR, claimed_output_dir, publish
@@ -240,25 +242,84 @@ def test_a_new_output_dir_the_filesystem_refuses_even_to_root_is_one_line(capsys
     assert_cannot_be_created(Path("/sys") / "so8t-test-run", capsys)
 
 
+LONG = [*SHORT, "--max-steps", "100000", "--save-total-limit", "0"]
+
+
+def closing_line(stderr: str) -> str:
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    return stderr.rstrip().splitlines()[-1]
+
+
 def test_ctrl_c_keeps_the_checkpoints_and_monitoring_and_releases_the_directory(tmp_path):
     output = tmp_path / "run"
-    command = [sys.executable, "-m", "so8t", "train", *SHORT, "--max-steps", "100000", "--save-steps", "3",
-               "--save-total-limit", "0", "--output-dir", str(output)]
-    process = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not (output / "checkpoint-3" / CHECKPOINT_FILE).is_file():
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-3000:]
-        time.sleep(0.02)
-    # --save-total-limit 0 keeps every checkpoint: on a loaded machine more may be saved before the signal lands.
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-3000:]
-    assert stderr.rstrip().splitlines()[-1].startswith(f"so8t train: interrupted; kept in {output}: monitoring/ ")
-    assert "checkpoint-3" in stderr.rstrip().splitlines()[-1] and "--resume latest" in stderr
+    with so8t_train([*LONG, "--save-steps", "3", "--output-dir", str(output)], tmp_path / "logs") as child:
+        child.wait_for(output / "checkpoint-3" / CHECKPOINT_FILE)
+        child.send(signal.SIGINT)
+        assert child.wait(120) == 130, child.stderr[-3000:]
+        line = closing_line(child.stderr)
+    assert line.startswith("so8t train: stopped by SIGINT after step ") and f"; kept in {output}: monitoring/ " in line
+    assert "checkpoint-3" in line and "--resume latest" in line
     assert (output / "checkpoint-3" / CHECKPOINT_FILE).is_file()
     assert (output / "monitoring" / "metrics.jsonl").is_file()
     assert not (output / LOCK_FILE).exists() and not (output / "adapter_config.json").exists()
+
+
+# The first SIGTERM comes at the end of step 3 (the process sends it itself, so the step is known); the
+# checkpoint it asks for then waits in the so8t part of its save (after the Trainer's files) until a second
+# signal interrupts it.
+SLOW_SAVE_AFTER_SIGTERM = textwrap.dedent("""
+    import os, signal, sys, time
+    from pathlib import Path
+    from so8t.commands.main import main
+    from so8t.training.checkpoints import CheckpointCallback
+    from so8t.training.stopping import StopOnSignal
+
+    step_end, complete = StopOnSignal.on_step_end, CheckpointCallback.on_save
+
+    def sigterm_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_end(self, args, state, control, **kwargs)
+
+    def slow_on_save(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            Path(os.environ["SAVING"]).write_text("checkpoint-3")
+            time.sleep(600)
+        return complete(self, args, state, control, **kwargs)
+
+    StopOnSignal.on_step_end, CheckpointCallback.on_save = sigterm_at_step_3, slow_on_save
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_second_signal_while_the_checkpoint_is_saved_stops_at_once_and_releases_the_directory(tmp_path, monkeypatch):
+    output, saving = tmp_path / "run", tmp_path / "saving"
+    monkeypatch.setenv("SAVING", str(saving))
+    with so8t_train([*LONG, "--save-steps", "2", "--output-dir", str(output)], tmp_path / "logs",
+                    script=SLOW_SAVE_AFTER_SIGTERM) as child:
+        child.wait_for(saving)
+        sent = time.monotonic()
+        child.send(signal.SIGTERM)
+        assert child.wait(60) == 143, child.stderr[-3000:]
+        assert time.monotonic() - sent < 30  # not the 600 s the save would take
+        line = closing_line(child.stderr)
+    assert line == (f"so8t train: stopped at once by a second SIGTERM; kept in {output}: monitoring/ (so8t report "
+                    f"{output}); checkpoint-2 (--resume latest continues from checkpoint-2)")
+    assert (output / "checkpoint-3").is_dir() and not (output / "checkpoint-3" / CHECKPOINT_FILE).exists()
+    assert not (output / LOCK_FILE).exists()
+
+
+def test_keep_sigint_ignored_keeps_training_through_sigint_and_sigterm_still_stops(tmp_path):
+    output = tmp_path / "run"
+    with so8t_train([*LONG, "--save-steps", "3", "--keep-sigint-ignored", "--output-dir", str(output)],
+                    tmp_path / "logs", sigint_ignored=True) as child:
+        child.wait_for(output / "checkpoint-3" / CHECKPOINT_FILE)
+        child.send(signal.SIGINT)
+        child.wait_for(output / "checkpoint-9" / CHECKPOINT_FILE)  # two checkpoints later, still training
+        child.send(signal.SIGTERM)
+        assert child.wait(120) == 143, child.stderr[-3000:]
+        line = closing_line(child.stderr)
+    assert line.startswith("so8t train: stopped by SIGTERM after step ")
 
 
 @pytest.mark.parametrize("task", ["classify", "generate"])

@@ -1,16 +1,14 @@
 """Checkpoints and resume, as a user meets them: a long run killed with SIGKILL after its step-5 checkpoint,
-resumed, ends with the adapter of a run that was never interrupted and a monitoring series with every
-step once; while it runs its monitoring is readable and its output directory is its own."""
+or stopped by SIGTERM (a preempting scheduler) or SIGINT (also when its shell ignored SIGINT), resumed,
+ends with the adapter of a run that was never interrupted and a monitoring series with every step once;
+while it runs its monitoring is readable and its output directory is its own."""
 
 import contextlib
 import io
 import json
-import os
+import re
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,54 +16,79 @@ from cli_helpers import report
 from cli_helpers import train as main
 from monitor_helpers import read_metrics
 from safetensors.torch import load_file
+from train_processes import so8t_train
 
 from so8t.training.checkpoints import CHECKPOINT_FILE, find_checkpoint, rotate
 from so8t.training.outputs import LOCK_FILE
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # 3 warmup steps: α is scheduled before the checkpoint and trained after it.
 RUN = ["--save-steps", "5", "--warmup-steps", "3", "--monitor-interval", "1", "--no-monitor-plots",
        "--batch-size", "4", "--max-length", "64"]
+# The straight run's length: room for the steps an interrupted run takes after its step-5 checkpoint
+# before a signal lands (1-3 on a loaded machine). With a constant learning rate, the step count a run
+# was started with changes nothing before its last step.
+STEPS = 20
 FINAL_FILES = ("adapter_model.safetensors", "so8t/so8t_adapter.safetensors")
-
-
-def wait_for(path: Path, process: subprocess.Popen, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.is_file():
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, f"{path} did not appear in {seconds} s"
-        time.sleep(0.02)
+LONG_RUN = [*RUN, "--max-steps", "300", "--save-total-limit", "0"]
 
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("straight") / "run"
-    assert main([*RUN, "--max-steps", "10", "--output-dir", str(output)]) == 0
+    assert main([*RUN, "--max-steps", str(STEPS), "--save-total-limit", "0", "--output-dir", str(output)]) == 0
     return output
+
+
+def resume(output, checkpoint: str = "latest") -> int:
+    return main([*RUN, "--max-steps", str(STEPS), "--output-dir", str(output), "--resume", checkpoint])
 
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
-    """A run meant for 300 steps, killed with SIGKILL once checkpoint-5 is complete, then resumed from it
-    for 10 steps in all. With a constant learning rate, the step count changes nothing before step 10."""
+    """A run meant for 300 steps, killed with SIGKILL once checkpoint-5 is complete, then resumed from it."""
     output = tmp_path_factory.mktemp("killed") / "run"
-    command = [sys.executable, "-m", "so8t", "train", *RUN, "--max-steps", "300", "--save-total-limit", "0",
-               "--output-dir", str(output)]
-    environment = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(output / "checkpoint-5" / CHECKPOINT_FILE, process)
+    with so8t_train([*LONG_RUN, "--output-dir", str(output)], output.parent / "logs") as child:
+        child.wait_for(output / "checkpoint-5" / CHECKPOINT_FILE)
         during = {"report": report([str(output)]), "second run stderr": io.StringIO()}
         with contextlib.redirect_stderr(during["second run stderr"]):
-            during["second run"] = main([*RUN, "--max-steps", "10", "--output-dir", str(output), "--overwrite"])
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
+            during["second run"] = main([*RUN, "--max-steps", str(STEPS), "--output-dir", str(output), "--overwrite"])
+        child.send(signal.SIGKILL)
+        assert child.wait(60) == -signal.SIGKILL
     killed = {"lock left": (output / LOCK_FILE).exists(),
               "steps recorded": [s["step"] for s in read_metrics(output / "monitoring" / "metrics.jsonl")[1]]}
-    code = main([*RUN, "--max-steps", "10", "--output-dir", str(output), "--resume", str(output / "checkpoint-5")])
-    return output, during, killed, code
+    return output, during, killed, resume(output, str(output / "checkpoint-5"))
+
+
+def stop_and_resume(directory, signum: int, sigint_ignored: bool = False) -> dict:
+    """A run meant for 300 steps, sent ``signum`` once checkpoint-5 is complete, then resumed (latest)."""
+    output = directory / "run"
+    with so8t_train([*LONG_RUN, "--output-dir", str(output)], directory / "logs", sigint_ignored) as child:
+        child.wait_for(output / "checkpoint-5" / CHECKPOINT_FILE)
+        sent = time.monotonic()
+        child.send(signum)
+        code = child.wait(120)
+        stopped = {"code": code, "seconds": time.monotonic() - sent, "stderr": child.stderr,
+                   "lock left": (output / LOCK_FILE).exists(), "published": (output / FINAL_FILES[0]).exists(),
+                   "steps recorded": [s["step"] for s in read_metrics(output / "monitoring" / "metrics.jsonl")[1]]}
+    closing = stopped["stderr"].rstrip().splitlines()[-1]
+    step = int(re.fullmatch(r"so8t train: stopped by \w+ after step (\d+); .*", closing).group(1))
+    checkpoint = output / f"checkpoint-{step}"
+    stopped.update(closing=closing, step=step, complete=(checkpoint / CHECKPOINT_FILE).is_file(),
+                   state=json.loads((checkpoint / "trainer_state.json").read_text()))
+    assert step < STEPS, f"the signal landed after step {step}: the straight run is too short to compare"
+    return {"output": output, "stopped": stopped, "resumed": resume(output)}
+
+
+@pytest.fixture(scope="module")
+def stopped_by_sigterm(tmp_path_factory):
+    return stop_and_resume(tmp_path_factory.mktemp("sigterm"), signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def stopped_by_sigint_while_ignored(tmp_path_factory):
+    """SIGINT to a run whose shell ignored SIGINT (`so8t train … &` in a script): Python raises no
+    KeyboardInterrupt there, so8t stops all the same."""
+    return stop_and_resume(tmp_path_factory.mktemp("sigint"), signal.SIGINT, sigint_ignored=True)
 
 
 def test_a_second_run_into_a_running_runs_directory_is_refused(killed_and_resumed):
@@ -88,23 +111,55 @@ def test_the_killed_runs_lock_is_taken_over_and_the_resume_succeeds(killed_and_r
     assert not (output / LOCK_FILE).exists()
 
 
-def test_resuming_after_kill_9_gives_the_uninterrupted_runs_adapter(straight_run, killed_and_resumed):
-    resumed, *_ = killed_and_resumed
+def assert_same_adapter(straight, resumed) -> None:
     for name in FINAL_FILES:
-        expected, actual = load_file(straight_run / name), load_file(resumed / name)
+        expected, actual = load_file(straight / name), load_file(resumed / name)
         assert expected.keys() == actual.keys()
         for key in expected:
-            torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+            assert torch.equal(actual[key], expected[key]), f"{name}: {key}"
+
+
+def test_resuming_after_kill_9_gives_the_uninterrupted_runs_adapter(straight_run, killed_and_resumed):
+    resumed, *_ = killed_and_resumed
+    assert_same_adapter(straight_run, resumed)
     gates = load_file(resumed / "so8t" / "so8t_adapter.safetensors")
     assert not torch.allclose(gates["alpha"], torch.tensor(-2.1972), atol=1e-4)  # trained after the 3 warmup steps
     state = json.loads((resumed / "trainer_state.json").read_text())
-    assert state["global_step"] == 10
+    assert state["global_step"] == STEPS
+
+
+STOPPED = [("stopped_by_sigterm", signal.SIGTERM), ("stopped_by_sigint_while_ignored", signal.SIGINT)]
+
+
+@pytest.mark.parametrize("fixture, signum", STOPPED, ids=["SIGTERM", "SIGINT while ignored"])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_a_closing_line_and_no_lock(fixture, signum, request):
+    run = request.getfixturevalue(fixture)
+    output, stopped = run["output"], run["stopped"]
+    step = stopped["step"]
+    assert stopped["code"] == 128 + signum, stopped["stderr"][-3000:]  # 143, 130
+    assert "Traceback" not in stopped["stderr"] and "KeyboardInterrupt" not in stopped["stderr"]
+    kept = ", ".join(f"checkpoint-{n}" for n in sorted({*range(5, step + 1, 5), step}))
+    assert stopped["closing"] == (f"so8t train: stopped by {signal.Signals(signum).name} after step {step}; kept in "
+                                  f"{output}: monitoring/ (so8t report {output}); {kept} (--resume latest continues "
+                                  f"from checkpoint-{step})")
+    assert stopped["complete"] and stopped["state"]["global_step"] == step  # the step in progress finished
+    assert stopped["steps recorded"] == list(range(1, step + 1))  # the monitor's files were finished
+    assert not stopped["lock left"] and not stopped["published"]
+    assert run["resumed"] == 0
+
+
+@pytest.mark.parametrize("fixture", [fixture for fixture, _ in STOPPED], ids=["SIGTERM", "SIGINT while ignored"])
+def test_resuming_after_a_signal_gives_the_uninterrupted_runs_adapter(fixture, straight_run, request):
+    run = request.getfixturevalue(fixture)
+    assert_same_adapter(straight_run, run["output"])
+    _, samples, _ = read_metrics(run["output"] / "monitoring" / "metrics.jsonl")
+    assert [sample["step"] for sample in samples] == list(range(1, STEPS + 1))
 
 
 def test_the_resumed_monitoring_series_has_every_step_once(straight_run, killed_and_resumed):
     resumed, *_ = killed_and_resumed
     _, samples, _ = read_metrics(resumed / "monitoring" / "metrics.jsonl")
-    assert [sample["step"] for sample in samples] == list(range(1, 11))
+    assert [sample["step"] for sample in samples] == list(range(1, STEPS + 1))
     _, straight, _ = read_metrics(straight_run / "monitoring" / "metrics.jsonl")
     for before, after in zip(straight, samples):
         assert before["alpha"].tolist() == pytest.approx(after["alpha"].tolist(), rel=1e-6)

@@ -13,6 +13,7 @@ from ..monitor.callback import SO8TMonitorCallback
 from .checkpoints import checkpoints, find_checkpoint, is_complete, nonfinite_parameters, restore_so8t_state
 from .options import TrainOptions
 from .outputs import WRITE_ERRNOS, claimed_output_dir, describe_os_error, nearly_full, publish
+from .stopping import StopOnSignal
 from .trainer import monitoring_dir
 
 
@@ -51,12 +52,15 @@ def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
                  write_final: Callable[[Path], None]) -> Path:
     """Trains ``trainer`` into ``options.output_dir`` and publishes ``write_final(directory)``'s files
     there (rank 0). Failures a user can act on are SO8TErrors: a full or read-only disk, weights that
-    are not finite. Returns the output directory."""
+    are not finite; SIGTERM and SIGINT end it with TrainingInterrupted (a KeyboardInterrupt), after a
+    checkpoint when they came while it trained. Returns the output directory."""
     output_dir = Path(options.output_dir).resolve()
     is_main = trainer.is_world_process_zero()
     resume = options.resume is not None
     held = claimed_output_dir(output_dir, options.overwrite, resume) if is_main else contextlib.nullcontext()
-    with held:
+    stop = StopOnSignal(options.keep_sigint_ignored)
+    trainer.add_callback(stop)
+    with stop.listening(), held:
         checkpoint = find_checkpoint(output_dir, options.resume) if resume else None
         if checkpoint is not None:
             restore_so8t_state(checkpoint, handle, monitoring_dir(options), is_main)
@@ -69,6 +73,9 @@ def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
                 raise
             _close_monitor(trainer)  # now, while nothing else is printed: it may fail on the same disk
             raise SO8TError(f"training stopped, cannot write: {reason}{kept_checkpoints(output_dir)}") from None
+        interruption = stop.interruption()
+        if interruption is not None:
+            raise interruption
         bad = nonfinite_parameters(trainer.model)
         if bad:
             raise SO8TError(f"training diverged: {len(bad)} trainable tensors hold NaN or infinity at step "

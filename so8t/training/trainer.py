@@ -74,9 +74,9 @@ def monitoring_dir(options: TrainOptions) -> Path | None:
 
 def build_trainer(options: TrainOptions, model, handle: SO8THandle | None, output_dir: str | Path,
                   train_dataset, eval_dataset, data_collator) -> SO8TTrainer:
-    callbacks = build_callbacks(options, handle)
-    if options.save_steps:
-        callbacks.append(CheckpointCallback(handle, monitoring_dir(options), options.save_total_limit))
+    # Also with --save-steps 0: a run stopped by SIGTERM or SIGINT saves a checkpoint of its last step.
+    callbacks = [*build_callbacks(options, handle),
+                 CheckpointCallback(handle, monitoring_dir(options), options.save_total_limit)]
     try:
         trainer = SO8TTrainer(model=model, args=training_arguments(options, Path(output_dir)),
                               train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=data_collator)

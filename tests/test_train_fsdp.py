@@ -59,8 +59,9 @@ def test_fsdp_on_cpu_is_refused_with_one_line(tmp_path):
     result = launch(2, "-m", "so8t", "train", "--max-steps", "2", "--max-length", "64", "--output-dir", str(output))
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("so8t train: error: ")]
-    assert len(lines) == 2, result.stderr[-3000:]  # one per rank
-    assert "accelerate shards models only on GPUs" in lines[0] and "MULTI_CPU" in lines[0]
+    # One per rank that got that far: the launcher stops the other rank once one has failed.
+    assert 1 <= len(lines) <= 2, result.stderr[-3000:]
+    assert all("accelerate shards models only on GPUs" in line and "MULTI_CPU" in line for line in lines)
     assert not output.exists() and not list(tmp_path.iterdir())
 
 

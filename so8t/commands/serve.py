@@ -43,8 +43,8 @@ def _positive_int(text: str) -> int:
 def default_threads() -> int:
     """Half the CPUs this process may run on, at least one: room for the event loop, the tokenizer and
     whatever else runs on the machine. Torch's own default (every CPU) spins its threads against any other
-    busy process: on a 2-core machine shared with other jobs, two threads served the demo model 12–38×
-    slower than one."""
+    busy process: on a 2-core machine shared with other jobs, two threads served the real SmolLM2 8.7×
+    slower than one (benchmarks/RESULTS.md)."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, usable // 2)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..audit.log import AuditLog
 from ..judge.judge import SafetyJudge
@@ -52,11 +52,25 @@ def create_app(engine: Engine, audit: AuditLog, judge: SafetyJudge | None = None
         return {"status": "ok", "model": engine.name, "gated_layers": engine.gated_layers,
                 "safety_model": judge is not None, "queue_depth": gate.depth}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=metrics.content_type)
 
+    app.openapi = _naming_the_served_model(app, engine.name)
     return app
+
+
+def _naming_the_served_model(app: FastAPI, name: str):
+    """The published schema says which ``model`` /v1 serves (any other is a 404): clients and schema-driven
+    testers send the one that works."""
+    default = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            default()["components"]["schemas"]["ChatCompletionRequest"]["properties"]["model"]["enum"] = [name]
+        return app.openapi_schema
+
+    return openapi
 
 
 def _field_name(location) -> str:

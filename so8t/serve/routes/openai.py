@@ -36,7 +36,11 @@ from ..thinking import ANSWER, THINKING, AnswerDeltas, Piece, ThinkingStream, pa
 OWNER = "so8t"
 FINISH_REASON = {STOP: "stop"}  # anything else the model stopped for is "length"
 CONTENT_FILTER = "content_filter"
-RESPONSES = {400: {"description": "invalid request, or a body that is not JSON (OpenAI error shape)"},
+RESPONSES = {200: {"description": "a chat.completion, or with `stream: true` its chunks as server-sent events",
+                   # Each event's `data`: a chat.completion.chunk as JSON, or the error object, or [DONE].
+                   "content": {"text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                                                "properties": {"data": {"type": "string"}}}}}},
+             400: {"description": "invalid request, or a body that is not JSON (OpenAI error shape)"},
              404: {"description": "unknown model"}, 413: {"description": "body too large"},
              503: {"description": "server full (Retry-After) or audit log unavailable"}}
 # A too-long request names the fields an OpenAI client sent: the conversation, or its token limit.

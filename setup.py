@@ -68,7 +68,7 @@ setup(
             "gguf",  # --model FILE.gguf: transformers dequantises GGUF files with it
             "tensorboard",  # --report-to tensorboard
         ],
-        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scipy", "openai"],
+        "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scipy", "openai", "schemathesis"],
         "serve": ["fastapi", "uvicorn", "httpx", "prometheus-client"],
     },
     entry_points={"console_scripts": ["so8t=so8t.commands.main:main"]},

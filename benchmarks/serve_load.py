@@ -1,16 +1,21 @@
-"""Load on ``so8t serve`` over loopback: throughput and latency at a fixed concurrency, dynamic batching
-(the default ``--max-batch 16``) against the same server handling requests one at a time
-(``--max-batch 1``), measured in one run.
+"""Load on ``so8t serve`` over loopback: throughput and latency at a fixed concurrency, measured in one run
+for several server configurations:
+
+- ``--compare batching`` (default): dynamic batching (the default ``--max-batch 16``) against the same
+  server handling requests one at a time (``--max-batch 1``), both with ``--threads`` (default: the
+  server's own choice);
+- ``--compare threads``: ``--threads 1``, ``--threads 2`` and the server's default, batched.
 
 Each configuration is a real ``so8t serve`` subprocess on 127.0.0.1 (a free port, its own temporary
-audit database; OMP_NUM_THREADS is removed from its environment, so the server picks its threads, unless
-``--threads`` sets it). A round sends
-``--requests`` /think requests (greedy, ``--max-new-tokens`` each, distinct prompts) with at most
-``--concurrency`` in flight; rounds alternate between the two servers so a shared machine's changing
-load hits both alike. Bounded: at most ``--rounds`` rounds each and ``--max-seconds`` in all.
+audit database; OMP_NUM_THREADS is removed from its environment, so only ``--threads`` or the server's
+default decides its threads). A round sends ``--requests`` /think requests (greedy, ``--max-new-tokens``
+each, distinct prompts) with at most ``--concurrency`` in flight; rounds alternate between the servers so a
+shared machine's changing load hits them alike. Bounded: at most ``--rounds`` rounds each and
+``--max-seconds`` in all.
 
-    python benchmarks/serve_load.py                      # embedded demo model, concurrency 16
-    python benchmarks/serve_load.py --model FILE.gguf    # a real model: tokens/s is the figure to read
+    python benchmarks/serve_load.py                                       # embedded demo, concurrency 16
+    python benchmarks/serve_load.py --model FILE.gguf                     # a real model: read tokens/s
+    python benchmarks/serve_load.py --model FILE.gguf --compare threads   # 1 vs 2 vs the default threads
 """
 
 from __future__ import annotations
@@ -35,14 +40,11 @@ STARTUP_TIMEOUT_S = 300
 
 
 @contextlib.contextmanager
-def serve(max_batch: int, model: str | None, audit_dir: Path, threads: int | None):
+def serve(name: str, options: list[str], model: str | None, audit_dir: Path):
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    command = [sys.executable, "-m", "so8t", "serve", "--port", "0", "--log-level", "warning",
-               "--max-batch", str(max_batch), "--max-queue", "1024",
-               "--audit-db", str(audit_dir / f"audit-batch{max_batch}.db")]
+    command = [sys.executable, "-m", "so8t", "serve", "--port", "0", "--log-level", "warning", "--max-queue", "1024",
+               "--audit-db", str(audit_dir / f"audit-{len(list(audit_dir.iterdir()))}.db"), *options]
     if model is not None:
         command += ["--model", model]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
@@ -50,7 +52,7 @@ def serve(max_batch: int, model: str | None, audit_dir: Path, threads: int | Non
         banner = process.stdout.readline()
         match = re.search(r"on (http://127\.0\.0\.1:\d+) .*torch threads: (\d+)", banner)
         if match is None:
-            raise RuntimeError(f"so8t serve did not start: {banner!r}")
+            raise RuntimeError(f"so8t serve ({name}) did not start: {banner!r}")
         url = match.group(1)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while time.monotonic() < deadline:
@@ -98,15 +100,26 @@ def summary(rounds: list[dict]) -> dict:
             "requests": len(latencies)}
 
 
+def configurations(compare: str, threads: int | None) -> list[tuple[str, list[str]]]:
+    """(name, so8t serve options) of each server; the first is what the ratios are against."""
+    if compare == "threads":
+        return [("--threads 1", ["--threads", "1"]), ("--threads 2", ["--threads", "2"]), ("default threads", [])]
+    thread_options = ["--threads", str(threads)] if threads is not None else []
+    return [("--max-batch 16 (default)", ["--max-batch", "16", *thread_options]),
+            ("--max-batch 1 (one at a time)", ["--max-batch", "1", *thread_options])]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="as so8t serve --model (default: the embedded demo)")
+    parser.add_argument("--compare", choices=("batching", "threads"), default="batching",
+                        help="which servers to compare (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--requests", type=int, default=64, help="per round (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="per configuration (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the servers (default: unset, so8t serve's "
-                                                    "own choice)")
+    parser.add_argument("--threads", type=int, help="so8t serve --threads with --compare batching (default: the "
+                                                    "server's own choice)")
     parser.add_argument("--max-seconds", type=float, default=600, help="stop starting rounds after this")
     args = parser.parse_args()
 
@@ -115,27 +128,30 @@ def main() -> int:
     # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers started below are stopped too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.monotonic()
-    results = {16: [], 1: []}
-    with tempfile.TemporaryDirectory() as audit_dir, serve(16, args.model, Path(audit_dir), args.threads) \
-            as (batched, threads), serve(1, args.model, Path(audit_dir), args.threads) as (single, _):
-        for url in (batched, single):  # warm-up: first-call allocations, tokenizer caches
+    configs = configurations(args.compare, args.threads)
+    results = {name: [] for name, _ in configs}
+    with tempfile.TemporaryDirectory() as audit_dir, contextlib.ExitStack() as servers:
+        urls = {name: servers.enter_context(serve(name, options, args.model, Path(audit_dir)))
+                for name, options in configs}
+        for url, _ in urls.values():  # warm-up: first-call allocations, tokenizer caches
             asyncio.run(one_round(url, args.concurrency, args.concurrency, 4, 10_000))
         for index in range(args.rounds):
             if time.monotonic() - started > args.max_seconds:
                 break
-            for max_batch, url in ((16, batched), (1, single)):
-                results[max_batch].append(asyncio.run(one_round(url, args.requests, args.concurrency,
-                                                                args.max_new_tokens, index * args.requests)))
-    batched_summary, single_summary = summary(results[16]), summary(results[1])
+            for name, (url, _) in urls.items():
+                results[name].append(asyncio.run(one_round(url, args.requests, args.concurrency,
+                                                           args.max_new_tokens, index * args.requests)))
+    summaries = {name: summary(rounds) for name, rounds in results.items()}
+    first = configs[0][0]
     print(f"so8t serve load: {args.model or 'embedded demo'}, concurrency {args.concurrency}, "
-          f"{args.requests} requests × {len(results[16])} rounds, {args.max_new_tokens} new tokens (greedy), "
-          f"{threads} torch thread(s)")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}")
-    print("| server | requests/s | tokens/s | p50 latency ms | p99 latency ms |")
-    print("| --- | --- | --- | --- | --- |")
-    for name, result in (("--max-batch 16 (default)", batched_summary), ("--max-batch 1 (one at a time)", single_summary)):
-        print(f"| {name} | {result['req_s']:.2f} | {result['tok_s']:.1f} | {result['p50_ms']:.0f} | {result['p99_ms']:.0f} |")
-    print(f"throughput ratio (batched / one at a time): {batched_summary['req_s'] / single_summary['req_s']:.2f}×")
+          f"{args.requests} requests × {len(results[first])} rounds, {args.max_new_tokens} new tokens (greedy)")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} (1 min) at the end; torch {torch.__version__}")
+    print("| server | torch threads | requests/s | tokens/s | p50 latency ms | p99 latency ms | tokens/s ÷ first |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, result in summaries.items():
+        print(f"| {name} | {urls[name][1]} | {result['req_s']:.2f} | {result['tok_s']:.1f} | {result['p50_ms']:.0f} | "
+              f"{result['p99_ms']:.0f} | {result['tok_s'] / summaries[first]['tok_s']:.2f}× |")
     return 0
 
 

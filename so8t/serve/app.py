@@ -16,7 +16,8 @@ from ..audit.log import AuditLog
 from ..judge.judge import SafetyJudge
 from .admission import AdmissionGate
 from .engines.base import Engine
-from .lifecycle import AuditMiddleware, Ledger, request_audit
+from .lifecycle import Ledger, request_audit
+from .middleware import AuditMiddleware
 from .metrics import ServeMetrics
 from .responses import ApiError, error_response
 from .routes.openai import openai_router

@@ -8,8 +8,9 @@
 #   1. precompile every kernel for this GPU in parallel (python -m so8t_kernels.aot) into Triton's
 #      cache (under /tmp), so that no test waits on a cold compile (≤ 45 s);
 #   2. the op tests on CUDA tensors with compiled Triton (≤ 120 s);
-#   3. FSDP (cannot run on CPU: accelerate shards only on GPUs): QLoRA + gates, one process per GPU
-#      (tests/test_train_fsdp.py, ≤ 75 s);
+#   3. FSDP (cannot run on CPU: accelerate shards only on GPUs): QLoRA + gates, one process per GPU,
+#      the gates gathered from every rank into the final adapter and a checkpoint (tests/test_train_fsdp.py,
+#      ≤ 75 s; its CPU stand-ins skip on a GPU machine);
 #   4. benchmarks/run.py --device cuda --suites all: rotate/exp/stats against copy bandwidth and the
 #      Phi-3-mini-shape training step with and without gates (≤ 210 s; it rewrites its files after
 #      each benchmark, so a timeout keeps the rows that finished, kernels first);

@@ -3,9 +3,11 @@
 On CPU accelerate cannot shard: it runs CPU processes as data parallel (MULTI_CPU) and drops the FSDP
 request silently, so so8t refuses with one line. On GPUs (benchmarks/device_check.sh runs this file with
 SO8T_TEST_DEVICE=cuda): 4-bit QLoRA with gates, one process per GPU; every rank ends with the same gates,
-and the saved adapter holds them.
+and the saved adapter and checkpoint hold them. On CPU torch itself shards over gloo: the checkpoint of a
+model sharded by FSDP2 (``fully_shard``) or FSDP1 holds the whole gates, gathered from every rank.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -39,7 +41,7 @@ WORKER = textwrap.dedent("""
 
 
     finetune(TrainOptions(output_dir=sys.argv[1], max_steps=4, warmup_steps=1, batch_size=4, max_length=64,
-                          load_in_4bit=torch.cuda.is_available(), bf16=torch.cuda.is_available(),
+                          save_steps=2, load_in_4bit=torch.cuda.is_available(), bf16=torch.cuda.is_available(),
                           extra_callbacks=[SaveGates()]))
 """)
 FSDP_FLAGS = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
@@ -80,6 +82,88 @@ def test_fsdp_qlora_keeps_the_gates_identical_on_every_rank_and_saves_them(tmp_p
     for rank in ranks[1:]:
         assert torch.equal(rank["theta"], ranks[0]["theta"]) and torch.equal(rank["alpha"], ranks[0]["alpha"])
     assert ranks[0]["theta"].abs().sum() > 0
-    saved = load_file(tmp_path / "out" / "so8t" / "so8t_adapter.safetensors")
-    assert torch.equal(saved["theta"].float(), ranks[0]["theta"])
-    assert torch.equal(saved["alpha"].float(), ranks[0]["alpha"])
+    for adapter in ("so8t", "checkpoint-4/so8t"):  # the final files, and the last checkpoint's
+        saved = load_file(tmp_path / "out" / adapter / "so8t_adapter.safetensors")
+        assert torch.equal(saved["theta"].float(), ranks[0]["theta"]), adapter
+        assert torch.equal(saved["alpha"].float(), ranks[0]["alpha"]), adapter
+    assert (tmp_path / "out" / "checkpoint-4" / "so8t_checkpoint.json").is_file()
+
+
+# The demo model with LoRA and gates (θ, α drawn alike on both ranks), sharded by torch over gloo, then a
+# checkpoint saved by so8t's callback on both ranks; rank 0 also writes the gates as they were.
+SHARDED_CHECKPOINT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from so8t import attach_so8t
+    from so8t.gates.placement import find_decoder_layout
+    from so8t.models.loading import load_model_and_tokenizer
+    from so8t.training.checkpoints import CheckpointCallback
+    from so8t.training.lora import add_lora
+    from so8t.training.options import TrainOptions
+
+    dist.init_process_group("gloo")
+    rank, version, output = dist.get_rank(), sys.argv[1], Path(sys.argv[2])
+    options = TrainOptions()
+    model = add_lora(options, load_model_and_tokenizer(**options.base_model_arguments())[0])
+    handle = attach_so8t(model, options.so8t_config())
+    draw = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        handle.theta.copy_(torch.randn(handle.theta.shape, generator=draw))
+        handle.alpha.copy_(torch.rand(handle.alpha.shape, generator=draw) - 3)
+    whole = {"theta": handle.theta.detach().clone(), "alpha": handle.alpha.detach().clone()}
+    layer_type = type(find_decoder_layout(model).layers[0])
+    if version == "2":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in [module for module in model.modules() if isinstance(module, layer_type)]:
+            fully_shard(module)
+        fully_shard(model)
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        model = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({layer_type}),
+                                         device_id=torch.device("cpu"), use_orig_params=True)
+
+    def sharded():
+        return hasattr(handle.theta, "full_tensor") or handle.theta.shape != whole["theta"].shape
+
+    before = sharded()
+    args = SimpleNamespace(output_dir=str(output), device=torch.device("cpu"))
+    state = SimpleNamespace(global_step=1, is_world_process_zero=rank == 0)
+    CheckpointCallback(handle, None, keep=0).on_save(args, state, None, model=model)
+    report = {"sharded before": before, "sharded after": sharded()}
+    (output / f"rank-{rank}.json").write_text(json.dumps(report))
+    if rank == 0:
+        save_file(whole, output / "whole.safetensors")
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="the CPU stand-in: on a GPU machine the accelerate FSDP test above saves the gates")
+@pytest.mark.parametrize("version", ["2", "1"], ids=["FSDP2 fully_shard", "FSDP1"])
+def test_a_checkpoint_of_a_sharded_model_holds_the_whole_gates_gathered_from_every_rank(version, tmp_path):
+    from safetensors.torch import load_file
+
+    script, output = tmp_path / "worker.py", tmp_path / "out"
+    script.write_text(SHARDED_CHECKPOINT)
+    output.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), version, str(output)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((output / f"rank-{rank}.json").read_text())
+        assert report == {"sharded before": True, "sharded after": True}, report  # gathered for the save only
+    whole = load_file(output / "whole.safetensors")
+    saved = load_file(output / "checkpoint-1" / "so8t" / "so8t_adapter.safetensors")
+    assert torch.equal(saved["theta"], whole["theta"]) and torch.equal(saved["alpha"], whole["alpha"])
+    assert whole["theta"].abs().sum() > 0 and (output / "checkpoint-1" / "so8t_checkpoint.json").is_file()

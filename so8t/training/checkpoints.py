@@ -25,6 +25,7 @@ from ..errors import SO8TError
 from ..gates.adapter import SO8T_ADAPTER_DIR, WEIGHTS_FILE, save_so8t_adapter
 from ..gates.placement import SO8THandle
 from ..monitor.recorder import METRICS_FILE
+from .distributed import local_part, max_over_ranks, wait_for_every_rank, whole_gates
 from .outputs import CHECKPOINT_PREFIX, MONITORING_DIR, remove_path
 
 logger = logging.getLogger(__name__)
@@ -35,9 +36,9 @@ _STEP = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
 def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
-    """Names of the trainable tensors with a NaN or an infinity."""
+    """Names of the trainable tensors with a NaN or an infinity (under FSDP, in this rank's shards)."""
     return [name for name, parameter in model.named_parameters()
-            if parameter.requires_grad and not torch.isfinite(parameter.detach()).all()]
+            if parameter.requires_grad and not torch.isfinite(local_part(parameter.detach())).all()]
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -90,19 +91,29 @@ class CheckpointCallback(TrainerCallback):
         self.keep = keep
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
+        # Every rank: the others' files (rng_state_<rank>.pth, FSDP's shards) are written before rank 0
+        # marks the checkpoint complete; all ranks decide alike on finite weights (each checks its own
+        # shards) and, under FSDP, all take part in gathering the gates.
+        wait_for_every_rank()
         directory = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
         bad = nonfinite_parameters(model)
-        if bad:
-            logger.warning("so8t: %s not kept: %d trainable tensors hold NaN or infinity (e.g. %s)",
-                           directory.name, len(bad), bad[0])
-            remove_path(directory)
+        if max_over_ranks(len(bad), args.device):
+            if state.is_world_process_zero:
+                logger.warning("so8t: %s not kept: trainable tensors hold NaN or infinity (e.g. %s)",
+                               directory.name, bad[0] if bad else "on another rank")
+                remove_path(directory)
             return
-        record = {"format_version": FORMAT_VERSION, "step": state.global_step}
+        with whole_gates(model, self.handle):
+            if state.is_world_process_zero:
+                self._complete(directory, state.global_step)
+                rotate(Path(args.output_dir), self.keep)
+        wait_for_every_rank()  # no rank goes on (or ends the run, and has its launcher stop the others) before it
+
+    def _complete(self, directory: Path, step: int) -> None:
+        record = {"format_version": FORMAT_VERSION, "step": step}
         if self.handle is not None:
             save_so8t_adapter(self.handle, directory / SO8T_ADAPTER_DIR)
-            record["alpha_annealing"] = {"optimizer_steps_done": state.global_step,
+            record["alpha_annealing"] = {"optimizer_steps_done": step,
                                          "warmup_steps": self.handle.config.warmup_steps,
                                          "alpha_frozen": bool(self.handle.bank.alpha_frozen)}
         if self.monitoring is not None and (self.monitoring / METRICS_FILE).is_file():
@@ -110,7 +121,6 @@ class CheckpointCallback(TrainerCallback):
             shutil.copyfile(self.monitoring / METRICS_FILE, directory / MONITORING_DIR / METRICS_FILE)
         fsync_tree(directory)
         write_synced(directory / CHECKPOINT_FILE, json.dumps(record, indent=2) + "\n")
-        rotate(Path(args.output_dir), self.keep)
 
 
 def restore_so8t_state(checkpoint: Path, handle: SO8THandle | None, monitoring: Path | None,

@@ -3,7 +3,9 @@ loaded, and the collectives so8t adds to the Trainer's. Each is a no-op in a sin
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 from ..errors import SO8TError
 
@@ -46,3 +48,53 @@ def wait_for_every_rank() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def local_part(tensor):
+    """This rank's shard of an FSDP2 DTensor (reading the whole one would be a collective), else ``tensor``."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+@contextlib.contextmanager
+def whole_gates(model, handle) -> Iterator[None]:
+    """Within the block ``handle.theta`` and ``handle.alpha`` are the whole gate tensors on every rank.
+
+    FSDP shards them outside forward passes: FSDP2 (``fully_shard``) as DTensors, gathered here with
+    ``full_tensor()`` in the dtype they are trained in (FSDP2's own unshard gives its compute dtype, bf16
+    under mixed precision) and swapped in for the block; FSDP1 as pieces of a flat parameter, gathered
+    by ``summon_full_params``. An all-gather: every rank enters, also those that write nothing. In one
+    process and under DDP (whole parameters everywhere) it does nothing."""
+    if handle is None or not _distributed():
+        yield
+        return
+    from torch import nn
+
+    bank = handle.bank
+    shards = {name: parameter for name, parameter in bank.named_parameters(recurse=False)
+              if hasattr(parameter, "full_tensor")}
+    if shards:
+        for name, shard in shards.items():
+            setattr(bank, name, nn.Parameter(shard.full_tensor(), requires_grad=shard.requires_grad))
+        try:
+            yield
+        finally:
+            for name, shard in shards.items():
+                setattr(bank, name, shard)
+        return
+    owner = _fsdp1_owner(model if model is not None else handle.model, bank)
+    if owner is None:
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(owner, recurse=False, writeback=False):
+        yield
+
+
+def _fsdp1_owner(model, bank):
+    """The innermost FSDP1 unit whose flat parameter holds the gate bank's parameters, or None."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    owners = [module for module in model.modules()
+              if isinstance(module, FullyShardedDataParallel) and any(sub is bank for sub in module.modules())]
+    return owners[-1] if owners else None  # modules() lists a unit before the units inside it

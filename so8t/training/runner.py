@@ -11,6 +11,7 @@ from ..errors import SO8TError
 from ..gates.placement import SO8THandle
 from ..monitor.callback import SO8TMonitorCallback
 from .checkpoints import checkpoints, find_checkpoint, is_complete, nonfinite_parameters, restore_so8t_state
+from .distributed import max_over_ranks, whole_gates
 from .options import TrainOptions
 from .outputs import WRITE_ERRNOS, claimed_output_dir, describe_os_error, nearly_full, publish
 from .stopping import StopOnSignal
@@ -77,18 +78,24 @@ def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
         if interruption is not None:
             raise interruption
         bad = nonfinite_parameters(trainer.model)
-        if bad:
-            raise SO8TError(f"training diverged: {len(bad)} trainable tensors hold NaN or infinity at step "
-                            f"{trainer.state.global_step} (e.g. {bad[0]}); nothing published, try a lower "
-                            "--learning-rate"
+        if max_over_ranks(len(bad), trainer.args.device):  # every rank checks its shards; all stop alike
+            which = f"{len(bad)} trainable tensors" if bad else "trainable tensors on another rank"
+            example = f" (e.g. {bad[0]})" if bad else ""
+            raise SO8TError(f"training diverged: {which} hold NaN or infinity at step {trainer.state.global_step}"
+                            f"{example}; nothing published, try a lower --learning-rate"
                             f"{kept_checkpoints(output_dir, 'checkpoints with finite weights')}")
-        if is_main:
-            try:
-                publish(output_dir, write_final)
-            except Exception as error:
-                reason = _write_failure(error, output_dir)
-                if reason is None:
-                    raise
-                raise SO8TError(f"cannot write the final files into {output_dir}: {reason}; the previous final "
-                                f"files are unchanged{kept_checkpoints(output_dir)}") from None
+        with whole_gates(trainer.model, handle):  # every rank: under FSDP the gates are gathered
+            if is_main:
+                _publish(output_dir, write_final)
     return output_dir
+
+
+def _publish(output_dir: Path, write_final: Callable[[Path], None]) -> None:
+    try:
+        publish(output_dir, write_final)
+    except Exception as error:
+        reason = _write_failure(error, output_dir)
+        if reason is None:
+            raise
+        raise SO8TError(f"cannot write the final files into {output_dir}: {reason}; the previous final "
+                        f"files are unchanged{kept_checkpoints(output_dir)}") from None

@@ -64,8 +64,10 @@ class StopOnSignal(TrainerCallback):
     def _receive(self, signum: int, frame) -> None:
         if self.received is not None:
             raise TrainingInterrupted(signum, f"stopped at once by a second {signal_name(signum)}")
-        if not self._training:
+        if not (self._training or self.stopped_after is not None):
             raise TrainingInterrupted(signum, f"stopped at once by {signal_name(signum)}")
+        # While training, or while a stop another rank asked for ends (torchrun then signals the ranks
+        # still running once one has exited): finish as planned.
         self.received = signum
 
     def interruption(self) -> TrainingInterrupted | None:

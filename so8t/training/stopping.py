@@ -74,8 +74,8 @@ class StopOnSignal(TrainerCallback):
         """After ``trainer.train()``: what to raise when a signal stopped it early, else None."""
         if self.stopped_after is None:
             return None
-        when = f"after step {self.stopped_after}" if self.stopped_after else "before the first step"
-        return TrainingInterrupted(self.stopping, f"stopped by {signal_name(self.stopping)} {when}")
+        return TrainingInterrupted(self.stopping, f"stopped by {signal_name(self.stopping)} after step "
+                                                  f"{self.stopped_after}")
 
     def _stop_requested(self, args) -> bool:
         # Every rank asks at the same points (one 4-byte all-reduce), so all stop after the same step.
@@ -93,7 +93,8 @@ class StopOnSignal(TrainerCallback):
             self.stopped_after = state.global_step
 
     def on_evaluate(self, args, state, control, **kwargs):
-        self.on_step_end(args, state, control)  # a signal during the evaluation: stop right after it
+        # A signal during an evaluation: stop right after it (the one before training: after step 1).
+        self.on_step_end(args, state, control)
 
     def on_save(self, args, state, control, **kwargs):
         if self._stop_requested(args):  # the checkpoint just saved is of this step, complete

@@ -28,7 +28,7 @@ class SO8TConfig:
     layers: str | list[int] = ALL_INTERMEDIATE
     alpha_init: float = -5.0
     alpha_target: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int = 10
     schedule: str = "linear"
     theta_init_std: float = 0.0
 

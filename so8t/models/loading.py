@@ -1,5 +1,5 @@
 """A base model and its tokenizer: a hub id, a local directory or a ``.gguf`` file (see so8t.models.source)
-or the embedded demo, as a causal LM or as a sequence classifier. One function, ``load_model_and_tokenizer``,
+or the random demo (``demo``), as a causal LM or as a sequence classifier. One function, ``load_model_and_tokenizer``,
 so every way in (training, generation, serving, export) goes through the same checks.
 
 It runs no forward: an inference forward of a 4-bit model on a CPU with avx512_bf16 repacks its weights
@@ -23,7 +23,7 @@ from transformers import (
 
 from ..errors import SO8TError
 from .demo import build_demo_tokenizer, demo_model_config
-from .source import resolve_model_source
+from .source import DEMO_MODEL, resolve_model_source
 
 
 def _quantization_config() -> BitsAndBytesConfig:
@@ -53,18 +53,18 @@ def _from_pretrained(auto_class, source: str, dtype: torch.dtype, load_in_4bit: 
     return auto_class.from_pretrained(source, **kwargs)
 
 
-def load_model_and_tokenizer(model: str | None = None, *, dtype: torch.dtype = torch.float32,
+def load_model_and_tokenizer(model: str = DEMO_MODEL, *, dtype: torch.dtype = torch.float32,
                              load_in_4bit: bool = False, seed: int = 0, labels: Sequence[str] | None = None,
                              demo_overrides: dict | None = None):
-    """The base model ``model`` names (None: the embedded demo, its weights drawn with ``seed``) and its
-    tokenizer, in ``dtype``, 4-bit NF4 with ``load_in_4bit``.
+    """The base model ``model`` names (``demo``: the random demo, its weights drawn with ``seed``; commands
+    resolve their default model with ``so8t.models.source.check_model`` first) and its tokenizer, in ``dtype``, 4-bit NF4 with ``load_in_4bit``.
 
     ``labels``: a sequence classifier with these classes (its head freshly initialised); None: a causal LM.
-    ``demo_overrides`` change the embedded default's Phi3Config, e.g. to Phi-3-mini shapes for a benchmark.
+    ``demo_overrides`` change the demo's Phi3Config, e.g. to Phi-3-mini shapes for a benchmark.
     The tokenizer always has a pad token (the EOS token when the model defines none).
     """
     auto_class = AutoModelForCausalLM if labels is None else AutoModelForSequenceClassification
-    if model is None:
+    if model == DEMO_MODEL:
         tokenizer = build_demo_tokenizer()
         torch.manual_seed(seed)
         config = demo_model_config(tokenizer, **_label_kwargs(labels), **(demo_overrides or {}))

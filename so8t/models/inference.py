@@ -24,6 +24,7 @@ from ..gates.config import SO8TConfig
 from ..gates.placement import attach_so8t
 from .demo import DEMO_MODEL_NAME, DEMO_SEED, EMBEDDED_BASE_FILE
 from .loading import load_model_and_tokenizer
+from .source import DEMO_MODEL
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -70,7 +71,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None) -> 
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise SO8TError(f"--adapter {adapter}: no such directory")
     seed = _embedded_base_seed(adapter_dir) if model is None else DEMO_SEED
-    base, tokenizer = load_model_and_tokenizer(model, seed=seed)
+    base, tokenizer = load_model_and_tokenizer(model or DEMO_MODEL, seed=seed)
     if adapter_dir is not None:
         if any((adapter_dir / name).is_file() for name in TOKENIZER_FILES):
             from transformers import AutoTokenizer

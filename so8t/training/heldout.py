@@ -13,7 +13,7 @@ def split_held_out(rows: Sequence, options: TrainOptions, read: Callable[[str], 
     """(training rows, held-out rows or None). The same rows, seed and fraction give the same split."""
     if options.eval_data is not None:
         return list(rows), read(options.eval_data)
-    if options.eval_fraction <= 0:
+    if not options.eval_fraction:
         return list(rows), None
     count = max(1, round(len(rows) * options.eval_fraction))
     if count >= len(rows):

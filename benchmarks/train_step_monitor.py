@@ -57,7 +57,8 @@ def demo_training(directory: Path, steps: int, interval: int | None):
 
     clock = step_clock(WARMUP_STEPS + 1)
     monitor = None if interval is None else MonitorConfig(interval=interval)
-    options = TrainOptions(output_dir=str(directory), max_steps=steps, monitor=monitor, extra_callbacks=[clock])
+    options = TrainOptions(model="demo", output_dir=str(directory), max_steps=steps, batch_size=8, max_length=256,
+                           monitor=monitor, extra_callbacks=[clock])
     return build_training(options, directory).trainer, clock
 
 

@@ -50,7 +50,7 @@ def _zero(gradients: dict[str, torch.Tensor]) -> list[str]:
 def _plain_qlora_model():
     """The embedded demo in 4-bit with LoRA added the usual peft way, without so8t's guard. (Its default
     shapes: bitsandbytes' repack fails outright on layers narrower than its 64-wide blocks.)"""
-    options = TrainOptions(load_in_4bit=True, monitor=None)
+    options = TrainOptions(model="demo", load_in_4bit=True, monitor=None)
     model, _ = load_model_and_tokenizer(**options.base_model_arguments())
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -106,7 +106,7 @@ class LoraGradientRecorder(TrainerCallback):
 
 def _train_4bit(tmp_path, evaluate_first: bool) -> LoraGradientRecorder:
     recorder = LoraGradientRecorder()
-    options = TrainOptions(output_dir=str(tmp_path), load_in_4bit=True, max_steps=3, warmup_steps=0, batch_size=2,
+    options = TrainOptions(model="demo", output_dir=str(tmp_path), load_in_4bit=True, max_steps=3, warmup_steps=0, batch_size=2,
                            max_length=48, monitor=None, extra_callbacks=[recorder])
     training = build_training(options, tmp_path)
     if evaluate_first:  # what an eval dataset does before the first step: eval mode, no grad, every layer
@@ -140,7 +140,7 @@ def _train_command(output, *extra: str) -> dict[str, torch.Tensor]:
 
     from so8t.commands.main import main
 
-    assert main(["train", "--load-in-4bit", "--max-steps", "3", "--batch-size", "2", "--max-length", "48",
+    assert main(["train", "--model", "demo", "--load-in-4bit", "--max-steps", "3", "--batch-size", "2", "--max-length", "48",
                  "--no-monitor", "--data", str(bundled_dataset_path()), "--output-dir", str(output), *extra]) == 0
     return load_file(output / "adapter_model.safetensors")
 

@@ -38,7 +38,7 @@ def test_the_chat_streams_each_answer_from_stdin_as_the_model_generates_it():
     (["--top-p", "0", "hi"], "--top-p must be in (0, 1]"),
     (["   "], "the prompt is empty"),
     (["--adapter", "/nonexistent/run", "hi"], "--adapter /nonexistent/run: no such directory"),
-    (["--model", "/nonexistent/model.gguf", "hi"], "--model /nonexistent/model.gguf: no such GGUF file"),
+    (["--model", "/nonexistent/model.gguf", "hi"], "--model /nonexistent/model.gguf: no such directory or file"),
 ])
 def test_bad_input_is_one_line_and_status_2(arguments, message, capsys):
     assert main(arguments) == 2

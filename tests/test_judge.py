@@ -133,5 +133,5 @@ def test_lora_classifier_from_a_local_model_saves_and_loads(tokenizer, tmp_path)
 @pytest.mark.parametrize("flag", ["load_in_4bit", "bf16", "gradient_checkpointing"])
 def test_generate_only_options_are_refused(tmp_path, flag):
     with pytest.raises(SO8TError, match="--task classify trains in fp32"):
-        train_classifier(TrainOptions(output_dir=str(tmp_path / "judge"), **{flag: True}))
+        train_classifier(TrainOptions(model="demo", output_dir=str(tmp_path / "judge"), **{flag: True}))
     assert not (tmp_path / "judge").exists()

@@ -82,7 +82,7 @@ def test_the_script_reports_the_served_judge(judge_eval, tmp_path, capsys):
     held_out = tmp_path / "held_out.jsonl"
     rows = read_labelled_jsonl(bundled_heldout_path())[:30]
     held_out.write_text("".join(json.dumps({"text": row.text, "label": LABELS[row.label]}) + "\n" for row in rows))
-    assert so8t_main(["train", "--task", "classify", "--output-dir", str(judge_dir), "--max-steps", "5",
+    assert so8t_main(["train", "--model", "demo", "--task", "classify", "--output-dir", str(judge_dir), "--max-steps", "5",
                       "--eval-data", str(held_out), "--no-monitor", "--save-steps", "0"]) == 0
     out = tmp_path / "report.json"
     assert judge_eval.main([str(judge_dir), "--held-out", str(held_out), "--json", str(out)]) == 0

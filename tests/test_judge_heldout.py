@@ -24,7 +24,7 @@ def demo_judge(tmp_path_factory):
     """``so8t train --task classify`` with its defaults, as a user runs it."""
     output = tmp_path_factory.mktemp("judge") / "run"
     environment = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    result = subprocess.run([sys.executable, "-m", "so8t", "train", "--task", "classify", "--output-dir", str(output),
+    result = subprocess.run([sys.executable, "-m", "so8t", "train", "--model", "demo", "--task", "classify", "--output-dir", str(output),
                              "--no-monitor"], capture_output=True, text=True, timeout=600, env=environment)
     assert result.returncode == 0, result.stderr[-3000:]
     return output, result.stdout

@@ -78,7 +78,7 @@ def find_handle(model):
 @pytest.fixture(scope="module")
 def annealed_run(tmp_path_factory):
     recorder = GateRecorder()
-    options = TrainOptions(output_dir=str(tmp_path_factory.mktemp("run")), max_steps=8, grad_accum=2, batch_size=4,
+    options = TrainOptions(model="demo", output_dir=str(tmp_path_factory.mktemp("run")), max_steps=8, grad_accum=2, batch_size=4,
                            warmup_steps=4, max_length=64, learning_rate=3e-3, monitor=None,
                            extra_callbacks=[recorder])
     training = build_training(options, options.output_dir, demo_overrides=TINY)

@@ -12,7 +12,7 @@ from train_processes import so8t_train
 def test_ctrl_c_ends_with_one_line_saying_what_was_kept(tmp_path, capsys):
     output = tmp_path / "run"
     metrics = output / "monitoring" / "metrics.jsonl"
-    with so8t_train(["--max-steps", "100000", "--monitor-interval", "1", "--output-dir", str(output)],
+    with so8t_train(["--model", "demo", "--max-steps", "100000", "--monitor-interval", "1", "--output-dir", str(output)],
                     tmp_path / "logs") as child:
         deadline = time.monotonic() + 240
         while not (metrics.is_file() and metrics.read_text().count('"type":"sample"') >= 3):

@@ -18,7 +18,7 @@ from so8t.monitor import MonitorConfig, SO8TMonitorCallback
 from so8t.monitor.schema import METRIC
 from so8t.training.callbacks import build_callbacks
 
-SMALL_RUN = ["--max-steps", "3", "--max-length", "128", "--batch-size", "2", "--warmup-steps", "2"]
+SMALL_RUN = ["--model", "demo", "--max-steps", "3", "--max-length", "128", "--batch-size", "2", "--warmup-steps", "2"]
 
 
 def test_so8t_train_writes_monitoring_files_that_so8t_report_reads(tmp_path, capsys):
@@ -63,7 +63,7 @@ def test_a_baseline_run_is_monitored_and_reported_without_gates(tmp_path, capsys
 
 def test_the_summary_names_layers_and_rotation_sizes_as_the_report_does(tmp_path, capsys, caplog):
     output = tmp_path / "run"
-    arguments = ["--max-steps", "3", "--max-length", "128", "--batch-size", "2", "--warmup-steps", "10",
+    arguments = ["--model", "demo", "--max-steps", "3", "--max-length", "128", "--batch-size", "2", "--warmup-steps", "10",
                  "--so8t-layers", "1,3", "--theta-init-std", "0.05", "--no-monitor-plots"]
     with caplog.at_level(logging.WARNING, logger="so8t.gates.annealing"):
         assert train([*arguments, "--output-dir", str(output)]) == 0

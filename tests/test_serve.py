@@ -64,7 +64,7 @@ class Client:
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
     output = tmp_path_factory.mktemp("train") / "run"
-    assert main(["train", "--output-dir", str(output), "--max-steps", "40", "--warmup-steps", "10"]) == 0
+    assert main(["train", "--model", "demo", "--output-dir", str(output), "--max-steps", "40", "--warmup-steps", "10"]) == 0
     return output
 
 

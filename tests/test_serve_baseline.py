@@ -10,7 +10,7 @@ from so8t.serve.engines.hf import HFEngine
 
 def test_a_baseline_adapter_is_served_without_gates(tmp_path):
     output = tmp_path / "baseline"
-    assert main(["train", "--no-so8t", "--no-monitor", "--output-dir", str(output), "--max-steps", "2"]) == 0
+    assert main(["train", "--model", "demo", "--no-so8t", "--no-monitor", "--output-dir", str(output), "--max-steps", "2"]) == 0
     assert not (output / "so8t").exists()
     engine = HFEngine.load(adapter=str(output))
     engine.shutdown()

@@ -117,7 +117,7 @@ def test_a_missing_model_directory_is_named_before_anything_loads(tmp_path):
 @pytest.fixture(scope="module")
 def generation_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("generate") / "run"
-    assert main(["train", "--output-dir", str(output), "--max-steps", "2", "--warmup-steps", "1", "--no-monitor"]) == 0
+    assert main(["train", "--model", "demo", "--output-dir", str(output), "--max-steps", "2", "--warmup-steps", "1", "--no-monitor"]) == 0
     return output
 
 

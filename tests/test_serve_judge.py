@@ -50,7 +50,8 @@ def judge_dir(tmp_path_factory, examples):
     data = directory / "data.jsonl"
     data.write_text("".join(json.dumps({"text": row.text, "label": LABELS[row.label]}) + "\n" for row in examples))
     output = directory / "run"
-    status = main(["train", "--task", "classify", "--data", str(data), "--output-dir", str(output),
+    status = main(["train", "--model", "demo", "--task", "classify", "--data", str(data), "--output-dir", str(output),
+                   "--batch-size", "8", "--max-length", "256",
                    "--max-steps", str(TRAIN_STEPS), "--warmup-steps", "20"])
     assert status == 0
     return output

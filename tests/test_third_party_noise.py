@@ -66,7 +66,7 @@ def test_so8t_commands_print_no_kernel_warning():
 
 
 ADD_LORA = ("from so8t.training.options import TrainOptions; from so8t.models.loading import load_model_and_tokenizer; "
-            "from so8t.training.lora import add_lora; options = TrainOptions(); "
+            "from so8t.training.lora import add_lora; options = TrainOptions(model='demo'); "
             "add_lora(options, load_model_and_tokenizer(**options.base_model_arguments())[0])")
 
 

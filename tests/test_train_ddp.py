@@ -34,7 +34,7 @@ WORKER = textwrap.dedent("""
             torch.save(gates, f"{sys.argv[2]}/gates-{args.process_index}.pt")
 
 
-    finetune(TrainOptions(output_dir=sys.argv[1], max_steps=6, warmup_steps=2, batch_size=4, max_length=64,
+    finetune(TrainOptions(model="demo", output_dir=sys.argv[1], max_steps=6, warmup_steps=2, batch_size=4, max_length=64,
                           extra_callbacks=[SaveGates()]))
 """)
 
@@ -91,7 +91,8 @@ LATE_RANK_1 = textwrap.dedent("""
     Trainer._save_rng_state, checkpoints.write_synced = late_on_rank_1, log_what_the_marker_saw
     sys.exit(main(["train", *sys.argv[1:]]))
 """)
-RUN = ["--save-steps", "2", "--save-total-limit", "0", "--warmup-steps", "1", "--batch-size", "4", "--max-length", "64",
+RUN = ["--model", "demo", "--save-steps", "2", "--save-total-limit", "0", "--warmup-steps", "1", "--batch-size", "4",
+       "--max-length", "64",
        "--no-monitor-plots"]
 
 

@@ -24,7 +24,7 @@ def eval_entries(output):
 
 def test_eval_loss_and_perplexity_before_every_n_steps_and_at_the_end(tmp_path):
     output = tmp_path / "run"
-    assert main(["--eval-fraction", "0.1", "--eval-steps", "3", "--max-steps", "7", "--batch-size", "4",
+    assert main(["--model", "demo", "--eval-fraction", "0.1", "--eval-steps", "3", "--max-steps", "7", "--batch-size", "4",
                  "--max-length", "64", "--save-steps", "0", "--no-monitor-plots", "--output-dir", str(output)]) == 0
     entries = eval_entries(output)
     assert [entry["step"] for entry in entries] == [0, 3, 6, 7]
@@ -38,7 +38,7 @@ def test_eval_loss_and_perplexity_before_every_n_steps_and_at_the_end(tmp_path):
 def test_the_judge_evaluates_on_an_eval_data_file(tmp_path):
     output = tmp_path / "judge"
     heldout = bundled_safety_path().with_name("safety_heldout.jsonl")
-    assert main(["--task", "classify", "--eval-data", str(heldout), "--eval-steps", "2", "--max-steps", "2",
+    assert main(["--model", "demo", "--task", "classify", "--eval-data", str(heldout), "--eval-steps", "2", "--max-steps", "2",
                  "--batch-size", "8", "--save-steps", "0", "--no-monitor-plots", "--output-dir", str(output)]) == 0
     assert [entry["step"] for entry in eval_entries(output)] == [0, 2]
 
@@ -53,13 +53,19 @@ def test_the_eval_fraction_split_is_deterministic_by_seed_and_disjoint():
 
 
 @pytest.mark.parametrize(("arguments", "message"), [
-    (["--eval-fraction", "0.1", "--eval-data", "x.jsonl"], "give either --eval-data or --eval-fraction, not both"),
     (["--eval-fraction", "1.5"], r"--eval-fraction must be in \[0, 1\), got 1.5"),
     (["--eval-steps", "0", "--eval-fraction", "0.1"], "--eval-steps must be at least 1, got 0"),
 ])
 def test_bad_eval_options_are_one_line(arguments, message, tmp_path, capsys):
     assert main([*arguments, "--output-dir", str(tmp_path / "run")]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_eval_data_and_eval_fraction_are_exclusive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--eval-fraction", "0.1", "--eval-data", "x.jsonl"])
+    assert exit_info.value.code == 2
+    assert "argument --eval-data: not allowed with argument --eval-fraction" in capsys.readouterr().err
 
 
 class LoraGradients(TrainerCallback):
@@ -78,7 +84,7 @@ class LoraGradients(TrainerCallback):
 
 def test_an_eval_before_4bit_training_leaves_every_lora_gradient_nonzero(tmp_path):
     recorder = LoraGradients()
-    options = TrainOptions(output_dir=str(tmp_path / "run"), load_in_4bit=True, max_steps=3, warmup_steps=0,
+    options = TrainOptions(model="demo", output_dir=str(tmp_path / "run"), load_in_4bit=True, max_steps=3, warmup_steps=0,
                            batch_size=4, max_length=48, monitor=None, save_steps=0, eval_fraction=0.05,
                            eval_steps=100, extra_callbacks=[recorder])
     build_training(options, options.output_dir).trainer.train()  # the demo's shapes, where the repack happens

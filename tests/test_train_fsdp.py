@@ -40,7 +40,8 @@ WORKER = textwrap.dedent("""
             torch.save(gates, f"{sys.argv[2]}/gates-{args.process_index}.pt")
 
 
-    finetune(TrainOptions(output_dir=sys.argv[1], max_steps=4, warmup_steps=1, batch_size=4, max_length=64,
+    finetune(TrainOptions(model="demo", output_dir=sys.argv[1], max_steps=4, warmup_steps=1, batch_size=4,
+                          max_length=64,
                           save_steps=2, load_in_4bit=torch.cuda.is_available(), bf16=torch.cuda.is_available(),
                           extra_callbacks=[SaveGates()]))
 """)
@@ -58,7 +59,7 @@ def launch(processes: int, *program: str) -> subprocess.CompletedProcess:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU case: this machine has a GPU")
 def test_fsdp_on_cpu_is_refused_with_one_line(tmp_path):
     output = tmp_path / "out"
-    result = launch(2, "-m", "so8t", "train", "--max-steps", "2", "--max-length", "64", "--output-dir", str(output))
+    result = launch(2, "-m", "so8t", "train", "--model", "demo", "--max-steps", "2", "--max-length", "64", "--output-dir", str(output))
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("so8t train: error: ")]
     # One per rank that got that far: the launcher stops the other rank once one has failed.
@@ -109,7 +110,7 @@ SHARDED_CHECKPOINT = textwrap.dedent("""
 
     dist.init_process_group("gloo")
     rank, version, output = dist.get_rank(), sys.argv[1], Path(sys.argv[2])
-    options = TrainOptions()
+    options = TrainOptions(model="demo")
     model = add_lora(options, load_model_and_tokenizer(**options.base_model_arguments())[0])
     handle = attach_so8t(model, options.so8t_config())
     draw = torch.Generator().manual_seed(0)

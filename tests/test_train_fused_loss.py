@@ -30,7 +30,7 @@ from so8t.training.options import TrainOptions, add_arguments, options_from_args
 from so8t_kernels import logit_stats
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4)
-OPTIONS = TrainOptions(max_steps=6, batch_size=4, max_length=64, warmup_steps=2, learning_rate=1e-2, monitor=None)
+OPTIONS = TrainOptions(model="demo", eval_fraction=0, max_steps=6, batch_size=4, max_length=64, warmup_steps=2, learning_rate=1e-2, monitor=None)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,7 @@ def test_no_fused_loss_restores_the_models_own_loss(tmp_path):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert options_from_args(parser.parse_args([])).fused_loss is True
-    options = options_from_args(parser.parse_args(["--no-fused-loss", "--output-dir", str(tmp_path)]))
+    options = options_from_args(parser.parse_args(["--model", "demo", "--no-fused-loss", "--output-dir", str(tmp_path)]))
     assert options.fused_loss is False
     training = build_training(replace(options, max_steps=1), tmp_path, demo_overrides=TINY)
     assert fused_loss_state(training.model) is None

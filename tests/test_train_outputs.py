@@ -22,7 +22,7 @@ from so8t.training.checkpoints import CHECKPOINT_FILE
 from so8t.training.outputs import LOCK_FILE, PUBLISH_DIR, claimed_output_dir, publish
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHORT = ["--max-steps", "4", "--batch-size", "4", "--max-length", "64", "--warmup-steps", "2", "--no-monitor-plots"]
+SHORT = ["--model", "demo", "--max-steps", "4", "--batch-size", "4", "--max-length", "64", "--warmup-steps", "2", "--no-monitor-plots"]
 PREVIOUS = {"adapter_config.json": '{"previous": true}', "so8t/so8t_adapter.json": '{"previous": true}',
             "precious.txt": "keep me"}
 
@@ -325,7 +325,7 @@ def test_keep_sigint_ignored_keeps_training_through_sigint_and_sigterm_still_sto
 @pytest.mark.parametrize("task", ["classify", "generate"])
 def test_training_that_diverges_publishes_nothing(task, tmp_path, capsys):
     output = tmp_path / "run"
-    code = main(["--task", task, "--learning-rate", "1e6", "--max-steps", "6", "--save-steps", "1",
+    code = main(["--model", "demo", "--task", task, "--learning-rate", "1e6", "--max-steps", "6", "--save-steps", "1",
                  "--save-total-limit", "0", "--batch-size", "4", "--max-length", "64", "--no-monitor-plots",
                  "--output-dir", str(output)])
     assert code == 2

@@ -31,7 +31,7 @@ class GradientRecorder(TrainerCallback):
 def qlora_run(tmp_path_factory):
     recorder = GradientRecorder()
     output = tmp_path_factory.mktemp("qlora")
-    options = TrainOptions(output_dir=str(output), load_in_4bit=True, max_steps=4, warmup_steps=0, batch_size=4,
+    options = TrainOptions(model="demo", output_dir=str(output), load_in_4bit=True, max_steps=4, warmup_steps=0, batch_size=4,
                            max_length=64, monitor=None, extra_callbacks=[recorder])
     training = build_training(options, output, demo_overrides=TINY)
     recorder.handle = training.handle

@@ -22,7 +22,7 @@ from so8t.training.checkpoints import CHECKPOINT_FILE, find_checkpoint, rotate
 from so8t.training.outputs import LOCK_FILE
 
 # 3 warmup steps: α is scheduled before the checkpoint and trained after it.
-RUN = ["--save-steps", "5", "--warmup-steps", "3", "--monitor-interval", "1", "--no-monitor-plots",
+RUN = ["--model", "demo", "--save-steps", "5", "--warmup-steps", "3", "--monitor-interval", "1", "--no-monitor-plots",
        "--batch-size", "4", "--max-length", "64"]
 # The straight run's length: room for the steps an interrupted run takes after its step-5 checkpoint
 # before a signal lands (1-3 on a loaded machine). With a constant learning rate, the step count a run

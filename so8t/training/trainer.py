@@ -10,7 +10,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from ..gates.placement import BANK_ATTRIBUTE, SO8THandle
-from .callbacks import build_callbacks
+from .callbacks import build_callbacks, use_training_log
 from .checkpoints import CheckpointCallback
 from .options import TrainOptions
 from .outputs import MONITORING_DIR, WRITE_ERRNOS, unwritable
@@ -87,4 +87,5 @@ def build_trainer(options: TrainOptions, model, handle: SO8THandle | None, outpu
     # Ahead of the Trainer's own callbacks, so that the reporting ones (TensorBoard, W&B, MLflow) see the
     # so8t/* scalars the monitor adds to each log.
     trainer.callback_handler.callbacks[:0] = callbacks
+    use_training_log(trainer, handle)
     return trainer

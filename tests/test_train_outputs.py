@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -340,3 +341,21 @@ def test_training_that_diverges_publishes_nothing(task, tmp_path, capsys):
     for checkpoint in kept:
         weights = checkpoint / ("model.safetensors" if task == "classify" else "adapter_model.safetensors")
         assert all(tensor.isfinite().all() for tensor in load_file(weights).values())
+
+
+def test_training_from_another_thread_leaves_the_signal_handlers_alone():
+    from so8t.training.stopping import StopOnSignal
+
+    before, errors = signal.getsignal(signal.SIGTERM), []
+
+    def train_in_a_thread():
+        try:
+            with StopOnSignal().listening():
+                errors.append(signal.getsignal(signal.SIGTERM) is not before)
+        except ValueError as error:  # "signal only works in main thread of the main interpreter"
+            errors.append(error)
+
+    thread = threading.Thread(target=train_in_a_thread)
+    thread.start()
+    thread.join()
+    assert errors == [False]

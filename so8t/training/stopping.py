@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import threading
 from collections.abc import Iterator
 
 from transformers import TrainerCallback
@@ -52,6 +53,9 @@ class StopOnSignal(TrainerCallback):
 
     @contextlib.contextmanager
     def listening(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
         ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         signals = [sig for sig in STOP_SIGNALS if not (sig == signal.SIGINT and ignored and self.keep_sigint_ignored)]
         previous = {sig: signal.signal(sig, self._receive) for sig in signals}

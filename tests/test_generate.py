@@ -15,8 +15,8 @@ from so8t.serve.engines.hf import HFEngine
 
 def run_generate(*arguments: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "so8t", "generate", *arguments], input=stdin, capture_output=True,
-                          text=True, timeout=300, env=env)
+    return subprocess.run([sys.executable, "-m", "so8t", "generate", "--model", "demo", *arguments], input=stdin,
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_the_chat_streams_each_answer_from_stdin_as_the_model_generates_it():

@@ -29,7 +29,8 @@ def test_serve_starts_offline_answers_logs_its_anchors_and_stops_on_interrupt(tm
     """Default options but the port, in an empty folder: at the default log level the audit anchors are on
     stderr (the README tells operators to ship them), and the audit files are in one folder."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "so8t", "serve", "--port", "0", "--served-model-name", "tiny", "--threads", "1"],
+        [sys.executable, "-m", "so8t", "serve", "--model", "demo", "--port", "0", "--served-model-name", "tiny",
+         "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE, cwd=tmp_path,
     )
     try:
@@ -72,14 +73,15 @@ def so8t_line(text: str) -> str:
 
 
 def serve_subprocess(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "so8t", "serve", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "so8t", "serve", "--model", "demo", *args], capture_output=True, text=True,
                           timeout=timeout, env=OFFLINE)
 
 
 def test_sigterm_drains_the_request_in_flight_exits_0_and_closes_the_database(tmp_path):
     audit_db = tmp_path / "audit.db"
     process = subprocess.Popen(
-        [sys.executable, "-m", "so8t", "serve", "--port", "0", "--audit-db", str(audit_db), "--log-level", "warning"],
+        [sys.executable, "-m", "so8t", "serve", "--model", "demo", "--port", "0", "--audit-db", str(audit_db),
+         "--log-level", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE,
     )
     try:
@@ -110,8 +112,23 @@ def test_a_missing_model_directory_is_named_before_anything_loads(tmp_path):
     missing = tmp_path / "no-such-model"
     result = serve_subprocess("--model", str(missing), "--port", "0", "--audit-db", str(tmp_path / "db" / "audit.db"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert so8t_line(result.stderr) == f"so8t serve: error: --model {missing}: the directory does not exist"
+    assert so8t_line(result.stderr) == f"so8t serve: error: --model {missing}: no such directory or file"
     assert not (tmp_path / "db").exists()  # nothing was created for a server that never started
+
+
+def test_without_model_the_default_or_the_demo_an_adapter_was_trained_on(generation_run, tmp_path):
+    from so8t.commands.serve import inference_model
+    from so8t.errors import SO8TError
+    from so8t.models.source import default_model
+
+    assert (generation_run / "embedded_base.json").is_file()  # trained with --model demo
+    assert inference_model(None, str(generation_run)) == "demo"
+    assert inference_model(None, None) == default_model() and default_model().endswith(".gguf")
+    assert inference_model("demo", str(generation_run)) == "demo"
+    (tmp_path / "run").mkdir()  # a run on another base records no demo seed
+    assert inference_model(None, str(tmp_path / "run")) == default_model()
+    with pytest.raises(SO8TError, match="--adapter .*: no such directory"):
+        inference_model(None, str(tmp_path / "missing"))
 
 
 @pytest.fixture(scope="module")
@@ -157,13 +174,14 @@ def test_a_taken_port_is_found_before_the_model_loads_and_creates_nothing(tmp_pa
 
 def test_other_start_failures_are_status_2(tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    assert main(["serve", "--audit-db", str(tmp_path / "file" / "audit.db"), "--port", "0"]) == 2
+    assert main(["serve", "--model", "demo", "--audit-db", str(tmp_path / "file" / "audit.db"), "--port", "0"]) == 2
     assert "cannot open --audit-db" in capsys.readouterr().err
 
     not_an_adapter = tmp_path / "empty-adapter"
     not_an_adapter.mkdir()
     (not_an_adapter / "so8t").mkdir()
-    assert main(["serve", "--adapter", str(not_an_adapter), "--audit-db", str(tmp_path / "c.db"), "--port", "0"]) == 2
+    assert main(["serve", "--model", "demo", "--adapter", str(not_an_adapter), "--audit-db", str(tmp_path / "c.db"),
+                 "--port", "0"]) == 2
     assert "so8t_adapter.json not found" in capsys.readouterr().err
     assert not (tmp_path / "c.db").exists()
 
@@ -175,7 +193,10 @@ def test_serve_defaults_match_the_modules_they_stand_for():
     from so8t.serve import app
     from so8t.serve.engines import hf
 
+    from so8t.models.demo import EMBEDDED_BASE_FILE
+
     assert command.DEFAULT_THRESHOLD == DEFAULT_THRESHOLD and command.DEFAULT_ANCHOR_EVERY == DEFAULT_ANCHOR_EVERY
+    assert command.EMBEDDED_BASE_FILE == EMBEDDED_BASE_FILE
     assert (command.DEFAULT_MAX_BATCH, command.DEFAULT_MAX_QUEUE) == (hf.DEFAULT_MAX_BATCH, app.DEFAULT_MAX_QUEUE)
 
 
@@ -203,7 +224,8 @@ def test_a_log_shorter_than_its_anchors_is_refused_unless_accepted_and_the_accep
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "so8t", "serve", "--port", "0", "--audit-db", str(audit_db), "--audit-accept-truncated",
+        [sys.executable, "-m", "so8t", "serve", "--model", "demo", "--port", "0", "--audit-db", str(audit_db),
+         "--audit-accept-truncated",
          "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE,
     )
     try:
@@ -238,4 +260,4 @@ def test_threads_default_to_half_the_cpus_and_the_name_to_model_and_adapter(monk
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert served_model_name(str(gguf), str(run)) == "smollm2-135m-instruct+run-20261204"
     assert served_model_name("HuggingFaceTB/SmolLM2-135M-Instruct", None) == "smollm2-135m-instruct"
-    assert served_model_name(None, f"{run}/") == "so8t-demo-phi3+run-20261204"
+    assert served_model_name("demo", f"{run}/") == "so8t-demo-phi3+run-20261204"

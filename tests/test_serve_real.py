@@ -76,9 +76,9 @@ def serving(*arguments: str):
 
 
 def test_a_streamed_answer_of_the_real_model_arrives_as_it_is_generated(gguf_file, tmp_path):  # noqa: F811
-    """SmolLM2-Instruct does not open a thinking block: its answer streams from the first tokens, not in one
-    piece at the end."""
-    with serving("--model", str(gguf_file), "--audit-db", str(tmp_path / "audit.db")) as url:
+    """SmolLM2-Instruct (the default model: no --model) does not open a thinking block: its answer streams
+    from the first tokens, not in one piece at the end."""
+    with serving("--audit-db", str(tmp_path / "audit.db")) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
         [model] = client.models.list().data
         assert model.id == "smollm2-135m-instruct"

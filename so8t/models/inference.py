@@ -1,12 +1,12 @@
 """The model ``so8t generate`` and ``so8t serve`` run, from ``--model`` and ``--adapter``.
 
-- No ``--model``: the embedded default base of ``so8t train``, rebuilt from the seed the adapter's run
+- ``demo``: the random demo base of ``so8t train --model demo``, rebuilt from the seed the adapter's run
   recorded (``embedded_base.json``; seed 0 without an adapter), so the same weights.
 - ``--adapter DIR``: a ``so8t train`` output: LoRA (merged into the base for speed), the SO8T gates of
   ``DIR/so8t`` (none for a run trained with ``--no-so8t``, which has no ``so8t/``), and the tokenizer
   saved next to them.
-- Without an adapter the gates come from ``MODEL/so8t`` if there is one; the embedded default gets
-  fresh gates (θ = 0, so they leave its outputs unchanged), the model ``so8t train`` starts from.
+- Without an adapter the gates come from ``MODEL/so8t`` if there is one; the demo gets fresh gates
+  (θ = 0, so they leave its outputs unchanged), the model ``so8t train --model demo`` starts from.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _GGUF_QUANTIZATION = re.compile(r"[.-](q\d\w*|i?q\d\w*|f16|f32|bf16)$", re.IGNORECASE)
 
 
-def served_model_name(model: str | None, adapter: str | None) -> str:
+def served_model_name(model: str, adapter: str | None) -> str:
     """A short name for clients, from the model and the adapter: the model file's or directory's name
     (a hub id's last part) without ``.gguf`` and its quantization, then ``+`` and the adapter directory's
     name, lowercased: ``smollm2-135m-instruct+run-20261204``."""
-    if model is None:
+    if model == DEMO_MODEL:
         name = DEMO_MODEL_NAME
     else:
         path = Path(model).expanduser()
@@ -66,12 +66,13 @@ class InferenceModel:
     name: str  # served_model_name of the model and adapter
 
 
-def load_for_inference(model: str | None = None, adapter: str | None = None) -> InferenceModel:
+def load_for_inference(model: str = DEMO_MODEL, adapter: str | None = None) -> InferenceModel:
+    """``model`` as so8t.models.source.check_model makes it concrete (``demo``, a path or a hub id)."""
     adapter_dir = Path(adapter) if adapter is not None else None
     if adapter_dir is not None and not adapter_dir.is_dir():
         raise SO8TError(f"--adapter {adapter}: no such directory")
-    seed = _embedded_base_seed(adapter_dir) if model is None else DEMO_SEED
-    base, tokenizer = load_model_and_tokenizer(model or DEMO_MODEL, seed=seed)
+    seed = _embedded_base_seed(adapter_dir) if model == DEMO_MODEL else DEMO_SEED
+    base, tokenizer = load_model_and_tokenizer(model, seed=seed)
     if adapter_dir is not None:
         if any((adapter_dir / name).is_file() for name in TOKENIZER_FILES):
             from transformers import AutoTokenizer
@@ -83,12 +84,12 @@ def load_for_inference(model: str | None = None, adapter: str | None = None) -> 
             base = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         gates_dir = adapter_dir / SO8T_ADAPTER_DIR
     else:
-        gates_dir = Path(model) / SO8T_ADAPTER_DIR if model is not None else None
+        gates_dir = Path(model) / SO8T_ADAPTER_DIR if model != DEMO_MODEL else None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if gates_dir is not None and gates_dir.is_dir():
         handle = load_so8t_adapter(base, gates_dir)
-    elif model is None and adapter_dir is None:
+    elif model == DEMO_MODEL and adapter_dir is None:
         handle = attach_so8t(base, SO8TConfig())
     else:
         handle = None

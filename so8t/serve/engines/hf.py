@@ -19,6 +19,7 @@ from concurrent.futures import Future
 import torch
 
 from ...models.inference import load_for_inference
+from ...models.source import DEMO_MODEL
 from .base import Completion, Engine, EngineRequest, TextDelta
 from .hf_batch import BatchDecoder, Row
 
@@ -46,10 +47,10 @@ class HFEngine(Engine):
         self._thread.start()
 
     @classmethod
-    def load(cls, model: str | None = None, adapter: str | None = None, name: str | None = None,
+    def load(cls, model: str = DEMO_MODEL, adapter: str | None = None, name: str | None = None,
              max_batch: int = DEFAULT_MAX_BATCH) -> HFEngine:
-        """The engine of ``--model`` and ``--adapter`` (see so8t.models.inference), served as ``name``
-        (default: the short name of the model and adapter)."""
+        """The engine of ``model`` (concrete: ``demo``, a path or a hub id) and ``adapter`` (see
+        so8t.models.inference), served as ``name`` (default: the short name of the model and adapter)."""
         loaded = load_for_inference(model, adapter)
         return cls(loaded.model, loaded.tokenizer, loaded.handle, name or loaded.name, max_batch)
 

@@ -13,9 +13,9 @@ each, distinct prompts) with at most ``--concurrency`` in flight; rounds alterna
 shared machine's changing load hits them alike. Bounded: at most ``--rounds`` rounds each and
 ``--max-seconds`` in all.
 
-    python benchmarks/serve_load.py                                       # embedded demo, concurrency 16
-    python benchmarks/serve_load.py --model FILE.gguf                     # a real model: read tokens/s
-    python benchmarks/serve_load.py --model FILE.gguf --compare threads   # 1 vs 2 vs the default threads
+    python benchmarks/serve_load.py --model demo                # the random demo model, concurrency 16
+    python benchmarks/serve_load.py                             # the default model (SmolLM2): read tokens/s
+    python benchmarks/serve_load.py --compare threads           # 1 vs 2 vs the default threads
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def configurations(compare: str, threads: int | None) -> list[tuple[str, list[st
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="as so8t serve --model (default: the embedded demo)")
+    parser.add_argument("--model", help="as so8t serve --model (default: so8t serve's, SmolLM2-135M-Instruct)")
     parser.add_argument("--compare", choices=("batching", "threads"), default="batching",
                         help="which servers to compare (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=16)
@@ -143,7 +143,7 @@ def main() -> int:
                                                            args.max_new_tokens, index * args.requests)))
     summaries = {name: summary(rounds) for name, rounds in results.items()}
     first = configs[0][0]
-    print(f"so8t serve load: {args.model or 'embedded demo'}, concurrency {args.concurrency}, "
+    print(f"so8t serve load: {args.model or 'the default model'}, concurrency {args.concurrency}, "
           f"{args.requests} requests × {len(results[first])} rounds, {args.max_new_tokens} new tokens (greedy)")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} (1 min) at the end; torch {torch.__version__}")

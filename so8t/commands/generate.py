@@ -19,6 +19,7 @@ from ..errors import SO8TError
 from ..serve.engines.base import (
     DEFAULT_NEW_TOKENS,
     DEFAULT_TOP_P,
+    GREEDY_BELOW,
     MAX_NEW_TOKENS,
     MAX_TEMPERATURE,
     TERMINAL_TEMPERATURE,
@@ -37,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS,
                         help=f"per answer, 1–{MAX_NEW_TOKENS} (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=TERMINAL_TEMPERATURE,
-                        help=f"0–{MAX_TEMPERATURE:g}; below 1e-4 decodes greedily, the same answer every time "
+                        help=f"0–{MAX_TEMPERATURE:g}; below {GREEDY_BELOW:g} decodes greedily, the same answer every time "
                              "(default: %(default)s; so8t serve's API defaults to 0.7)")
     parser.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
                         help="nucleus sampling mass, (0, 1] (default: %(default)s)")

@@ -10,6 +10,7 @@ package fails instead of skipping.
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -209,3 +210,28 @@ def test_generate_with_the_adapter_answers_in_readable_text(gguf_file, fp32_run)
     result = so8t_generate("--model", str(gguf_file), "--adapter", str(output), "--show-thinking",
                            "What is the capital of France?")
     assert readable(result.stdout), result.stdout
+
+
+def test_so8t_train_without_arguments_fine_tunes_smollm2_and_says_how_to_chat_with_it(gguf_file, model_dir,
+                                                                                     tmp_path):
+    """The main job, shortened to 2 steps: the default model (SmolLM2, gates on all 28 intermediate layers),
+    the bundled data with its held-out rows, a new runs/<date>-<time>, the held-out loss before and after,
+    and a closing command that chats with the result."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "so8t", "train", "--max-steps", "2", "--save-steps", "0",
+                             "--no-monitor-plots"], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                            env=environment)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert f"so8t train: writing into {Path('runs') / run.name}" in result.stderr
+    assert "gates on layers 1 … 28" in result.stdout
+    before, after = map(float, re.search(r"held-out loss (\d+\.\d+) → (\d+\.\d+)", result.stdout).groups())
+    assert after < before
+    assert json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir)
+    command = next(line for line in result.stdout.splitlines() if line.startswith("chat with it: "))
+    words = shlex.split(command.removeprefix("chat with it: "))
+    assert words[:2] == ["so8t", "generate"] and "--model" not in words and words[words.index("--adapter") + 1] == str(run.resolve())
+    chat = subprocess.run([sys.executable, "-m", "so8t", *words[1:], "--max-new-tokens", "24"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600, env=environment)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout.strip() and "tokens/s" in chat.stderr

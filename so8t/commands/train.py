@@ -24,17 +24,16 @@ __all__ = ["TrainOptions", "add_arguments", "options_from_args", "run"]
 
 @contextlib.contextmanager
 def _threads_for(options: TrainOptions):
-    """One intra-op thread for the demo on CPU, unless OMP_NUM_THREADS says otherwise.
+    """``--threads`` intra-op threads on CPU (default: OMP_NUM_THREADS if set, else one), for the command.
 
-    Its tensors (8 × ~90 tokens × 128) are too small to split, and two threads wait on each other
-    whenever another process holds a core: the 150 demo steps took 526 s on two threads and 47 s on
-    one, on the same loaded 2-core machine.
+    One by default: on the 2-core machine shared with other work (load 5-7), 6 steps of the main job took
+    29 s on one thread and 175-241 s on two; the demo's 150 steps 47 s on one and 526 s on two.
     """
     import torch
 
     previous = torch.get_num_threads()
-    if options.is_demo and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
+    if not torch.cuda.is_available() and (options.threads is not None or "OMP_NUM_THREADS" not in os.environ):
+        torch.set_num_threads(options.threads or 1)
     try:
         yield
     finally:

@@ -143,7 +143,7 @@ class TrainOptions:
                                     MODEL, shown_default="runs/<date>-<time>, new for each run")
     overwrite: bool = option(False, "replace a non-empty --output-dir (its adapters stay until this run "
                              "publishes its own)", MODEL)
-    max_length: int = option(128, "tokens per example", MODEL, range=AT_LEAST_1)
+    max_length: int = option(128, "tokens per example", MODEL, range=AT_LEAST_1, classify=64)
 
     load_in_4bit: bool = option(False, "NF4 base weights with double quantization (bitsandbytes)", QLORA)
     lora_r: int = option(16, "LoRA rank", QLORA, range=AT_LEAST_1)
@@ -169,7 +169,7 @@ class TrainOptions:
     theta_init_std: float = option(SO8TConfig.theta_init_std, "initial θ std; 0 starts every gate as the identity",
                                    GATES)
 
-    max_steps: int = option(30, "optimizer steps", LOOP, range=AT_LEAST_1, exclusive="length")
+    max_steps: int = option(30, "optimizer steps", LOOP, range=AT_LEAST_1, exclusive="length", classify=150)
     num_epochs: float | None = option(None, "passes over the training data, instead of --max-steps", LOOP,
                                       range=POSITIVE, exclusive="length", shown_default="none: --max-steps decides")
     learning_rate: float = option(3e-3, "peak learning rate (LoRA and gates)", LOOP, range=POSITIVE,
@@ -179,7 +179,7 @@ class TrainOptions:
                                     range=FRACTION)
     weight_decay: float = option(0.0, "AdamW weight decay (never on α)", LOOP, range=AT_LEAST_0)
     max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0: no clipping", LOOP, range=AT_LEAST_0)
-    batch_size: int = option(4, "examples per device and micro-batch", LOOP, range=AT_LEAST_1)
+    batch_size: int = option(4, "examples per device and micro-batch", LOOP, range=AT_LEAST_1, classify=16)
     grad_accum: int = option(1, "micro-batches per optimizer step", LOOP, range=AT_LEAST_1)
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)", LOOP)
     fused_loss: bool = option(True, "--task generate: compute the loss from the model's full logits tensor (its "
@@ -188,8 +188,12 @@ class TrainOptions:
     bf16: bool = option(False, "bf16 weights and compute (4-bit: bf16 compute on GPU)", LOOP)
     seed: int = option(0, "seeds the data order, the initial weights of new parameters and --eval-fraction's split",
                        LOOP)
-    eval_steps: int | None = option(None, "evaluate every N optimizer steps", LOOP, range=AT_LEAST_1,
-                                    shown_default="as often as the loss is logged, 10 times a run")
+    eval_steps: int | None = option(None, "also evaluate every N optimizer steps", LOOP, range=AT_LEAST_1,
+                                    shown_default="before training and at the end only")
+    threads: int | None = option(
+        None, "CPU threads for torch's intra-op work", LOOP, range=AT_LEAST_1,
+        shown_default="$OMP_NUM_THREADS if set, else 1: on a 2-core machine shared with other work, two threads "
+                      "made a SmolLM2 step 6-8× slower")
     report_to: str = option("none", "also send the logs (loss, eval loss, so8t/* scalars) to this tracker", LOOP,
                             choices=REPORT_TO)
 
@@ -284,8 +288,10 @@ def _value_type(annotation) -> type:
 
 def _help(declared: Option, default) -> str:
     if declared.by_task:
-        shown = "; ".join(f"{value:g} with --task {task}" if task != "generate" else f"{value:g}"
-                          for task, value in declared.by_task.items())
+        generate = declared.by_task["generate"]
+        shown = "; ".join([declared.shown_default or f"{generate:g}"]
+                          + [f"{value:g} with --task {task}" for task, value in declared.by_task.items()
+                             if task != "generate"])
     elif declared.shown_default is not None:
         shown = declared.shown_default
     elif isinstance(default, bool):

@@ -235,3 +235,22 @@ def test_so8t_train_without_arguments_fine_tunes_smollm2_and_says_how_to_chat_wi
                           capture_output=True, text=True, timeout=600, env=environment)
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert chat.stdout.strip() and "tokens/s" in chat.stderr
+
+
+def test_so8t_train_task_classify_trains_the_judge_on_smollm2_by_default(gguf_file, model_dir, tmp_path):
+    """--task classify without --model: LoRA on SmolLM2's sequence classifier with gates on its 28
+    intermediate layers (2 steps; 8 held-out rows instead of the bundled 227, to stay short)."""
+    from so8t.judge.data import bundled_heldout_path
+
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(f"{line}\n" for line in bundled_heldout_path().read_text().splitlines()[:8]))
+    output = tmp_path / "judge"
+    result = subprocess.run([sys.executable, "-m", "so8t", "train", "--task", "classify", "--max-steps", "2",
+                             "--eval-data", str(held_out), "--save-steps", "0", "--no-monitor-plots",
+                             "--output-dir", str(output)], capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapter = json.loads((output / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(model_dir) and adapter["task_type"] == "SEQ_CLS"
+    assert json.loads((output / SO8T_ADAPTER_DIR / "so8t_adapter.json").read_text())["layer_indices"] == list(range(1, 29))
+    assert "held-out accuracy" in result.stdout and f"so8t serve --safety-model {output}" in result.stdout

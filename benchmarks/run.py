@@ -1,7 +1,7 @@
 """``python benchmarks/run.py``: every so8t_kernels op on every usable backend, against a copy, a sum
 and the obvious PyTorch code, all measured in the same run; ``--suites all`` adds the training-step suites.
 
-The default (the ``kernels`` suite) takes about a minute on a 2-core CPU; the training-step suites train
+The default (the ``ops`` suite: every op against its baselines) takes about a minute on a 2-core CPU; the training-step suites train
 the demo model dozens of times (tens of minutes on such a CPU) and run only when named in ``--suites``.
 Each suite's table is printed as soon as it finishes; what the suites themselves print (Trainer logs,
 progress bars) goes to ``benchmark-<device>.log`` in ``--out``, not to the terminal. Also written there
@@ -45,7 +45,7 @@ REPO_ROOT = BENCHMARK_DIR.parent
 sys.path.insert(0, str(REPO_ROOT))
 # The modules whose @benchmark functions run, in order. A new suite is its module plus one entry here:
 # in DEFAULT_SUITES if it takes seconds, in LONG_SUITES (run only when named) if it takes minutes.
-DEFAULT_SUITES = ("kernels",)
+DEFAULT_SUITES = ("ops",)
 LONG_SUITES = ("loss_step", "train_step_gates", "train_step_monitor", "train_step_gates_real")
 SUITES = DEFAULT_SUITES + LONG_SUITES
 PASS_ORDER = ("-", "fwd", "fwd+stats", "fwd+bwd")

@@ -28,7 +28,7 @@ def run_module():
 
 
 def test_the_default_run_is_the_kernel_suite_and_long_suites_are_named(run_module):
-    assert run_module.parse_args([]).suites == "kernels"
+    assert run_module.parse_args([]).suites == "ops"
     assert run_module.parse_args(["--suites", "all"]).suites.split(",") == list(run_module.SUITES)
     assert {"train_step_gates", "train_step_monitor"} <= set(run_module.LONG_SUITES)
     assert not set(run_module.LONG_SUITES) & set(run_module.DEFAULT_SUITES)

@@ -154,7 +154,10 @@ def test_predicted_roofline_meets_the_targets(compiled):
     and backward ≥ 70 % of copy bandwidth, exp forward + backward over 30 × 384 blocks ≤ 30 µs. A
     prediction, not a measurement: it catches a redesign that makes a kernel issue-bound."""
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    import roofline
+    try:
+        import roofline
+    finally:  # benchmarks/ left on the path would shadow installed packages for the tests that follow
+        sys.path.remove(str(REPO_ROOT / "benchmarks"))
 
     records, _ = compiled
     rows = [row for row in roofline.estimate(records) if row["gpu"] == "H100 SXM"]

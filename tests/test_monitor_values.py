@@ -134,6 +134,37 @@ def test_sequence_classifier_records_its_class_logits(tmp_path):
         assert (tmp_path / "monitoring" / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_micro_batch_logit_stats_merge_to_those_of_all_their_logits_non_finite_ones_included():
+    """A step's forwards merge into the statistics of all their logits together, also when one forward's
+    logits hold NaN/inf and another's are all non-finite (it adds only to the non-finite count)."""
+    from so8t.monitor.probe import SampleProbe, trainable_groups
+
+    model, handle = tiny_gated_model()
+    probe = SampleProbe(model, handle, trainable_groups(model, handle))
+    generator = torch.Generator().manual_seed(3)
+    forwards = [torch.randn(2, 5, 7, generator=generator) * 3 + 40, torch.randn(1, 3, 7, generator=generator) - 2,
+                torch.full((1, 2, 7), float("nan")), torch.randn(3, 1, 7, generator=generator)]
+    forwards[1][0, 1, 2:5] = torch.tensor([float("inf"), float("nan"), float("-inf")])
+    forwards[2][0, 0, 0] = float("inf")
+    probe.begin()
+    for logits in forwards:
+        probe._after_model(model, (), {"logits": logits})
+    probe.release()
+    merged = {name: value.item() for name, value in probe._logit_moments(torch.device("cpu")).items()}
+    values = torch.cat([logits.reshape(-1) for logits in forwards]).double()
+    finite = values[torch.isfinite(values)]
+    expected = dict(logit_mean=finite.mean().item(), logit_std=finite.std(unbiased=False).item(),
+                    logit_min=finite.min().item(), logit_max=finite.max().item(),
+                    logit_nonfinite=float(values.numel() - finite.numel()))
+    assert merged == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    probe.begin()
+    probe._after_model(model, (), {"logits": forwards[2]})
+    probe.release()
+    only_nan = probe._logit_moments(torch.device("cpu"))
+    assert all(math.isnan(only_nan[name]) for name in ("logit_mean", "logit_std", "logit_min", "logit_max"))
+    assert only_nan["logit_nonfinite"] == 14
+
+
 def test_compact_scalars_reach_the_trainer_logs_and_reporting_callbacks(tmp_path):
     class Reporter(TrainerCallback):  # stands in for TensorBoard / W&B
         def __init__(self):

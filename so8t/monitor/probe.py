@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from so8t_kernels import logit_stats
+from so8t_kernels.logit_stats import merge_partials
 
 from ..gates.placement import SO8THandle, find_decoder_layout, unwrap_peft
 from ..models.fused_loss import set_fused_loss_stats
@@ -265,23 +266,11 @@ class SampleProbe:
         if not self._logits:
             return dict.fromkeys(("logit_mean", "logit_std", "logit_min", "logit_max"), nan) | {
                 "logit_nonfinite": nan}
-        # Each row: the forward's 5 stats and its finite count (element count − non-finite count; the
-        # element count enters as a scalar operand, not a host-to-device copy, which would sync).
-        stats = torch.stack([
-            torch.cat([s.to(device).double(), (numel - s[4].to(device).double()).reshape(1)]) for s, numel in self._logits
-        ])
-        mean, std, low, high, nonfinite, finite = stats.unbind(dim=1)
-        # Micro-batches merge like parallel variance (Chan et al.), weighted by their finite counts.
-        has = finite > 0
-        total = finite.sum()
-        merged_mean = torch.where(has, finite * mean, 0).sum() / total
-        m2 = torch.where(has, finite * (std * std + (mean - merged_mean) ** 2), 0).sum()
-        return {
-            "logit_mean": merged_mean, "logit_std": torch.sqrt(m2 / total),
-            "logit_min": torch.where(has, low, float("inf")).amin().where(total > 0, nan),
-            "logit_max": torch.where(has, high, float("-inf")).amax().where(total > 0, nan),
-            "logit_nonfinite": nonfinite.sum(),
-        }
+        # Each forward is one partial of logit_stats' own merge (the element count enters as a scalar
+        # operand, not a host-to-device copy, which would sync).
+        partials = torch.stack([_as_partial(stats.to(device), numel) for stats, numel in self._logits])
+        mean, std, low, high, nonfinite = merge_partials(partials).unbind()
+        return {"logit_mean": mean, "logit_std": std, "logit_min": low, "logit_max": high, "logit_nonfinite": nonfinite}
 
     # -- 3. after the optimizer step ------------------------------------------------------------
     def vector(self) -> torch.Tensor:
@@ -314,3 +303,14 @@ def _norm_per_layer(grad: torch.Tensor | None, parameter: torch.Tensor) -> torch
     if grad is None:
         return torch.zeros(parameter.shape[0], device=parameter.device)
     return torch.linalg.vector_norm(grad, dim=tuple(range(1, grad.dim())))
+
+
+def _as_partial(stats: torch.Tensor, numel) -> torch.Tensor:
+    """One forward's ``logit_stats`` (mean, std, min, max, non-finite) over ``numel`` logits as the
+    (finite count, mean, M2, min, max, non-finite) partial that ``merge_partials`` reads: a forward with no
+    finite logit (NaN moments) counts 0, with min +inf and max -inf, as an empty tile of the kernel."""
+    mean, std, low, high, nonfinite = stats.double().unbind()
+    finite = numel - nonfinite
+    has = finite > 0
+    return torch.stack([finite, torch.where(has, mean, 0.0), torch.where(has, finite * std * std, 0.0),
+                        torch.where(has, low, float("inf")), torch.where(has, high, float("-inf")), nonfinite])

@@ -27,9 +27,10 @@ COMMANDS = {
     "info": ("so8t.commands.info", "versions, devices and the kernel backend each op uses"),
     "report": ("so8t.commands.report", "rebuild a run's monitoring plots and summary, print the latest values per layer; "
                               "several runs: also on the same axes"),
-    "serve": ("so8t.commands.serve", "the /think endpoint (FastAPI) with a safety judge and a hash-chained audit log"),
+    "serve": ("so8t.commands.serve", "serve a model over HTTP: /think and the OpenAI-compatible /v1 API, an optional "
+                                     "safety judge, an HMAC-chained audit log"),
     "generate": ("so8t.commands.generate", "answer a prompt or chat in the terminal, streaming, with a so8t train adapter"),
-    "audit": ("so8t.commands.audit", "check the hash chain of a so8t serve audit log"),
+    "audit": ("so8t.commands.audit", "verify a so8t serve audit log: its HMAC chain and its anchored heads"),
 }
 
 

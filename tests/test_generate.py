@@ -46,6 +46,28 @@ def test_bad_input_is_one_line_and_status_2(arguments, message, capsys):
     assert len(err) == 1 and err[0].startswith("so8t generate: error: ") and message in err[0], err
 
 
+@pytest.mark.parametrize("threads, omp, expected", [(["--threads", "1"], None, [1]), ([], None, "default"),
+                                                    ([], "2", [])], ids=["given", "default", "OMP_NUM_THREADS"])
+def test_threads_are_set_before_the_model_loads_as_the_server_sets_them(threads, omp, expected, monkeypatch):
+    import torch
+
+    from so8t.commands.model_options import default_threads
+
+    calls = []
+
+    def load(*args, **kwargs):
+        calls.append("load")
+        raise RuntimeError("not loaded in this test")
+
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(HFEngine, "load", load)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if omp is not None:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    assert main(["--model", "demo", *threads, "hi"]) == 2
+    assert calls == ([default_threads()] if expected == "default" else expected) + ["load"]
+
+
 def test_the_limits_and_defaults_are_the_servers():
     from so8t.commands.main import build_parser
     from so8t.serve.engines.base import DEFAULT_NEW_TOKENS, TERMINAL_TEMPERATURE
@@ -53,6 +75,14 @@ def test_the_limits_and_defaults_are_the_servers():
 
     _, parsers = build_parser(with_options="generate")
     args = parsers["generate"].parse_args(["hi"])
+    _, serve_parsers = build_parser(with_options="serve")
+    shared = ("--model", "--adapter", "--threads")
+    assert [_option(parsers["generate"], flag) for flag in shared] == [_option(serve_parsers["serve"], flag) for flag in shared]
     assert (args.max_new_tokens, args.temperature, args.top_p) == (DEFAULT_NEW_TOKENS, TERMINAL_TEMPERATURE, 1.0)
     schema = ThinkRequest.model_json_schema()["properties"]
     assert (schema["max_new_tokens"]["maximum"], schema["temperature"]["maximum"]) == (2048, 2.0)
+
+
+def _option(parser, flag: str) -> tuple:
+    [action] = [action for action in parser._actions if flag in action.option_strings]
+    return action.option_strings, action.type, action.default, action.help

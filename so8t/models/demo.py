@@ -9,17 +9,17 @@ from pathlib import Path
 from transformers import Phi3Config, PreTrainedTokenizerFast
 
 from ..data.dataset import THINK_CLOSE, THINK_OPEN
+from .run_base import EMBEDDED_BASE_FILE
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<pad>"
 DEMO_MODEL_NAME = "so8t-demo-phi3"  # what the demo model is called where a model name is shown
 DEMO_SEED = 0  # draws the demo's weights unless a run says otherwise
-# Written for a run on the embedded demo base, which has no checkpoint of its own: the seed that
-# rebuilds its exact weights, so `so8t serve --adapter DIR` serves the base the adapter was trained on.
-EMBEDDED_BASE_FILE = "embedded_base.json"
 
 
 def write_embedded_base_record(directory: Path, seed: int) -> None:
+    """For a run on the demo, which has no checkpoint of its own: the seed that rebuilds its exact weights
+    (so8t.models.run_base reads it)."""
     (directory / EMBEDDED_BASE_FILE).write_text(json.dumps({"seed": seed}) + "\n")
 
 

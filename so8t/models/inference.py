@@ -22,11 +22,11 @@ from ..errors import SO8TError
 from ..gates.adapter import SO8T_ADAPTER_DIR, load_so8t_adapter
 from ..gates.config import SO8TConfig
 from ..gates.placement import attach_so8t
-from .demo import DEMO_MODEL_NAME, DEMO_SEED, EMBEDDED_BASE_FILE
+from .demo import DEMO_MODEL_NAME, DEMO_SEED
 from .loading import load_model_and_tokenizer
+from .run_base import PEFT_CONFIG_FILE, converted_name, embedded_base_record
 from .source import DEMO_MODEL
 
-PEFT_CONFIG_FILE = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # A GGUF file's name ends with its quantization (SmolLM2-135M-Instruct.Q4_1.gguf): not part of the model's name.
 _GGUF_QUANTIZATION = re.compile(r"[.-](q\d\w*|i?q\d\w*|f16|f32|bf16)$", re.IGNORECASE)
@@ -34,13 +34,13 @@ _GGUF_QUANTIZATION = re.compile(r"[.-](q\d\w*|i?q\d\w*|f16|f32|bf16)$", re.IGNOR
 
 def served_model_name(model: str, adapter: str | None) -> str:
     """A short name for clients, from the model and the adapter: the model file's or directory's name
-    (a hub id's last part) without ``.gguf`` and its quantization, then ``+`` and the adapter directory's
-    name, lowercased: ``smollm2-135m-instruct+run-20261204``."""
+    (a hub id's last part; a converted ``.gguf`` directory's file) without ``.gguf`` and its quantization,
+    then ``+`` and the adapter directory's name, lowercased: ``smollm2-135m-instruct+run-20261204``."""
     if model == DEMO_MODEL:
         name = DEMO_MODEL_NAME
     else:
         path = Path(model).expanduser()
-        name = (path.resolve() if path.exists() else path).name
+        name = converted_name(path) or (path.resolve() if path.exists() else path).name
         if name.lower().endswith(".gguf"):
             name = _GGUF_QUANTIZATION.sub("", name[:-len(".gguf")])
     if adapter is not None:
@@ -49,7 +49,7 @@ def served_model_name(model: str, adapter: str | None) -> str:
 
 
 def _embedded_base_seed(adapter_dir: Path | None) -> int:
-    record = adapter_dir / EMBEDDED_BASE_FILE if adapter_dir is not None else None
+    record = embedded_base_record(adapter_dir) if adapter_dir is not None else None
     if record is None or not record.is_file():
         return DEMO_SEED
     try:

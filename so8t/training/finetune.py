@@ -22,7 +22,6 @@ from ..gates.placement import SO8THandle, attach_so8t, find_decoder_layout, reso
 from ..models.demo import write_embedded_base_record
 from ..models.fused_loss import apply_fused_loss
 from ..models.loading import load_model_and_tokenizer
-from ..models.source import installed_smollm2_gguf
 from .distributed import check_sharding
 from .heldout import split_held_out
 from .lora import add_lora
@@ -106,10 +105,9 @@ def _loss_summary(trainer) -> str:
     return summary
 
 
-def chat_command(options: TrainOptions, output_dir: Path) -> str:
-    """The ``so8t generate`` command that chats with the run's adapter."""
-    model = [] if options.model == str(installed_smollm2_gguf()) else ["--model", options.model]
-    return shlex.join(["so8t", "generate", *model, "--adapter", str(output_dir), "--show-thinking", CHAT_EXAMPLE])
+def chat_command(output_dir: Path) -> str:
+    """The ``so8t generate`` command that chats with the run's adapter, on the base the run recorded."""
+    return shlex.join(["so8t", "generate", "--adapter", str(output_dir), "--show-thinking", CHAT_EXAMPLE])
 
 
 def finetune(options: TrainOptions) -> Path:
@@ -127,5 +125,5 @@ def finetune(options: TrainOptions) -> Path:
         if training.handle is not None:
             print(gate_summary(training.handle))
         print(outputs_summary(output_dir, training.handle is not None, options.monitor is not None))
-        print(f"chat with it: {chat_command(training.options, output_dir)}")
+        print(f"chat with it: {chat_command(output_dir)}")
     return output_dir

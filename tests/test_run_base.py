@@ -3,12 +3,16 @@ the run was trained on (the demo, a local directory, a hub id, a converted .gguf
 only when the run recorded none; an explicit ``--model`` wins; a recorded base that is gone is one line
 naming it and ``--model``, exit status 2, before anything loads."""
 
+import contextlib
+import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -26,6 +30,13 @@ TRAIN = ["--max-steps", "1", "--warmup-steps", "1", "--max-length", "64", "--bat
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
+class Runs(NamedTuple):
+    demo: Path  # trained on --model demo
+    base: Path  # the tiny Llama's directory
+    llama: Path  # trained on it
+    chat_command: list[str]  # the so8t generate command so8t train printed for it
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A run on the demo and one on a tiny Llama saved as a local directory (another architecture and
@@ -38,12 +49,15 @@ def runs(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(base)
     build_demo_tokenizer().save_pretrained(base)
     threads = torch.get_num_threads()
+    printed = io.StringIO()
     try:
         assert main(["train", "--model", "demo", "--output-dir", str(folder / "demo-run"), *TRAIN]) == 0
-        assert main(["train", "--model", str(base), "--output-dir", str(folder / "llama-run"), *TRAIN]) == 0
+        with contextlib.redirect_stdout(printed):
+            assert main(["train", "--model", str(base), "--output-dir", str(folder / "llama-run"), *TRAIN]) == 0
     finally:
         torch.set_num_threads(threads)
-    return folder / "demo-run", base, folder / "llama-run"
+    chat = next(line for line in printed.getvalue().splitlines() if line.startswith("chat with it: "))
+    return Runs(folder / "demo-run", base, folder / "llama-run", shlex.split(chat.removeprefix("chat with it: ")))
 
 
 def recording(base: str | None, folder):
@@ -54,7 +68,7 @@ def recording(base: str | None, folder):
 
 
 def test_without_model_the_base_the_run_recorded_and_an_explicit_model_wins(runs, tmp_path):
-    demo_run, base, llama_run = runs
+    demo_run, base, llama_run = runs.demo, runs.base, runs.llama
     assert inference_model(None, str(llama_run)) == str(base.resolve())
     assert inference_model(None, str(demo_run)) == "demo"
     (checkpoint,) = demo_run.glob("checkpoint-*")  # the demo's seed is recorded beside the checkpoints
@@ -90,7 +104,7 @@ def test_a_converted_gguf_base_is_named_after_its_file_and_found_again_once_the_
 
 
 def test_serve_and_generate_load_the_recorded_base_or_say_it_is_gone(runs, tmp_path, monkeypatch, capsys):
-    _, base, llama_run = runs
+    base, llama_run = runs.base, runs.llama
     loaded = []
 
     def load(model, *args, **kwargs):
@@ -116,10 +130,15 @@ def test_serve_and_generate_load_the_recorded_base_or_say_it_is_gone(runs, tmp_p
     assert loaded == [str(base.resolve())] * 2 and not audit_db.parent.exists()
 
 
-def test_generate_chats_with_a_run_on_a_local_model_without_model(runs):
-    _, _, llama_run = runs
-    result = subprocess.run([sys.executable, "-m", "so8t", "generate", "--adapter", str(llama_run),
-                             "--max-new-tokens", "4"], input="hi\n/exit\n", capture_output=True, text=True,
-                            timeout=300, env=OFFLINE)
+def test_the_chat_command_train_prints_runs_from_anywhere_on_the_local_model(runs, tmp_path):
+    """The command needs no --model (the run recorded its base), so it works from another folder."""
+    command = runs.chat_command
+    assert command[:2] == ["so8t", "generate"] and "--model" not in command
+    result = subprocess.run([sys.executable, "-m", "so8t", *command[1:], "--max-new-tokens", "4"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, env=OFFLINE)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "chatting with tiny-llama+llama-run" in result.stderr and "tokens/s]" in result.stderr
+    assert "tokens/s]" in result.stderr
+    chat = subprocess.run([sys.executable, "-m", "so8t", "generate", "--adapter", str(runs.llama), "--max-new-tokens", "4"],
+                          input="hi\n/exit\n", cwd=tmp_path, capture_output=True, text=True, timeout=300, env=OFFLINE)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert "chatting with tiny-llama+llama-run" in chat.stderr

@@ -224,6 +224,7 @@ def test_so8t_train_without_arguments_fine_tunes_smollm2_and_says_how_to_chat_wi
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = (tmp_path / "runs").iterdir()
     assert f"so8t train: writing into {Path('runs') / run.name}" in result.stderr
+    assert "\r" not in result.stderr and "Loading weights" not in result.stderr  # no library progress bars in a file
     assert "gates on layers 1 … 28" in result.stdout
     before, after = map(float, re.search(r"held-out loss (\d+\.\d+) → (\d+\.\d+)", result.stdout).groups())
     assert after < before

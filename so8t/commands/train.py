@@ -40,6 +40,14 @@ def _threads_for(options: TrainOptions):
         torch.set_num_threads(previous)
 
 
+def _quiet_library_bars() -> None:
+    """Off a terminal, the libraries' progress bars (loading weights, converting a .gguf, writing shards,
+    downloads) would print a line per update: they show only on a terminal, like the training log's.
+    tqdm reads TQDM_DISABLE when it is imported, which the command has not done yet."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def _run_task(options: TrainOptions) -> None:
     if options.task == "classify":
         from ..training.classify import train_classifier
@@ -54,6 +62,7 @@ def _run_task(options: TrainOptions) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..training.preflight import preflight
 
+    _quiet_library_bars()
     options = None
     try:
         options = preflight(options_from_args(args))  # before torch: a bad path is reported at once

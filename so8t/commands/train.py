@@ -41,11 +41,15 @@ def _threads_for(options: TrainOptions):
 
 
 def _quiet_library_bars() -> None:
-    """Off a terminal, the libraries' progress bars (loading weights, converting a .gguf, writing shards,
-    downloads) would print a line per update: they show only on a terminal, like the training log's.
-    tqdm reads TQDM_DISABLE when it is imported, which the command has not done yet."""
-    if not sys.stderr.isatty():
-        os.environ.setdefault("TQDM_DISABLE", "1")
+    """Off a terminal, transformers' and the hub's progress bars (loading weights, writing shards, downloads)
+    would print a line per update: they show only on a terminal, like the training log's."""
+    if sys.stderr.isatty():
+        return
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    disable_progress_bars()
+    transformers_logging.disable_progress_bar()
 
 
 def _run_task(options: TrainOptions) -> None:
@@ -62,12 +66,12 @@ def _run_task(options: TrainOptions) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..training.preflight import preflight
 
-    _quiet_library_bars()
     options = None
     try:
         options = preflight(options_from_args(args))  # before torch: a bad path is reported at once
         if args.output_dir is None:
             print(f"so8t train: writing into {options.output_dir}", file=sys.stderr, flush=True)
+        _quiet_library_bars()
         with _threads_for(options):
             _run_task(options)
     except SO8TError as error:

@@ -6,7 +6,7 @@ import signal
 import time
 
 from cli_helpers import report
-from train_processes import so8t_train
+from child_processes import so8t_train
 
 
 def test_ctrl_c_ends_with_one_line_saying_what_was_kept(tmp_path, capsys):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import train as main
 from safetensors.torch import load_file
-from train_processes import so8t_train
+from child_processes import so8t_train
 
 from so8t.training.checkpoints import CHECKPOINT_FILE
 from so8t.training.outputs import LOCK_FILE, PUBLISH_DIR, claimed_output_dir, publish

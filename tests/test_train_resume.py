@@ -16,7 +16,7 @@ from cli_helpers import report
 from cli_helpers import train as main
 from monitor_helpers import read_metrics
 from safetensors.torch import load_file
-from train_processes import so8t_train
+from child_processes import so8t_train
 
 from so8t.training.checkpoints import CHECKPOINT_FILE, find_checkpoint, rotate
 from so8t.training.outputs import LOCK_FILE

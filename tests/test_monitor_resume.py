@@ -5,7 +5,6 @@ keeps every series monotone."""
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from child_processes import run, started
 from cli_helpers import report
 from monitor_helpers import make_trainer, read_metrics, tiny_gated_model
 
@@ -52,10 +52,10 @@ FAIL_AT_STEP_5 = textwrap.dedent("""
 """)
 
 
-def run_script(script: str, directory: Path, **popen) -> subprocess.Popen:
+def script_command(script: str, directory: Path) -> tuple[list[str], dict]:
+    """``python -c SCRIPT DIRECTORY`` and its environment: the tests' helpers importable."""
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT)]))
-    return subprocess.Popen([sys.executable, "-c", script, str(directory)], env=environment,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+    return [sys.executable, "-c", script, str(directory)], environment
 
 
 def sample_lines(path: Path) -> int:
@@ -63,27 +63,28 @@ def sample_lines(path: Path) -> int:
 
 
 def test_kill_9_leaves_a_readable_metrics_file(tmp_path):
-    metrics = tmp_path / "monitoring" / "metrics.jsonl"
-    process = run_script(TRAIN_UNTIL_KILLED, tmp_path)
-    deadline = time.monotonic() + 150
-    while sample_lines(metrics) < 8:
-        assert process.poll() is None, process.stderr.read().decode()[-3000:]
-        assert time.monotonic() < deadline, "the training subprocess recorded too few samples in time"
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL
+    output = tmp_path / "run"
+    metrics = output / "monitoring" / "metrics.jsonl"
+    command, environment = script_command(TRAIN_UNTIL_KILLED, output)
+    with started(command, tmp_path / "logs", env=environment) as child:
+        deadline = time.monotonic() + 150
+        while sample_lines(metrics) < 8:
+            assert child.process.poll() is None, child.stderr[-3000:]
+            assert time.monotonic() < deadline, "the training subprocess recorded too few samples in time"
+            time.sleep(0.05)
+        child.send(signal.SIGKILL)
+        assert child.wait(30) == -signal.SIGKILL
     info, samples, _ = read_metrics(metrics)
     steps = [sample["step"] for sample in samples]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 8
     assert info.layers == (1, 2)
-    assert report([str(tmp_path)]) == 0  # plots and summary from what the killed run left
+    assert report([str(output)]) == 0  # plots and summary from what the killed run left
 
 
 def test_an_exception_out_of_training_still_finishes_the_files(tmp_path):
-    process = run_script(FAIL_AT_STEP_5, tmp_path)
-    _, errors = process.communicate(timeout=300)
-    assert process.returncode != 0 and b"boom at step 5" in errors
+    command, environment = script_command(FAIL_AT_STEP_5, tmp_path)
+    result = run(command, timeout=300, env=environment)
+    assert result.returncode != 0 and "boom at step 5" in result.stderr, result.stderr[-3000:]
     monitoring = tmp_path / "monitoring"
     _, samples, _ = read_metrics(monitoring / "metrics.jsonl")
     assert [s["step"] for s in samples] == [1, 2, 3, 4, 5]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from child_processes import run, started
 from serve_helpers import one_torch_thread, verify, wait_for_health  # noqa: F401 (autouse)
 
 from so8t.audit.log import AuditKey, read_rows
@@ -28,34 +29,25 @@ OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OM
 def test_serve_starts_offline_answers_logs_its_anchors_and_stops_on_interrupt(tmp_path):
     """Default options but the port, in an empty folder: at the default log level the audit anchors are on
     stderr (the README tells operators to ship them), and the audit files are in one folder."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "so8t", "serve", "--model", "demo", "--port", "0", "--served-model-name", "tiny",
-         "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE, cwd=tmp_path,
-    )
-    try:
-        banner = process.stdout.readline()
-        match = re.search(r"^so8t serve: tiny on (http://127\.0\.0\.1:\d+) .*torch threads: 1\)$", banner)
-        assert match, f"no address in {banner!r}; stderr: {process.stderr.read() if process.poll() is not None else ''}"
-        url = match.group(1)
-        health = wait_for_health(url, process=process)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    with started([sys.executable, "-m", "so8t", "serve", "--model", "demo", "--port", "0", "--served-model-name", "tiny",
+                  "--threads", "1"], tmp_path / "logs", env=OFFLINE, cwd=folder) as server:
+        url = server.wait_for_stdout(r"^so8t serve: tiny on (http://127\.0\.0\.1:\d+) .*torch threads: 1\)$").group(1)
+        health = wait_for_health(url, process=server.process)
         assert health["model"] == "tiny" and health["gated_layers"] == [1, 2, 3, 4]
         assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "tiny"
         response = httpx.post(f"{url}/think", json={"prompt": "hello", "max_new_tokens": 4}, timeout=120)
         assert response.status_code == 200 and response.json()["outcome"] == "answered"
-        process.send_signal(signal.SIGINT)
-        _, stderr = process.communicate(timeout=60)
-        assert process.returncode == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate()
+        server.send(signal.SIGINT)
+        assert server.wait(60) == 0, server.stderr[-3000:]
+        stderr = server.stderr
     assert "Traceback" not in stderr
-    audit_db = tmp_path / "so8t-audit" / "audit.db"
+    audit_db = folder / "so8t-audit" / "audit.db"
     anchors = re.findall(r"^INFO: +audit anchor: (\S+) rows=(\d+) head=([0-9a-f]{64})$", stderr, re.MULTILINE)
     assert [(path, rows) for path, rows, _ in anchors] == [(str(Path("so8t-audit") / "audit.db"), "0"),
                                                            (str(Path("so8t-audit") / "audit.db"), "1")], stderr
-    assert {path.name for path in tmp_path.iterdir()} == {"so8t-audit"}  # nothing else in the working folder
+    assert {path.name for path in folder.iterdir()} == {"so8t-audit"}  # nothing else in the working folder
     assert {"audit.db", "audit.db.key", "audit.db.anchors"} <= {path.name for path in audit_db.parent.iterdir()}
     [row] = read_rows(audit_db)
     assert row.request_id == response.json()["request_id"]
@@ -73,34 +65,25 @@ def so8t_line(text: str) -> str:
 
 
 def serve_subprocess(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "so8t", "serve", "--model", "demo", *args], capture_output=True, text=True,
-                          timeout=timeout, env=OFFLINE)
+    return run([sys.executable, "-m", "so8t", "serve", "--model", "demo", *args], timeout=timeout, env=OFFLINE)
 
 
 def test_sigterm_drains_the_request_in_flight_exits_0_and_closes_the_database(tmp_path):
     audit_db = tmp_path / "audit.db"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "so8t", "serve", "--model", "demo", "--port", "0", "--audit-db", str(audit_db),
-         "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE,
-    )
-    try:
-        url = re.search(r"on (http://127\.0\.0\.1:\d+) ", process.stdout.readline()).group(1)
-        wait_for_health(url, process=process)
+    with started([sys.executable, "-m", "so8t", "serve", "--model", "demo", "--port", "0", "--audit-db", str(audit_db),
+                  "--log-level", "warning"], tmp_path / "logs", env=OFFLINE) as server:
+        url = server.wait_for_stdout(r"on (http://127\.0\.0\.1:\d+) ").group(1)
+        wait_for_health(url, process=server.process)
         with httpx.Client(timeout=120) as client:
             with ThreadPoolExecutor(1) as pool:
                 pending = pool.submit(client.post, f"{url}/think",
                                       json={"prompt": "a long one", "max_new_tokens": 400, "temperature": 0})
                 while httpx.get(f"{url}/health").json()["queue_depth"] == 0:  # the request is in
                     time.sleep(0.01)
-                process.send_signal(signal.SIGTERM)
+                server.send(signal.SIGTERM)
                 response = pending.result()
-        assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert "Traceback" not in process.stderr.read()
+        assert server.wait(60) == 0, server.stderr[-3000:]
+        assert "Traceback" not in server.stderr
     assert response.status_code == 200 and response.json()["monitor"]["generated_tokens"] >= 1
     # SQLite checkpoints and removes the WAL file when the last connection closes cleanly.
     assert not (tmp_path / "audit.db-wal").exists()
@@ -220,27 +203,15 @@ def test_a_log_shorter_than_its_anchors_is_refused_unless_accepted_and_the_accep
         "(rows were deleted from the end); --audit-accept-truncated serves on it anyway and records that in the log")
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
 
-    process = subprocess.Popen(
-        [sys.executable, "-m", "so8t", "serve", "--model", "demo", "--port", "0", "--audit-db", str(audit_db),
-         "--audit-accept-truncated",
-         "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE,
-    )
-    try:
-        wait_for_health(re.search(r"on (http://\S+) ", process.stdout.readline()).group(1), process=process)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
-    finally:
-        _kill_if_running(process)
-    assert "saw 5 rows, the log has 3" in process.stderr.read()
+    with started([sys.executable, "-m", "so8t", "serve", "--model", "demo", "--port", "0", "--audit-db", str(audit_db),
+                  "--audit-accept-truncated", "--log-level", "warning"], tmp_path / "logs", env=OFFLINE) as server:
+        wait_for_health(server.wait_for_stdout(r"on (http://\S+) ").group(1), process=server.process)
+        server.send(signal.SIGINT)
+        assert server.wait(60) == 0, server.stderr[-3000:]
+        assert "saw 5 rows, the log has 3" in server.stderr
     rows = read_rows(audit_db)
     assert [(row.seq, row.outcome) for row in rows[3:]] == [(4, "truncation_accepted")]
     assert verify_chain(rows, key).ok  # the chain goes on through the acceptance
-
-
-def _kill_if_running(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.kill()
-        process.wait()
 
 
 def test_threads_default_to_half_the_cpus_and_the_name_to_model_and_adapter(monkeypatch, tmp_path):

@@ -5,12 +5,14 @@ minutes on a 2-core CPU, most of it the training."""
 
 import contextlib
 import re
-import subprocess
+import signal
 import sys
 import time
+from pathlib import Path
 
 import openai
 import pytest
+from child_processes import started
 from serve_helpers import verify, wait_for_health
 from test_real_model import gguf_file  # noqa: F401 (the fixture: skips, or fails in CI, without the package)
 from test_serve_cli import OFFLINE
@@ -35,21 +37,11 @@ def test_the_real_gguf_model_with_its_adapter_answers_over_the_openai_api(gguf_f
                  "--max-length", "64", "--so8t-layers", "1,14,28", "--warmup-steps", "1", "--learning-rate", "1e-3",
                  "--no-monitor"]) == 0
     audit_db = tmp_path / "audit.db"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "so8t", "serve", "--model", str(gguf_file), "--adapter", str(run), "--port", "0",
-         "--audit-db", str(audit_db), "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=OFFLINE,
-    )
-    try:
-        url = re.search(r"on (http://127\.0\.0\.1:\d+) ", process.stdout.readline()).group(1)
-        health = wait_for_health(url, process=process)
-        assert health["gated_layers"] == [1, 14, 28]
+    with serving(tmp_path / "logs", "--model", str(gguf_file), "--adapter", str(run), "--audit-db", str(audit_db)) as url:
+        assert wait_for_health(url)["gated_layers"] == [1, 14, 28]
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
         [model] = client.models.list().data
         completion = client.chat.completions.create(model=model.id, messages=QUESTION, max_tokens=32, temperature=0)
-    finally:
-        process.terminate()
-        process.wait(timeout=120)
     answer = completion.choices[0].message.content
     assert readable(answer), answer
     assert completion.usage.prompt_tokens > 10  # the chat template's turn markers around the question
@@ -60,25 +52,24 @@ def test_the_real_gguf_model_with_its_adapter_answers_over_the_openai_api(gguf_f
 
 
 @contextlib.contextmanager
-def serving(*arguments: str):
-    """A ``so8t serve`` subprocess; yields its URL once /health answers, stops it (its pipes read) at the end."""
-    process = subprocess.Popen([sys.executable, "-m", "so8t", "serve", "--port", "0", "--log-level", "warning",
-                                *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=OFFLINE)
-    try:
-        banner = process.stdout.readline()
-        match = re.search(r"on (http://127\.0\.0\.1:\d+) ", banner)
-        assert match, f"no address in {banner!r}"
-        wait_for_health(match.group(1), process=process)
-        yield match.group(1)
-    finally:
-        process.terminate()
-        process.communicate(timeout=120)
+def serving(logs: Path, *arguments: str):
+    """A ``so8t serve`` subprocess, its output in LOGS; yields its URL once /health answers, stops it with
+    SIGTERM at the end (drained, its audit database closed), killed if it does not stop."""
+    command = [sys.executable, "-m", "so8t", "serve", "--port", "0", "--log-level", "warning", *arguments]
+    with started(command, logs, env=OFFLINE) as server:
+        url = server.wait_for_stdout(r"on (http://127\.0\.0\.1:\d+) ").group(1)
+        wait_for_health(url, process=server.process)
+        try:
+            yield url
+        finally:
+            server.send(signal.SIGTERM)
+            server.wait(120)
 
 
 def test_a_streamed_answer_of_the_real_model_arrives_as_it_is_generated(gguf_file, tmp_path):  # noqa: F811
     """SmolLM2-Instruct (the default model: no --model) does not open a thinking block: its answer streams
     from the first tokens, not in one piece at the end."""
-    with serving("--audit-db", str(tmp_path / "audit.db")) as url:
+    with serving(tmp_path / "logs", "--audit-db", str(tmp_path / "audit.db")) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
         [model] = client.models.list().data
         assert model.id == "smollm2-135m-instruct"

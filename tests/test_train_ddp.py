@@ -7,12 +7,12 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import textwrap
 import time
 
 import torch
+from child_processes import run, started
 
 from so8t.training.checkpoints import CHECKPOINT_FILE
 
@@ -47,7 +47,7 @@ def test_two_process_training_keeps_the_gates_identical(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(script), str(output), str(gates)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes on two cores
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = run(command, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
     rank0, rank1 = (torch.load(gates / f"gates-{rank}.pt") for rank in (0, 1))
@@ -104,16 +104,8 @@ def torchrun(script: str, argv: list[str], directory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PIDS": str(directory / "pids"), "MARKERS": str(directory / "markers")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(directory / "worker.py"), *argv]
-    with open(directory / "stdout.txt", "w") as stdout, open(directory / "stderr.txt", "w") as stderr:
-        launcher = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr)
-    try:
-        yield launcher
-    finally:
-        for pid_file in (directory / "pids").iterdir():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid_file.read_text()), signal.SIGKILL)
-        launcher.kill()
-        launcher.wait(timeout=60)
+    with started(command, directory, env=env) as launcher:
+        yield launcher.process
 
 
 def markers(directory) -> list[dict]:

@@ -15,6 +15,7 @@ import textwrap
 
 import pytest
 import torch
+from child_processes import run
 
 WORKER = textwrap.dedent("""
     import sys
@@ -53,7 +54,7 @@ def launch(processes: int, *program: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *FSDP_FLAGS, *program]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    return run(command, timeout=300, env=env)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU case: this machine has a GPU")
@@ -159,7 +160,7 @@ def test_a_checkpoint_of_a_sharded_model_holds_the_whole_gates_gathered_from_eve
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(script), version, str(output)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    result = run(command, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         report = json.loads((output / f"rank-{rank}.json").read_text())

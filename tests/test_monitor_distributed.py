@@ -2,12 +2,12 @@
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+from child_processes import run
 from monitor_helpers import read_metrics
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -46,11 +46,8 @@ def test_two_processes_reduce_then_write_once(tmp_path):
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS)
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT)]), OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-         str(tmp_path / "out")],
-        env=environment, capture_output=True, text=True, timeout=300,
-    )
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                  str(tmp_path / "out")], timeout=300, env=environment)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / "out" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]

@@ -5,10 +5,11 @@ The device tool returns at most 8 files from $OUT, no deeper than 2 folders, nam
 
 import os
 import re
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
+
+from child_processes import run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,8 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_dry_run_leaves_at_most_8_plain_files_with_every_log_in_one_archive(tmp_path):
     out = tmp_path / "out"
     environment = {**os.environ, "DRY_RUN": "1", "OUT": str(out), "PYTHON": sys.executable, "PRECOMPILE_S": "1"}
-    result = subprocess.run(["bash", "benchmarks/device_check.sh"], cwd=ROOT, env=environment,
-                            capture_output=True, text=True, timeout=300)
+    result = run(["bash", "benchmarks/device_check.sh"], timeout=300, cwd=ROOT, env=environment)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     files = list(out.rglob("*"))
     assert 0 < len(files) <= 8 and all(path.is_file() for path in files), files

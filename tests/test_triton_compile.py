@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from child_processes import run
 
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,8 +77,7 @@ def _aot(python, out_dir: Path) -> tuple[list[dict], str]:
     command = [str(python), "-m", "so8t_kernels.aot", "--arch", ",".join(map(str, ARCHES)), "--jobs", "2",
                "--quiet", "--json", str(out)]
     try:
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                                timeout=AOT_TIMEOUT_S)
+        result = run(command, timeout=AOT_TIMEOUT_S, cwd=REPO_ROOT, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail(f"python -m so8t_kernels.aot ran over {AOT_TIMEOUT_S} s (a cold run takes 1.5 to 3 minutes on 2 cores)")
     # Exit status 1 (a kernel failed) or 2 (a launcher raised) still writes the records: the tests

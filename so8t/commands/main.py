@@ -5,7 +5,7 @@ Adding a command is one line in ``COMMANDS``: its name, the module and a one-lin
 Only the module of the command being run is imported, and a command module imports nothing heavy at
 its top (torch, transformers and peft take ~15 s to import on a 2-core machine): ``so8t --help``,
 ``so8t --version``, ``so8t <command> --help`` and argument errors answer at once.
-tests/test_cli.py checks this for every command here.
+tests/test_commands_main.py checks this for every command here.
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ COMMANDS = {
                                      "safety judge, an HMAC-chained audit log"),
     "generate": ("so8t.commands.generate", "answer a prompt or chat in the terminal, streaming, with a so8t train adapter"),
     "audit": ("so8t.commands.audit", "verify a so8t serve audit log: its HMAC chain and its anchored heads"),
+    "export": ("so8t.commands.export", "a finished run as a standalone Hugging Face model folder (LoRA merged, "
+                                       "gates, tokenizer) that transformers and vLLM load"),
 }
 
 

@@ -105,7 +105,8 @@ def test_think_and_plain_completions_answer_from_the_engine_without_logit_statis
     body = think.json()
     assert (body["answer"], body["thinking"], body["thinking_parse"]) == ("The answer is 41.", "secret plan", "closed")
     assert body["monitor"] == {"generated_tokens": len(THINKING_MODEL), "logit_mean": None, "logit_std": None,
-                               "logit_min": None, "logit_max": None, "logit_nonfinite": 0, "sigma_alpha": {"3": 0.1}}
+                               "logit_min": None, "logit_max": None, "logit_nonfinite": None, "exact_logit_stats": [],
+                               "sigma_alpha": {"3": 0.1}}
     message = plain.choices[0].message
     assert message.content == "The answer is 41." and message.model_extra["reasoning_content"] == "secret plan"
     assert health["model"] == "scripted" and health["gated_layers"] == [3]

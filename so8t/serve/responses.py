@@ -69,12 +69,13 @@ def safety_of(verdict: Verdict | None) -> Safety | None:
 
 def monitor_of(completion: Completion) -> Monitor:
     stats = completion.logit_stats
-    values = (stats.mean, stats.std, stats.min, stats.max) if stats is not None else (math.nan,) * 4
+    values = (stats.mean, stats.std, stats.min, stats.max) if stats is not None else (None,) * 4
     mean, std, low, high = (_finite(value) for value in values)
     return Monitor(generated_tokens=completion.new_tokens, logit_mean=mean, logit_std=std, logit_min=low,
-                   logit_max=high, logit_nonfinite=stats.nonfinite if stats is not None else 0,
+                   logit_max=high, logit_nonfinite=stats.nonfinite if stats is not None else None,
+                   exact_logit_stats=[f"logit_{name}" for name in stats.exact()] if stats is not None else [],
                    sigma_alpha={str(layer): gate for layer, gate in completion.sigma_alpha.items()})
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # JSON has no NaN or inf
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None  # JSON has no NaN or inf

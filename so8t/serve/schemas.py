@@ -62,14 +62,17 @@ class Safety(BaseModel):
 
 
 class Monitor(BaseModel):
-    """Logit statistics over every generated step's full logit vector (null when no entry was finite)."""
+    """Logit statistics over every generated step's full logit vector (null when no entry was finite).
+    ``exact_logit_stats`` names those the engine computed: all five on the HF engine, ``logit_max`` alone
+    on the vLLM engine (from its top logprobs); the others are null there."""
 
     generated_tokens: int
     logit_mean: float | None
     logit_std: float | None
     logit_min: float | None
     logit_max: float | None
-    logit_nonfinite: int
+    logit_nonfinite: int | None
+    exact_logit_stats: list[str]
     sigma_alpha: dict[str, float]  # gated decoder layer (0-based) → σ(α)
 
 

@@ -87,13 +87,18 @@ class TextDelta:
 @dataclass(frozen=True)
 class LogitStats:
     """Over every generated step's full logit vector, before temperature and top-p (as
-    so8t_kernels.logit_stats defines them); NaN statistics where no entry was finite."""
+    so8t_kernels.logit_stats defines them); NaN statistics where no entry was finite. None for what the
+    engine cannot compute exactly (vLLM returns top logprobs, not logits: only ``max`` is exact there)."""
 
-    mean: float
-    std: float
-    min: float
-    max: float
-    nonfinite: int
+    mean: float | None
+    std: float | None
+    min: float | None
+    max: float | None
+    nonfinite: int | None
+
+    def exact(self) -> list[str]:
+        """The names of the statistics this engine computed (the others are None)."""
+        return [name for name in ("mean", "std", "min", "max", "nonfinite") if getattr(self, name) is not None]
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,10 @@ setup(
         "test": ["pytest", "pytest-benchmark", "pytest-timeout", "scipy", "openai", "schemathesis"],
         "serve": ["fastapi", "uvicorn", "httpx", "prometheus-client"],
     },
-    entry_points={"console_scripts": ["so8t=so8t.commands.main:main"]},
+    entry_points={
+        "console_scripts": ["so8t=so8t.commands.main:main"],
+        # vLLM calls it in each of its processes: the gated architectures of `so8t export` folders.
+        "vllm.general_plugins": ["so8t = so8t.vllm:register"],
+    },
     **cpp_extension_options(),
 )

@@ -62,6 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
                         help="most requests in the server (waiting or generating); beyond, 503 with "
                              "Retry-After (default: %(default)s)")
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                        help="hf: transformers in this process; vllm: vLLM's engine (continuous batching, paged KV "
+                             "cache) on a so8t export: --model DIR, or --adapter RUN exported on the fly "
+                             "(default: %(default)s)")
+    parser.add_argument("--tensor-parallel-size", type=positive_int, default=1,
+                        help="--engine vllm: GPUs the model is split over (default: %(default)s)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="--engine vllm: no torch.compile or CUDA graphs; starts sooner, generates slower")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="of uvicorn's and so8t's loggers (audit anchors are info) (default: %(default)s)")
 
@@ -129,6 +137,29 @@ def build_server(app, log_level: str = "info"):
     return DrainingServer(uvicorn.Config(app, log_level=log_level, access_log=log_level in ("info", "debug")))
 
 
+def check_engine_options(args: argparse.Namespace, model: str) -> None:
+    """The vLLM options go with --engine vllm, which needs vLLM installed and a model folder (``model``,
+    made concrete) or a run."""
+    if args.engine != "vllm":
+        given = [flag for flag, value in (("--tensor-parallel-size", args.tensor_parallel_size != 1),
+                                          ("--enforce-eager", args.enforce_eager)) if value]
+        if given:
+            raise SO8TError(f"{given[0]} is an option of --engine vllm")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise SO8TError("--engine vllm: vLLM is not installed in this environment (scripts/setup.sh installs it "
+                        "into .venv-vllm: run .venv-vllm/bin/so8t serve --engine vllm)")
+    if args.adapter is not None:
+        from ..models.export import inspect_run
+
+        inspect_run(args.adapter, model)  # a run that does not export fails here, before vLLM starts
+    elif not Path(model).expanduser().is_dir():
+        raise SO8TError("--engine vllm serves a model folder: --model DIR (e.g. written by so8t export), or "
+                        "--adapter RUN (a so8t train run, exported on the fly)")
+
+
 def audit_files(args: argparse.Namespace) -> tuple[Path, Path]:
     """The key file and the anchors file: as given, or where ``so8t audit verify`` looks by default."""
     from ..audit.log import default_files
@@ -183,6 +214,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
 
     try:
         model = inference_model(args.model, args.adapter)
+        check_engine_options(args, model)
     except SO8TError as error:
         return _fail(str(error))
     try:
@@ -200,7 +232,13 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     threads = set_torch_threads(args.threads)
     # Loading runs arbitrary library code: any exception is a model that does not load, not a crash.
     try:
-        engine = HFEngine.load(model, args.adapter, args.served_model_name, args.max_batch)
+        if args.engine == "vllm":
+            from ..serve.engines.vllm import VLLMEngine
+
+            engine = VLLMEngine.load(model, args.adapter, args.served_model_name, args.max_batch,
+                                     args.tensor_parallel_size, args.enforce_eager)
+        else:
+            engine = HFEngine.load(model, args.adapter, args.served_model_name, args.max_batch)
     except Exception as error:
         return _fail(f"cannot load the model ({model}): {type(error).__name__}: {error}")
     judge = None

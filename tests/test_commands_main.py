@@ -64,6 +64,14 @@ def test_the_readme_documents_every_command_the_version_and_the_openapi_page():
     assert "folder that contains it" in " ".join(readme.split())  # the clone-named-so8t import pitfall
 
 
+def test_the_readme_is_short_has_contents_and_no_measurements_of_the_machines_it_was_written_on():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    assert "## Contents" in readme
+    for machine_talk in ("2-core", "loaded machine", "load average", "on a quiet"):
+        assert machine_talk not in readme, machine_talk  # measured figures live in benchmarks/RESULTS.md
+
+
 @pytest.mark.parametrize("name", ["train", "report", "generate"])
 def test_python_dash_m_so8t_is_the_so8t_command(name):
     """``python -m so8t train`` (what ``torchrun -m so8t train`` runs) parses, errs and stays light like ``so8t train``."""

@@ -147,13 +147,19 @@ def bad_inputs(tmp_path, models):
         "missing model": (["--model", str(tmp_path / "no-model")], r"--model .*no-model: no such directory or file"),
         "unknown lora target": (["--lora-targets", "qkv_proj,nope_proj"], "--lora-targets nope_proj: no module of that name in the model"),
         "zero steps": (["--max-steps", "0"], "--max-steps must be at least 1"),
-        "bad alpha target": (["--alpha-target", "1.5"], r"alpha_target=1.5: the target gate activation must be in \(0, 1\)"),
+        # the gates' and the monitor's own checks, reported under the flag the user typed
+        "bad alpha target": (["--alpha-target", "1.5"], r": --alpha-target 1.5: the target gate activation must be in \(0, 1\)$"),
+        "bad theta std": (["--theta-init-std", "-1"], r": --theta-init-std -1.0: must be ≥ 0$"),
+        "layer twice": (["--so8t-layers", "2,2"], r": --so8t-layers 2,2: each layer can be gated once$"),
+        "no layers": (["--so8t-layers", ","], r": --so8t-layers '': expected a non-empty list of integer layer indices$"),
+        "zero monitor interval": (["--monitor-interval", "0"], r": --monitor-interval 0: must be an integer ≥ 1$"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "missing data file", "malformed line", "unknown layout", "hidden size", "no decoder layers",
-    "layer out of range", "missing model", "unknown lora target", "zero steps", "bad alpha target",
+    "layer out of range", "missing model", "unknown lora target", "zero steps", "bad alpha target", "bad theta std",
+    "layer twice", "no layers", "zero monitor interval",
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(case, tmp_path, bad_models, capsys):
     arguments, message = bad_inputs(tmp_path, bad_models)[case]

@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 
-from ..errors import SO8TError
+from ..errors import ConfigValueError, SO8TError
 
 ALL_INTERMEDIATE = "all_intermediate"
 SCHEDULES = ("linear", "cosine", "sigmoid")
@@ -35,23 +35,24 @@ class SO8TConfig:
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
             if self.layers != ALL_INTERMEDIATE:
-                raise SO8TError(f"layers={self.layers!r}: expected {ALL_INTERMEDIATE!r} or a list of layer indices")
+                raise ConfigValueError("", "layers", self.layers,
+                                       f"expected {ALL_INTERMEDIATE!r} or a list of layer indices")
         else:
             self.layers = list(self.layers)
             if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
-                raise SO8TError(f"layers={self.layers!r}: expected a non-empty list of integer layer indices")
+                raise ConfigValueError("", "layers", self.layers, "expected a non-empty list of integer layer indices")
             if len(set(self.layers)) != len(self.layers):
-                raise SO8TError(f"layers={self.layers!r}: each layer can be gated once")
+                raise ConfigValueError("", "layers", self.layers, "each layer can be gated once")
         if not 0.0 < self.alpha_target < 1.0:
-            raise SO8TError(f"alpha_target={self.alpha_target}: the target gate activation must be in (0, 1)")
+            raise ConfigValueError("", "alpha_target", self.alpha_target, "the target gate activation must be in (0, 1)")
         if not math.isfinite(self.alpha_init):
-            raise SO8TError(f"alpha_init={self.alpha_init}: must be finite")
+            raise ConfigValueError("", "alpha_init", self.alpha_init, "must be finite")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise SO8TError(f"warmup_steps={self.warmup_steps!r}: must be an integer ≥ 0")
+            raise ConfigValueError("", "warmup_steps", self.warmup_steps, "must be an integer ≥ 0")
         if self.schedule not in SCHEDULES:
-            raise SO8TError(f"schedule={self.schedule!r}: expected one of {', '.join(SCHEDULES)}")
+            raise ConfigValueError("", "schedule", self.schedule, f"expected one of {', '.join(SCHEDULES)}")
         if not (math.isfinite(self.theta_init_std) and self.theta_init_std >= 0):
-            raise SO8TError(f"theta_init_std={self.theta_init_std}: must be ≥ 0")
+            raise ConfigValueError("", "theta_init_std", self.theta_init_std, "must be ≥ 0")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 
-from ..errors import SO8TError
+from ..errors import ConfigValueError
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ class MonitorConfig:
         for name in ("interval", "flush_every", "buffer_size", "dead_gradient_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise SO8TError(f"MonitorConfig.{name}={value!r}: must be an integer ≥ 1")
+                raise ConfigValueError("MonitorConfig.", name, value, "must be an integer ≥ 1")
         if not self.residual_threshold > 0:
-            raise SO8TError(f"MonitorConfig.residual_threshold={self.residual_threshold!r}: must be > 0")
+            raise ConfigValueError("MonitorConfig.", "residual_threshold", self.residual_threshold, "must be > 0")
         if not 0 < self.gate_saturation < 1:
-            raise SO8TError(f"MonitorConfig.gate_saturation={self.gate_saturation!r}: must be in (0, 1)")
+            raise ConfigValueError("MonitorConfig.", "gate_saturation", self.gate_saturation, "must be in (0, 1)")

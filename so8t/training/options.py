@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import SO8TError
+from ..errors import ConfigValueError, SO8TError
 from ..gates.config import ALL_INTERMEDIATE, SCHEDULES, SO8TConfig
 from ..models.source import DEMO_MODEL
 from ..monitor.config import MonitorConfig
@@ -258,7 +258,11 @@ class TrainOptions:
             if len(flags) > 1:
                 raise SO8TError(f"give either {' or '.join(flags)}, not both")
         if self.gates:
-            self.so8t_config()  # the gates' ranges are SO8TConfig's
+            try:
+                self.so8t_config()  # the gates' ranges are SO8TConfig's
+            except ConfigValueError as error:
+                name = "so8t_layers" if error.field == "layers" else error.field
+                raise _flag_error(dict(declared_options())[name].flag_of(name), error) from None
 
     @property
     def evaluates(self) -> bool:
@@ -279,6 +283,12 @@ def _default_of(name: str, declared: Option, task: str):
         return declared.by_task[task]
     default = next(f for f in dataclasses.fields(TrainOptions) if f.name == name)
     return default.default_factory() if default.default_factory is not dataclasses.MISSING else default.default
+
+
+def _flag_error(flag: str, error: ConfigValueError) -> SO8TError:
+    """A config's error under the flag that set the field, its value as typed: ``--so8t-layers 1,1: …``."""
+    value = (",".join(map(str, error.value)) or "''") if isinstance(error.value, list) else error.value
+    return SO8TError(f"{flag} {value}: {error.reason}")
 
 
 def _value_type(annotation) -> type:
@@ -348,8 +358,11 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
             if getattr(args, name, True) is None:  # --no-monitor
                 values[name] = None
             else:
-                config = typing.get_type_hints(TrainOptions)[name]
-                values[name] = _value_type(config)(**{part: getattr(args, f"{name}_{part}") for part in declared.parts})
+                config = _value_type(typing.get_type_hints(TrainOptions)[name])
+                try:
+                    values[name] = config(**{part: getattr(args, f"{name}_{part}") for part in declared.parts})
+                except ConfigValueError as error:
+                    raise _flag_error(declared.parts[error.field].flag_of(f"{name}_{error.field}"), error) from None
             continue
         values[name] = getattr(args, name)
     return TrainOptions(**values)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import so8t  # noqa: F401  (registers the gated classes with the Auto classes)
+import child_processes
 from cli_helpers import run_so8t, train
 from so8t.errors import SO8TError
 from so8t.models import export
@@ -75,6 +76,14 @@ def test_a_checkpoint_exports_with_its_own_weights(run, exported, tmp_path):
     from_checkpoint = logits(AutoModelForCausalLM.from_pretrained(target))
     torch.testing.assert_close(from_checkpoint, expected, rtol=1e-6, atol=1e-6)
     assert (from_checkpoint - logits(AutoModelForCausalLM.from_pretrained(exported))).abs().max() > 1e-4
+
+
+def test_off_a_terminal_the_export_prints_its_lines_without_progress_bars(run, tmp_path):
+    result = child_processes.run([sys.executable, "-m", "so8t", "export", str(run), "--output-dir",
+                                  str(tmp_path / "model")], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "so8t export: writing" in result.stderr
+    assert "\r" not in result.stderr and "Loading weights" not in result.stderr and "shards" not in result.stderr
 
 
 def test_a_bfloat16_export_keeps_the_gates_in_float32(run, exported, tmp_path):

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from ..errors import SO8TError
+from .library_bars import quiet_library_bars_off_terminal
 
 DTYPES = ("float32", "bfloat16", "float16")  # so8t.models.export.DTYPES (importing it costs torch here)
 
@@ -30,6 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..models.export import CLASSIFY, check_output_dir, export_model, export_run, inspect_run
 
+    quiet_library_bars_off_terminal()
     try:
         source = inspect_run(args.run, args.model)
         target = check_output_dir(args.output_dir)

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from ..errors import SO8TError
+from .library_bars import quiet_library_bars_off_terminal
 from .model_options import add_model_arguments, inference_model, positive_int, set_torch_threads
 
 # The log, its key and its anchors (and SQLite's -wal and -shm files) in one folder.
@@ -229,6 +230,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
     from ..serve.engines.hf import HFEngine
 
     configure_logging(args.log_level)
+    quiet_library_bars_off_terminal()
     threads = set_torch_threads(args.threads)
     # Loading runs arbitrary library code: any exception is a model that does not load, not a crash.
     try:

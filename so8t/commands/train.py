@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import SO8TError
 from ..training.options import TrainOptions, add_arguments, options_from_args
+from .library_bars import quiet_library_bars_off_terminal
 
 __all__ = ["TrainOptions", "add_arguments", "options_from_args", "run"]
 
@@ -40,18 +41,6 @@ def _threads_for(options: TrainOptions):
         torch.set_num_threads(previous)
 
 
-def _quiet_library_bars() -> None:
-    """Off a terminal, transformers' and the hub's progress bars (loading weights, writing shards, downloads)
-    would print a line per update: they show only on a terminal, like the training log's."""
-    if sys.stderr.isatty():
-        return
-    from huggingface_hub.utils import disable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
-    disable_progress_bars()
-    transformers_logging.disable_progress_bar()
-
-
 def _run_task(options: TrainOptions) -> None:
     if options.task == "classify":
         from ..training.classify import train_classifier
@@ -71,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         options = preflight(options_from_args(args))  # before torch: a bad path is reported at once
         if args.output_dir is None:
             print(f"so8t train: writing into {options.output_dir}", file=sys.stderr, flush=True)
-        _quiet_library_bars()
+        quiet_library_bars_off_terminal()
         with _threads_for(options):
             _run_task(options)
     except SO8TError as error:

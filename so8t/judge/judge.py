@@ -14,13 +14,13 @@ trained from scratch) or a LoRA adapter over a base named in its adapter_config.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from ..errors import SO8TError
+from ..models.json_file import read_json_object
 from .calibration import check_temperature, read_temperature
 
 ALLOW, ESCALATE, DENY = "ALLOW", "ESCALATE", "DENY"
@@ -137,12 +137,12 @@ def check_judge_dir(directory: str | Path) -> Path:
     missing = [name for name in TOKENIZER_FILES if not (directory / name).is_file()]
     config, adapter_config = directory / MODEL_CONFIG_FILE, directory / PEFT_CONFIG_FILE
     if config.is_file():
-        labels = _read_json(config).get("id2label") or {}
+        labels = read_json_object(config).get("id2label") or {}
         if [labels.get(str(index)) for index in range(len(labels))] != list(LABELS):
             raise SO8TError(f"{directory} is not a so8t judge: its {MODEL_CONFIG_FILE} labels are "
                             f"{list(labels.values())}, a judge has {list(LABELS)}")
     elif adapter_config.is_file():
-        task = _read_json(adapter_config).get("task_type")
+        task = read_json_object(adapter_config).get("task_type")
         if task != "SEQ_CLS":
             raise SO8TError(f"{directory} is not a so8t judge: its {PEFT_CONFIG_FILE} is a {task} adapter "
                             "(a so8t train --task generate output?), a judge's is SEQ_CLS")
@@ -152,16 +152,6 @@ def check_judge_dir(directory: str | Path) -> Path:
         raise SO8TError(f"{directory} is not a so8t judge (so8t train --task classify output): missing "
                         + ", ".join(missing))
     return directory
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise SO8TError(f"{path}: unreadable ({error})") from None
-    if not isinstance(value, dict):
-        raise SO8TError(f"{path}: expected a JSON object")
-    return value
 
 
 def load_classifier(directory: str | Path):

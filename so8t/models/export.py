@@ -26,6 +26,7 @@ from ..durable import fsync_tree
 from ..errors import SO8TError
 from ..gates.adapter import CONFIG_FILE as GATES_CONFIG_FILE
 from ..gates.adapter import SO8T_ADAPTER_DIR
+from .json_file import read_json_object
 from .run_base import EMBEDDED_BASE_FILE, PEFT_CONFIG_FILE, run_base_model
 from .source import cache_root, check_model
 
@@ -56,16 +57,6 @@ class RunSource:
     gated: bool
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise SO8TError(f"{path}: unreadable ({error})") from None
-    if not isinstance(value, dict):
-        raise SO8TError(f"{path}: expected a JSON object")
-    return value
-
-
 def _step(checkpoint: Path) -> tuple[int, str]:
     suffix = checkpoint.name[len(CHECKPOINT_PREFIX):]
     return (int(suffix) if suffix.isdigit() else -1, checkpoint.name)
@@ -86,8 +77,8 @@ def inspect_run(run: str | Path, model: str | None = None) -> RunSource:
         raise SO8TError(f"{run}: not a finished so8t train run (its final files are not published){hint}")
     peft_config, model_config = path / PEFT_CONFIG_FILE, path / MODEL_CONFIG_FILE
     if peft_config.is_file():
-        task = CLASSIFY if _read_json(peft_config).get("task_type") == "SEQ_CLS" else GENERATE
-    elif model_config.is_file() and _read_json(model_config).get("id2label"):
+        task = CLASSIFY if read_json_object(peft_config).get("task_type") == "SEQ_CLS" else GENERATE
+    elif model_config.is_file() and read_json_object(model_config).get("id2label"):
         task = CLASSIFY  # the demo judge, every weight trained: the folder is its model
     else:
         raise SO8TError(f"{run}: neither a LoRA adapter ({PEFT_CONFIG_FILE}) nor a trained classifier "
@@ -221,7 +212,7 @@ def read_gate_activations(folder: str | Path) -> dict[int, float]:
     from .gated_config import SO8T_BLOCK, gate_tensor_names
 
     folder = Path(folder)
-    config = _read_json(folder / MODEL_CONFIG_FILE)
+    config = read_json_object(folder / MODEL_CONFIG_FILE)
     if SO8T_BLOCK not in config:
         return {}
     tensors = {}

@@ -175,18 +175,21 @@ def test_compact_scalars_reach_the_trainer_logs_and_reporting_callbacks(tmp_path
 
     model, handle = tiny_gated_model()
     reporter = Reporter()
-    trainer = make_trainer(model, handle, tmp_path, max_steps=4, monitor=SO8TMonitorCallback(interval=1, plots=False),
+    # sampled: 1, 3 and the last step, 4; the Trainer logs every 2 steps, and also at 1 and 3 for the monitor
+    trainer = make_trainer(model, handle, tmp_path, max_steps=4, monitor=SO8TMonitorCallback(interval=3, plots=False),
                            callbacks=[reporter], logging_steps=2)
     trainer.train()
     keys = {"so8t/alpha_mean", "so8t/gate_max", "so8t/ortho_max", "so8t/logit_std", "so8t/act_rms_max",
             "so8t/grad_theta_max", "so8t/grad_lora_min"}
-    assert keys <= set(reporter.logged[0])
     history = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert keys <= set(history[0])
+    assert [entry["step"] for entry in history] == [1, 2, 3, 4]
+    assert [keys <= set(logged) for logged in reporter.logged[:4]] == [True, False, True, True]
+    assert [keys <= set(entry) for entry in history] == [True, False, True, True]
+    assert not any(key.startswith("so8t/") for key in history[1])  # step 2 was not sampled: no stale values
     _, samples, _ = read_metrics(tmp_path / "monitoring" / "metrics.jsonl")
     step_4 = next(s for s in samples if s["step"] == 4)
-    assert history[1]["so8t/logit_std"] == pytest.approx(step_4["logit_std"])
-    assert history[1]["so8t/gate_max"] == pytest.approx(step_4["gate"].max())
+    assert history[3]["so8t/logit_std"] == pytest.approx(step_4["logit_std"])
+    assert history[3]["so8t/gate_max"] == pytest.approx(step_4["gate"].max())
 
 
 @pytest.mark.parametrize("gates", [True, False], ids=["gated", "baseline"])

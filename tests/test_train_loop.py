@@ -77,17 +77,27 @@ def test_max_steps_and_num_epochs_are_exclusive(capsys):
     assert "not allowed with argument" in capsys.readouterr().err
 
 
-def test_report_to_tensorboard_writes_the_so8t_scalars(tmp_path):
+def test_report_to_tensorboard_writes_the_so8t_scalars_at_the_sampled_steps_only(tmp_path):
     output = tmp_path / "run"
-    assert main([*SMALL, "--max-steps", "4", "--monitor-interval", "1", "--eval-fraction", "0.05",
+    # 12 steps: the loss is logged every 2 (10% of the run) and at step 1; the monitor samples 1, 5, 10, 12.
+    assert main([*SMALL, "--max-steps", "12", "--monitor-interval", "5", "--eval-fraction", "0.05",
                  "--report-to", "tensorboard", "--output-dir", str(output)]) == 0
     (events,) = {path.parent for path in (output / "runs").rglob("events.out.tfevents.*")}
-    scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    accumulator = EventAccumulator(str(events)).Reload()
+    scalars = accumulator.Tags()["scalars"]
     assert {"train/loss", "eval/loss", "eval/perplexity"} <= set(scalars)
     so8t = {tag for tag in scalars if "so8t/" in tag}
     assert {"train/so8t/alpha_mean", "train/so8t/gate_max", "train/so8t/grad_lora_min"} <= so8t, scalars
-    alpha = EventAccumulator(str(events)).Reload().Scalars("train/so8t/alpha_mean")
-    assert {event.step for event in alpha} == {1, 2, 3, 4}
+    sampled = [1, 5, 10, 12]
+    for tag in so8t:  # once per sampled step, also at step 12, which has an eval log as well
+        assert [event.step for event in accumulator.Scalars(tag)] == sampled, tag
+    # the monitor has the Trainer log at 5, between its logging steps
+    assert [event.step for event in accumulator.Scalars("train/loss")] == [1, 2, 4, 5, 6, 8, 10, 12]
+    rows = [json.loads(line) for line in (output / "monitoring" / "metrics.jsonl").read_text().splitlines()]
+    alphas = {row["step"]: sum(row["alpha"]) / len(row["alpha"]) for row in rows if row["type"] == "sample"}
+    assert sorted(alphas) == sampled
+    for event in accumulator.Scalars("train/so8t/alpha_mean"):  # each point is its own step's sample
+        assert event.value == pytest.approx(alphas[event.step], rel=1e-6)
 
 
 @pytest.mark.parametrize("tracker", ["wandb", "mlflow"])

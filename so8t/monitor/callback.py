@@ -2,7 +2,7 @@
 
 Per sampled optimizer step: the probe is armed at step begin, reads gradients before the optimizer
 step, and at step end its flat tensor is reduced across processes and copied to the host once; rank 0
-records it (files, alerts), every rank keeps the latest values for the Trainer's logs.
+records it (files, alerts), every rank adds a few of its values (``so8t/*``) to the Trainer's log of that step.
 """
 
 import atexit
@@ -44,6 +44,7 @@ class SO8TMonitorCallback(TrainerCallback):
         self._probe: SampleProbe | None = None
         self._reducer: CrossProcessReducer | None = None
         self._sampling = False
+        self._unlogged = False  # the latest sample's scalars have not reached a log yet
 
     def add_to(self, trainer) -> "SO8TMonitorCallback":
         """Registers the monitor ahead of the reporting callbacks (TensorBoard, W&B, ...) so that the
@@ -74,6 +75,7 @@ class SO8TMonitorCallback(TrainerCallback):
         self._probe = SampleProbe(model, handle, groups, layers)
         self._reducer = CrossProcessReducer(self._probe.reductions())
         self.latest = None
+        self._unlogged = False
         if state.is_world_process_zero:
             annealing = handle.config if handle is not None else None
             info = RunInfo(
@@ -109,6 +111,10 @@ class SO8TMonitorCallback(TrainerCallback):
         values = self._reducer(self._probe.vector()).cpu().numpy()  # the sample's one host sync
         sample = {STEP: state.global_step, EPOCH: state.epoch, TIME: time.time(), **self._probe.to_sample(values)}
         self.latest = sample
+        self._unlogged = True
+        # The so8t/* scalars go to the Trainer's logs of this step only: have it log here, also between
+        # its logging_steps (its loss then too, averaged since the last log).
+        control.should_log = True
         if self.recorder is not None:
             self.recorder.add(sample)
         if self.config.stop_on_nonfinite and any(np.any(sample[name] > 0) for name in NONFINITE_COUNTS):
@@ -119,8 +125,10 @@ class SO8TMonitorCallback(TrainerCallback):
             return
         if self.recorder is not None:  # the training loss, or the eval loss after an evaluation
             self.recorder.add_losses(state.global_step, logs)
-        if self.latest is None:
+        # Once per sampled step: an eval log of that step would repeat the same points.
+        if not self._unlogged or self.latest[STEP] != state.global_step:
             return
+        self._unlogged = False
         scalars = compact_scalars(self.latest)
         logs.update(scalars)
         # The Trainer appends a copy of `logs` to its history before callbacks see them.

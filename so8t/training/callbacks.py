@@ -85,7 +85,7 @@ class TrainingLog(ProgressCallback):
             super().on_train_end(args, state, control, **kwargs)
 
     def _gates(self, step: int, logs: dict) -> dict[str, float] | None:
-        """On a step the monitor sampled (the so8t/* values it adds to every log are that step's): σ(α)
+        """On a step the monitor sampled (it adds the so8t/* values to that step's log only): σ(α)
         averaged over the gated layers (one host read of L scalars) and the largest residual."""
         latest = getattr(self.monitor, "latest", None)
         if self.handle is None or latest is None or latest[STEP] != step or "so8t/ortho_max" not in logs:

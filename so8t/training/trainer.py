@@ -89,7 +89,7 @@ def build_trainer(options: TrainOptions, model, handle: SO8THandle | None, outpu
             raise
         raise unwritable(Path(output_dir), error) from None
     # Ahead of the Trainer's own callbacks, so that the reporting ones (TensorBoard, W&B, MLflow) see the
-    # so8t/* scalars the monitor adds to each log.
+    # so8t/* scalars the monitor adds to the log of each step it samples.
     trainer.callback_handler.callbacks[:0] = callbacks
     use_training_log(trainer, handle)
     return trainer

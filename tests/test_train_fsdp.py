@@ -4,7 +4,8 @@ On CPU accelerate cannot shard: it runs CPU processes as data parallel (MULTI_CP
 request silently, so so8t refuses with one line. On GPUs (benchmarks/device_check.sh runs this file with
 SO8T_TEST_DEVICE=cuda): 4-bit QLoRA with gates, one process per GPU; every rank ends with the same gates,
 and the saved adapter and checkpoint hold them. On CPU torch itself shards over gloo: the checkpoint of a
-model sharded by FSDP2 (``fully_shard``) or FSDP1 holds the whole gates, gathered from every rank.
+model sharded by FSDP2 (``fully_shard``) or FSDP1 holds the whole gates, gathered from every rank, and the
+final files of an FSDP2 run hold the whole LoRA tensors, which load into the logits the sharded model gave.
 """
 
 import json
@@ -67,6 +68,18 @@ def test_fsdp_on_cpu_is_refused_with_one_line(tmp_path):
     assert 1 <= len(lines) <= 2, result.stderr[-3000:]
     assert all("accelerate shards models only on GPUs" in line and "MULTI_CPU" in line for line in lines)
     assert not output.exists() and not list(tmp_path.iterdir())
+
+
+def test_an_fsdp1_launch_is_refused_before_anything_loads(monkeypatch):
+    from so8t import SO8TError
+    from so8t.training.distributed import check_sharding
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")  # what accelerate launch --use_fsdp sets without --fsdp_version
+    with pytest.raises(SO8TError, match="FSDP2 only: launch with accelerate launch --use_fsdp --fsdp_version 2"):
+        check_sharding(on_cpu=False)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    check_sharding(on_cpu=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP through accelerate needs GPUs (see the CPU test)")
@@ -169,3 +182,82 @@ def test_a_checkpoint_of_a_sharded_model_holds_the_whole_gates_gathered_from_eve
     saved = load_file(output / "checkpoint-1" / "so8t" / "so8t_adapter.safetensors")
     assert torch.equal(saved["theta"], whole["theta"]) and torch.equal(saved["alpha"], whole["alpha"])
     assert whole["theta"].abs().sum() > 0 and (output / "checkpoint-1" / "so8t_checkpoint.json").is_file()
+
+
+# The demo model with LoRA and gates, every trainable tensor drawn alike on both ranks (LoRA B is not left at
+# 0), sharded by FSDP2, its logits for a few tokens, then the final files written as so8t train's runner does:
+# the trainable tensors gathered on every rank, rank 0 writing; rank 0 also writes what it expects.
+SHARDED_FINAL_OUTPUTS = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+    from torch.distributed.fsdp import fully_shard
+    from transformers import TrainerState
+
+    from so8t import attach_so8t
+    from so8t.gates.placement import find_decoder_layout
+    from so8t.models.loading import load_model_and_tokenizer
+    from so8t.training.distributed import whole_gates, whole_trainable_state
+    from so8t.training.finetune import Training, save_outputs
+    from so8t.training.lora import add_lora
+    from so8t.training.options import TrainOptions
+
+    dist.init_process_group("gloo")
+    rank, output = dist.get_rank(), Path(sys.argv[1])
+    options = TrainOptions(model="demo")
+    model, tokenizer = load_model_and_tokenizer(**options.base_model_arguments())
+    model = add_lora(options, model)
+    handle = attach_so8t(model, options.so8t_config())
+    draw = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(torch.randn(parameter.shape, generator=draw) * 0.05)
+    lora = {name: parameter.detach().clone() for name, parameter in model.named_parameters() if "lora_" in name}
+    layer_type = type(find_decoder_layout(model).layers[0])
+    for module in [module for module in model.modules() if isinstance(module, layer_type)]:
+        fully_shard(module)
+    fully_shard(model)
+    model.eval()
+    tokens = torch.randint(3, 250, (2, 12), generator=draw)
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits
+    trainable = whole_trainable_state(model)
+    with whole_gates(model, handle):
+        if rank == 0:
+            training = Training(trainer=SimpleNamespace(state=TrainerState()), model=model, tokenizer=tokenizer,
+                                handle=handle, options=options)
+            save_outputs(training, output / "final", trainable)
+            save_file({"tokens": tokens, "logits": logits, **lora}, output / "expected.safetensors")
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="the CPU stand-in: on a GPU machine the accelerate FSDP test above saves the adapter")
+def test_the_final_files_of_an_fsdp2_run_hold_the_whole_lora_tensors_and_give_its_logits(tmp_path):
+    from safetensors.torch import load_file
+
+    from so8t.models.inference import load_for_inference
+
+    script, output = tmp_path / "worker.py", tmp_path / "out"
+    script.write_text(SHARDED_FINAL_OUTPUTS)
+    output.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), str(output)]
+    result = run(command, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = load_file(output / "expected.safetensors")
+    saved = load_file(output / "final" / "adapter_model.safetensors")
+    lora = {name.replace(".default", ""): tensor for name, tensor in expected.items() if "lora_" in name}
+    assert sorted(saved) == sorted(lora) and len(saved) == 6 * 4 * 2  # 6 layers × 4 modules × A, B
+    for name, tensor in lora.items():  # whole, not one rank's shard
+        assert saved[name].shape == tensor.shape and torch.equal(saved[name], tensor), name
+    loaded = load_for_inference("demo", str(output / "final"))  # one process, as so8t generate loads a run
+    with torch.no_grad():
+        logits = loaded.model(input_ids=expected["tokens"]).logits
+    assert torch.allclose(logits, expected["logits"], atol=1e-5, rtol=0), (logits - expected["logits"]).abs().max()

@@ -104,7 +104,7 @@ def test_disk_full_while_publishing_is_one_line_and_keeps_the_previous_output(tm
 
     output = previous_output(tmp_path / "run")
 
-    def save_until_the_disk_is_full(training, directory):
+    def save_until_the_disk_is_full(training, directory, trainable):
         training.model.save_pretrained(directory)
         raise OSError(errno.ENOSPC, "No space left on device", str(directory / "so8t" / "so8t_adapter.safetensors"))
 

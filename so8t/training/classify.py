@@ -93,14 +93,14 @@ def held_out_summary(calibration: Calibration | None) -> str:
             f"{calibration.ece_before:.1%} → {calibration.ece_after:.1%}")
 
 
-def _save_judge(model, tokenizer, handle, trainer, directory: Path) -> None:
+def _save_judge(model, tokenizer, handle, trainer, directory: Path, trainable: dict | None) -> None:
     if handle is not None:
         save_so8t_adapter(handle, directory / SO8T_ADAPTER_DIR)
     if isinstance(model, PreTrainedModel):  # every weight trained: the whole model, except the gates
         weights = {name: tensor for name, tensor in model.state_dict().items() if BANK_ATTRIBUTE not in name}
         model.save_pretrained(directory, state_dict=weights)
     else:  # LoRA: its adapter only, which has no gates in it
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, state_dict=trainable)
     tokenizer.save_pretrained(directory)
     trainer.state.save_to_json(str(directory / TRAINER_STATE_FILE))
 
@@ -126,8 +126,8 @@ def train_classifier(options: TrainOptions) -> Path:
     started = time.perf_counter()
     calibrations = []
 
-    def write_judge(directory: Path) -> None:
-        _save_judge(model, tokenizer, handle, trainer, directory)
+    def write_judge(directory: Path, trainable: dict | None) -> None:
+        _save_judge(model, tokenizer, handle, trainer, directory, trainable)
         if eval_dataset is not None:  # fitted on the trained judge, published with it
             calibrations.append(fit_temperature(*class_logits(model, eval_dataset, collator, options.batch_size)))
             write_calibration(calibrations[-1], directory)

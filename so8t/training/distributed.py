@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from ..errors import SO8TError
 
 FSDP_SWITCH = "ACCELERATE_USE_FSDP"  # set by `accelerate launch --use_fsdp` (or its config file)
+FSDP_VERSION = "FSDP_VERSION"  # set by `accelerate launch --fsdp_version`, "1" without it
 
 
 def check_sharding(on_cpu: bool) -> None:
@@ -19,10 +20,17 @@ def check_sharding(on_cpu: bool) -> None:
     processes: CPU processes always get its MULTI_CPU type (DDP over gloo) and the FSDP request is dropped
     without a word, so every rank would hold the whole model, the opposite of what the user asked for.
     """
-    if on_cpu and os.environ.get(FSDP_SWITCH, "false").lower() == "true":
+    if os.environ.get(FSDP_SWITCH, "false").lower() != "true":
+        return
+    if on_cpu:
         raise SO8TError("FSDP was requested (accelerate launch --use_fsdp), but accelerate shards models only on "
                         "GPUs and runs CPU processes as MULTI_CPU, each with the whole model; launch without "
                         "--use_fsdp on CPU (data parallel over gloo)")
+    # peft picks the adapter's tensors by module name and sees through the outermost FSDP1 unit only: with
+    # the decoder layers wrapped, the final adapter would be saved empty.
+    if os.environ.get(FSDP_VERSION, "1") != "2":
+        raise SO8TError("so8t train shards with FSDP2 only: launch with accelerate launch --use_fsdp "
+                        "--fsdp_version 2 (with FSDP1 peft cannot save the LoRA adapter of a wrapped model)")
 
 
 def _distributed() -> bool:
@@ -48,6 +56,17 @@ def wait_for_every_rank() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def whole_trainable_state(model) -> dict | None:
+    """Under FSDP2, the model's trainable tensors (LoRA, gates) whole on every rank, by their names in the
+    unsharded model: its own state dict holds DTensor shards, which a safetensors writer cannot save. An
+    all-gather: every rank calls it. None when nothing is sharded (one process, DDP)."""
+    if not _distributed() or not any(hasattr(parameter, "full_tensor") for parameter in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True))
 
 
 def local_part(tensor):

@@ -85,9 +85,10 @@ def build_training(options: TrainOptions, output_dir: str | Path, demo_overrides
     return Training(trainer=trainer, model=model, tokenizer=tokenizer, handle=handle, options=options)
 
 
-def save_outputs(training: Training, directory: Path) -> None:
-    """LoRA adapter, SO8T adapter (``so8t/``), tokenizer and trainer state into ``directory``."""
-    training.model.save_pretrained(directory)
+def save_outputs(training: Training, directory: Path, trainable: dict | None = None) -> None:
+    """LoRA adapter, SO8T adapter (``so8t/``), tokenizer and trainer state into ``directory``; under FSDP
+    the LoRA tensors come from ``trainable``, the whole trainable tensors gathered from every rank."""
+    training.model.save_pretrained(directory, state_dict=trainable)
     if training.handle is not None:
         save_so8t_adapter(training.handle, directory / SO8T_ADAPTER_DIR)
     training.tokenizer.save_pretrained(directory)
@@ -117,7 +118,8 @@ def finetune(options: TrainOptions) -> Path:
     training = build_training(options, output_dir)
     options = training.options
     started = time.perf_counter()
-    run_training(training.trainer, options, training.handle, lambda directory: save_outputs(training, directory))
+    run_training(training.trainer, options, training.handle,
+                 lambda directory, trainable: save_outputs(training, directory, trainable))
     elapsed = time.perf_counter() - started
     if training.trainer.is_world_process_zero():
         steps = training.trainer.state.global_step

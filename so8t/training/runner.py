@@ -11,7 +11,7 @@ from ..errors import SO8TError
 from ..gates.placement import SO8THandle
 from ..monitor.callback import SO8TMonitorCallback
 from .checkpoints import checkpoints, find_checkpoint, is_complete, nonfinite_parameters, restore_so8t_state
-from .distributed import max_over_ranks, whole_gates
+from .distributed import max_over_ranks, whole_gates, whole_trainable_state
 from .options import TrainOptions
 from .outputs import WRITE_ERRNOS, claimed_output_dir, describe_os_error, nearly_full, publish
 from .stopping import StopOnSignal
@@ -50,9 +50,9 @@ def _end_progress_bars(trainer) -> None:
 
 
 def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
-                 write_final: Callable[[Path], None]) -> Path:
-    """Trains ``trainer`` into ``options.output_dir`` and publishes ``write_final(directory)``'s files
-    there (rank 0). Failures a user can act on are SO8TErrors: a full or read-only disk, weights that
+                 write_final: Callable[[Path, dict | None], None]) -> Path:
+    """Trains ``trainer`` into ``options.output_dir`` and publishes ``write_final(directory, trainable)``'s
+    files there (rank 0; ``trainable``: under FSDP the whole trainable tensors to save, else None). Failures a user can act on are SO8TErrors: a full or read-only disk, weights that
     are not finite; SIGTERM and SIGINT end it with TrainingInterrupted (a KeyboardInterrupt), after a
     checkpoint when they came while it trained. Returns the output directory."""
     output_dir = Path(options.output_dir).resolve()
@@ -84,9 +84,10 @@ def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
             raise SO8TError(f"training diverged: {which} hold NaN or infinity at step {trainer.state.global_step}"
                             f"{example}; nothing published, try a lower --learning-rate"
                             f"{kept_checkpoints(output_dir, 'checkpoints with finite weights')}")
-        with whole_gates(trainer.model, handle):  # every rank: under FSDP the gates are gathered
+        trainable = whole_trainable_state(trainer.model)  # every rank: under FSDP they are gathered
+        with whole_gates(trainer.model, handle):
             if is_main:
-                _publish(output_dir, write_final)
+                _publish(output_dir, lambda directory: write_final(directory, trainable))
     return output_dir
 
 

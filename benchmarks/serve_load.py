@@ -4,7 +4,11 @@ for several server configurations:
 - ``--compare batching`` (default): dynamic batching (the default ``--max-batch 16``) against the same
   server handling requests one at a time (``--max-batch 1``), both with ``--threads`` (default: the
   server's own choice);
-- ``--compare threads``: ``--threads 1``, ``--threads 2`` and the server's default, batched.
+- ``--compare threads``: ``--threads 1``, ``--threads 2`` and the server's default, batched;
+- ``--compare engines``: ``--engine hf`` against ``--engine vllm`` (run by ``--vllm-python``, default
+  ``.venv-vllm/bin/python``), the same model (``--model`` an export folder, which both load, or
+  ``--adapter RUN``), the same ``--threads``, each batching up to the concurrency (``--max-batch``).
+  ``--engine`` picks the engine of the other comparisons.
 
 Each configuration is a real ``so8t serve`` subprocess on 127.0.0.1 (a free port, its own temporary
 audit database; OMP_NUM_THREADS is removed from its environment, so only ``--threads`` or the server's
@@ -16,6 +20,7 @@ shared machine's changing load hits them alike. Bounded: at most ``--rounds`` ro
     python benchmarks/serve_load.py --model demo                # the random demo model, concurrency 16
     python benchmarks/serve_load.py                             # the default model (SmolLM2): read tokens/s
     python benchmarks/serve_load.py --compare threads           # 1 vs 2 vs the default threads
+    python benchmarks/serve_load.py --model EXPORT --compare engines --threads 1 --concurrency 16 64
 """
 
 from __future__ import annotations
@@ -36,25 +41,32 @@ from pathlib import Path
 
 import httpx
 
-STARTUP_TIMEOUT_S = 300
+STARTUP_TIMEOUT_S = 600  # a vLLM engine: 25 s idle, minutes on a loaded 2-core machine
 
 
 @contextlib.contextmanager
-def serve(name: str, options: list[str], model: str | None, audit_dir: Path):
+def serve(name: str, python: str, options: list[str], model: str | None, audit_dir: Path):
     env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    command = [sys.executable, "-m", "so8t", "serve", "--port", "0", "--log-level", "warning", "--max-queue", "1024",
-               "--audit-db", str(audit_dir / f"audit-{len(list(audit_dir.iterdir()))}.db"), *options]
+    index = len(list(audit_dir.glob("*.db")))
+    command = [python, "-m", "so8t", "serve", "--port", "0", "--log-level", "warning", "--max-queue", "1024",
+               "--audit-db", str(audit_dir / f"audit-{index}.db"), *options]
     if model is not None:
         command += ["--model", model]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    log = audit_dir / f"server-{index}.log"  # a file, not a pipe: vLLM logs on, and nobody would read a pipe
+    with open(log, "w") as output:
+        # Its own session: vLLM's engine processes go with the server's group when it is stopped.
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env=env,
+                                   start_new_session=True)
     try:
-        banner = process.stdout.readline()
-        match = re.search(r"on (http://127\.0\.0\.1:\d+) .*torch threads: (\d+)", banner)
-        if match is None:
-            raise RuntimeError(f"so8t serve ({name}) did not start: {banner!r}")
-        url = match.group(1)
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        match = None
+        while match is None:
+            match = re.search(r"on (http://127\.0\.0\.1:\d+) .*torch threads: (\d+)", log.read_text())
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"so8t serve ({name}) did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        url = match.group(1)
         while time.monotonic() < deadline:
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(f"{url}/health", timeout=5).status_code == 200:
@@ -63,7 +75,11 @@ def serve(name: str, options: list[str], model: str | None, audit_dir: Path):
         yield url, int(match.group(2))
     finally:
         process.terminate()
-        process.wait(timeout=120)
+        try:
+            process.wait(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 async def one_round(url: str, requests: int, concurrency: int, max_new_tokens: int, offset: int) -> dict:
@@ -100,26 +116,39 @@ def summary(rounds: list[dict]) -> dict:
             "requests": len(latencies)}
 
 
-def configurations(compare: str, threads: int | None) -> list[tuple[str, list[str]]]:
-    """(name, so8t serve options) of each server; the first is what the ratios are against."""
-    if compare == "threads":
-        return [("--threads 1", ["--threads", "1"]), ("--threads 2", ["--threads", "2"]), ("default threads", [])]
-    thread_options = ["--threads", str(threads)] if threads is not None else []
-    return [("--max-batch 16 (default)", ["--max-batch", "16", *thread_options]),
-            ("--max-batch 1 (one at a time)", ["--max-batch", "1", *thread_options])]
+def configurations(args) -> list[tuple[str, str, list[str]]]:
+    """(name, python, so8t serve options) of each server; the first is what the ratios are against."""
+    common = ["--threads", str(args.threads)] if args.threads is not None else []
+    common += ["--adapter", args.adapter] if args.adapter is not None else []
+    if args.compare == "engines":
+        batch = ["--max-batch", str(max(args.concurrency)), *common]
+        return [("--engine hf", sys.executable, batch),
+                ("--engine vllm", args.vllm_python, ["--engine", "vllm", *batch])]
+    python = args.vllm_python if args.engine == "vllm" else sys.executable
+    engine = ["--engine", args.engine]
+    if args.compare == "threads":
+        return [(f"--threads {n}", python, [*engine, "--threads", str(n)]) for n in (1, 2)] + [("default threads", python, engine)]
+    return [("--max-batch 16 (default)", python, [*engine, "--max-batch", "16", *common]),
+            ("--max-batch 1 (one at a time)", python, [*engine, "--max-batch", "1", *common])]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="as so8t serve --model (default: so8t serve's, SmolLM2-135M-Instruct)")
-    parser.add_argument("--compare", choices=("batching", "threads"), default="batching",
+    parser.add_argument("--adapter", help="as so8t serve --adapter")
+    parser.add_argument("--compare", choices=("batching", "threads", "engines"), default="batching",
                         help="which servers to compare (default: %(default)s)")
-    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--engine", choices=("hf", "vllm"), default="hf",
+                        help="so8t serve --engine of --compare batching and threads (default: %(default)s)")
+    parser.add_argument("--vllm-python", default=str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"),
+                        help="the python with vLLM and so8t (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[16],
+                        help="requests in flight; several: each in turn within a round (default: 16)")
     parser.add_argument("--requests", type=int, default=64, help="per round (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="per configuration (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="so8t serve --threads with --compare batching (default: the "
-                                                    "server's own choice)")
+    parser.add_argument("--threads", type=int, help="so8t serve --threads with --compare batching or engines "
+                                                    "(default: the server's own choice)")
     parser.add_argument("--max-seconds", type=float, default=600, help="stop starting rounds after this")
     args = parser.parse_args()
 
@@ -128,30 +157,34 @@ def main() -> int:
     # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the servers started below are stopped too.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     started = time.monotonic()
-    configs = configurations(args.compare, args.threads)
-    results = {name: [] for name, _ in configs}
+    configs = configurations(args)
+    results = {(name, concurrency): [] for name, _, _ in configs for concurrency in args.concurrency}
     with tempfile.TemporaryDirectory() as audit_dir, contextlib.ExitStack() as servers:
-        urls = {name: servers.enter_context(serve(name, options, args.model, Path(audit_dir)))
-                for name, options in configs}
+        urls = {name: servers.enter_context(serve(name, python, options, args.model, Path(audit_dir)))
+                for name, python, options in configs}
         for url, _ in urls.values():  # warm-up: first-call allocations, tokenizer caches
-            asyncio.run(one_round(url, args.concurrency, args.concurrency, 4, 10_000))
+            asyncio.run(one_round(url, max(args.concurrency), max(args.concurrency), 4, 10_000))
         for index in range(args.rounds):
             if time.monotonic() - started > args.max_seconds:
                 break
-            for name, (url, _) in urls.items():
-                results[name].append(asyncio.run(one_round(url, args.requests, args.concurrency,
-                                                           args.max_new_tokens, index * args.requests)))
-    summaries = {name: summary(rounds) for name, rounds in results.items()}
+            for concurrency in args.concurrency:
+                for name, (url, _) in urls.items():
+                    results[name, concurrency].append(asyncio.run(one_round(
+                        url, args.requests, concurrency, args.max_new_tokens, index * args.requests)))
+    summaries = {key: summary(rounds) for key, rounds in results.items() if rounds}
     first = configs[0][0]
-    print(f"so8t serve load: {args.model or 'the default model'}, concurrency {args.concurrency}, "
-          f"{args.requests} requests × {len(results[first])} rounds, {args.max_new_tokens} new tokens (greedy)")
+    print(f"so8t serve load: {args.model or args.adapter or 'the default model'}, concurrency "
+          f"{', '.join(map(str, args.concurrency))}, {args.requests} requests × "
+          f"{len(results[first, args.concurrency[0]])} rounds, {args.max_new_tokens} new tokens (greedy)")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} (1 min) at the end; torch {torch.__version__}")
-    print("| server | torch threads | requests/s | tokens/s | p50 latency ms | p99 latency ms | tokens/s ÷ first |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, result in summaries.items():
-        print(f"| {name} | {urls[name][1]} | {result['req_s']:.2f} | {result['tok_s']:.1f} | {result['p50_ms']:.0f} | "
-              f"{result['p99_ms']:.0f} | {result['tok_s'] / summaries[first]['tok_s']:.2f}× |")
+    print("| server | concurrency | torch threads | requests/s | tokens/s | p50 latency ms | p99 latency ms | "
+          "tokens/s ÷ first |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (name, concurrency), result in summaries.items():
+        baseline = summaries[first, concurrency]["tok_s"]
+        print(f"| {name} | {concurrency} | {urls[name][1]} | {result['req_s']:.2f} | {result['tok_s']:.1f} | "
+              f"{result['p50_ms']:.0f} | {result['p99_ms']:.0f} | {result['tok_s'] / baseline:.2f}× |")
     return 0
 
 

@@ -25,5 +25,5 @@ def test_the_dry_run_leaves_at_most_8_plain_files_with_every_log_in_one_archive(
     assert {"summary.txt", "environment.txt", "device-check-logs.tar.gz"} <= {path.name for path in files}
     with tarfile.open(out / "device-check-logs.tar.gz") as archive:
         names = {Path(name).name for name in archive.getnames()}
-    assert {"summary.txt", "environment.txt", "aot.txt", "pytest.txt", "fsdp.txt", "benchmark.txt"} <= names
+    assert {"summary.txt", "environment.txt", "aot.txt", "pytest.txt", "fsdp.txt", "benchmark.txt", "vllm.txt"} <= names
     assert "DRY_RUN: GPU steps not run" in (out / "summary.txt").read_text()

@@ -7,9 +7,8 @@ One vLLM engine for the module (its start is the slow part: 25 s idle, minutes o
 """
 
 import json
-import re
+import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -18,12 +17,14 @@ import openai
 import pytest
 from safetensors.torch import load_file, save_file
 from serve_helpers import complete, one_torch_thread, wait_for_health  # noqa: F401 (autouse)
-from vllm_helpers import ENGINE_START_S, VLLM_SO8T, process_group, require_vllm, vllm_environment
+from vllm_helpers import ENGINE_START_S, VLLM_SO8T, require_vllm, vllm_environment
 
+from child_processes import ChildProcess, started
 from cli_helpers import run_so8t, train
 from so8t.audit.log import read_rows
 from so8t.judge.judge import ALLOW, SafetyJudge
 from so8t.serve.engines.hf import HFEngine
+from so8t.serve.engines.vllm import cpu_kv_cache_bytes
 from so8t.serve.thinking import parse_thinking, sha256_text
 
 NAN_BYTE = "~"  # the judge's embedding row of this byte is NaN: a prompt with it gets a NaN verdict
@@ -74,8 +75,8 @@ def hf(run):
 
 
 class Server:
-    def __init__(self, url: str, process: subprocess.Popen, audit_db: Path, log: Path):
-        self.url, self.process, self.audit_db, self.log = url, process, audit_db, log
+    def __init__(self, url: str, child: ChildProcess, audit_db: Path, cache: Path):
+        self.url, self.child, self.audit_db, self.cache = url, child, audit_db, cache
         self.requests = 0  # requests sent, each of which must leave one audit row
 
 
@@ -83,27 +84,17 @@ class Server:
 def server(run, judge, tmp_path_factory):
     require_vllm()
     folder = tmp_path_factory.mktemp("vllm-server")
-    log, audit_db = folder / "server.log", folder / "audit" / "audit.db"
+    audit_db, cache = folder / "audit" / "audit.db", folder / "cache"
     env = vllm_environment(folder)
-    env["SO8T_CACHE_DIR"] = str(folder / "cache")  # where --adapter's export goes
+    env["SO8T_CACHE_DIR"] = str(cache)  # where --adapter's export goes
+    del env["VLLM_CPU_KVCACHE_SPACE"]  # the server sizes its KV cache itself
     command = [str(VLLM_SO8T), "serve", "--engine", "vllm", "--adapter", str(run), "--safety-model", str(judge),
                "--safety-threshold", "0", "--port", "0", "--audit-db", str(audit_db), "--enforce-eager",
-               "--max-queue", "8", "--log-level", "warning"]
-    with open(log, "w") as output, process_group(command, env, stdout=output, stderr=subprocess.STDOUT) as process:
-        url = _wait_for_banner(log, process)
-        wait_for_health(url, process=process)
-        yield Server(url, process, audit_db, log)
-
-
-def _wait_for_banner(log: Path, process: subprocess.Popen) -> str:
-    deadline = time.monotonic() + ENGINE_START_S
-    while time.monotonic() < deadline:
-        match = re.search(r"^so8t serve: \S+ on (http://127\.0\.0\.1:\d+) ", log.read_text(), re.MULTILINE)
-        if match:
-            return match.group(1)
-        assert process.poll() is None, f"the server exited ({process.returncode}):\n{log.read_text()[-4000:]}"
-        time.sleep(0.5)
-    raise AssertionError(f"no banner after {ENGINE_START_S} s:\n{log.read_text()[-4000:]}")
+               "--max-queue", "8"]
+    with started(command, folder / "logs", env=env) as child:
+        url = child.wait_for_stdout(r"^so8t serve: \S+ on (http://127\.0\.0\.1:\d+) ", ENGINE_START_S).group(1)
+        wait_for_health(url, process=child.process)
+        yield Server(url, child, audit_db, cache)
 
 
 def client(server: Server) -> openai.OpenAI:
@@ -216,9 +207,27 @@ def test_a_client_that_hangs_up_cancels_its_generation(server, allowed):
     assert httpx.get(f"{server.url}/health").json()["queue_depth"] == 0
 
 
+def test_the_kv_cache_is_sized_for_the_batch_not_for_the_whole_machine(server):
+    (config,) = server.cache.glob("exports/**/config.json")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    size = cpu_kv_cache_bytes(json.loads(config.read_text()), 16, memory)  # --max-batch 16, the default
+    assert f"vLLM KV cache on CPU: {size / 2**30:.2f} GiB" in server.child.stderr
+
+
+def test_a_cpu_kv_cache_holds_the_batch_within_a_quarter_of_the_memory():
+    smollm2 = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 30,
+               "max_position_embeddings": 8192, "dtype": "float32"}
+    one_sequence = 2 * 30 * 3 * 64 * 4 * 8192  # keys and values of 8192 tokens: 360 MiB
+    assert cpu_kv_cache_bytes(smollm2, 16, 64 * 2**30) == 16 * one_sequence
+    assert cpu_kv_cache_bytes(smollm2, 16, 8 * 2**30) == 2 * 2**30
+    assert cpu_kv_cache_bytes(smollm2, 16, 2**30) == one_sequence  # a quarter would not hold one sequence
+    assert cpu_kv_cache_bytes({**smollm2, "dtype": "bfloat16"}, 1, 64 * 2**30) == one_sequence // 2
+    assert cpu_kv_cache_bytes({**smollm2, "head_dim": 32}, 1, 64 * 2**30) == one_sequence // 2
+
+
 def test_sigterm_drains_and_every_request_has_a_verified_audit_row(server, capsys):
-    server.process.send_signal(signal.SIGTERM)
-    assert server.process.wait(timeout=120) == 0, server.log.read_text()[-4000:]
+    server.child.send(signal.SIGTERM)
+    assert server.child.wait(120) == 0, server.child.stderr[-4000:]
     rows = read_rows(server.audit_db)
     assert len(rows) == server.requests
     assert run_so8t("audit", ["verify", str(server.audit_db)]) == 0, capsys.readouterr()

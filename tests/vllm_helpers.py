@@ -3,20 +3,19 @@ training stack's), so the tests run it in subprocesses of that environment's pyt
 (``$SO8T_VLLM_PYTHON`` to use another). A missing environment fails the test, it is never skipped.
 
 vLLM starts an EngineCore process and a worker under the process it runs in; a kill -9 of that process
-alone leaves them running (measured: still busy 65 s later). Every process started here gets its own
-session and its whole group is killed when the test is done with it.
+alone leaves them running (measured: still busy 65 s later), so every vLLM process is started through
+tests/child_processes.py, which kills the whole tree when the test is done with it.
 
 Run as a script (``python tests/vllm_helpers.py REQUEST.json RESULT.json``, in ``.venv-vllm``) it is the
 generation side of tests/test_vllm.py: greedy tokens and their log-probabilities for each prompt.
 """
 
-import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
+
+import child_processes
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("SO8T_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
@@ -39,36 +38,14 @@ def vllm_environment(tmp_path: Path) -> dict:
     return env
 
 
-@contextlib.contextmanager
-def process_group(command: list[str], env: dict, **popen):
-    """Popen in a new session; on exit SIGTERM to its group, then SIGKILL to what is left."""
-    process = subprocess.Popen(command, env=env, start_new_session=True, **popen)
-    try:
-        yield process
-    finally:
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=wait)
-            except subprocess.TimeoutExpired:
-                continue
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # the engine's children, if the parent went first
-        process.wait()
-
-
 def generate_greedy(model_dir: Path, prompts: list[list[int]], new_tokens: int, tmp_path: Path) -> dict:
     """{"tokens": [[id, …] per prompt], "logprobs": [[lp of each token] per prompt], "backend": …} from
     vLLM (float32, eager, EOS ignored), in a .venv-vllm subprocess."""
     request, result = tmp_path / f"{model_dir.name}-request.json", tmp_path / f"{model_dir.name}-result.json"
     request.write_text(json.dumps({"model": str(model_dir), "prompts": prompts, "new_tokens": new_tokens}))
-    with process_group([str(require_vllm()), __file__, str(request), str(result)], vllm_environment(tmp_path),
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
-        output, _ = process.communicate(timeout=ENGINE_START_S + 300)
-    assert process.returncode == 0 and result.is_file(), output[-4000:]
+    done = child_processes.run([str(require_vllm()), __file__, str(request), str(result)], ENGINE_START_S + 300,
+                               env=vllm_environment(tmp_path))
+    assert done.returncode == 0 and result.is_file(), (done.stdout + done.stderr)[-4000:]
     return json.loads(result.read_text())
 
 
@@ -80,8 +57,8 @@ def _main(request_file: str, result_file: str) -> None:
     request = json.loads(Path(request_file).read_text())
     llm = LLM(model=request["model"], dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
     params = SamplingParams(max_tokens=request["new_tokens"], temperature=0.0, ignore_eos=True, logprobs=0)
-    # use_tqdm=False: vLLM 0.32 divides by its progress bar's elapsed time, 0 under TQDM_DISABLE=1 (which
-    # so8t train sets in the process that runs the tests): ZeroDivisionError.
+    # use_tqdm=False: vLLM 0.32 divides by its progress bar's elapsed time, 0 under TQDM_DISABLE=1:
+    # ZeroDivisionError.
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in request["prompts"]], params, use_tqdm=False)
     tokens = [list(output.outputs[0].token_ids) for output in outputs]
     logprobs = [[step[token].logprob for step, token in zip(output.outputs[0].logprobs, ids)]

@@ -80,7 +80,13 @@ def save_local_model(model, directory):
     return str(directory)
 
 
-def test_a_local_llama_checkpoint_trains_in_4bit_with_gradient_checkpointing(tmp_path, capsys):
+# peft's prepare_model_for_kbit_training enables checkpointing under the name transformers 5.20 deprecated.
+@pytest.mark.filterwarnings("error:.*gradient_checkpointing_enable.*:FutureWarning")
+def test_a_local_llama_checkpoint_trains_in_4bit_with_gradient_checkpointing(tmp_path, capsys, monkeypatch):
+    enabled = []
+    checkpointing = PreTrainedModel.activation_checkpointing_enable
+    monkeypatch.setattr(PreTrainedModel, "activation_checkpointing_enable",
+                        lambda model, *args, **kwargs: enabled.append(args) or checkpointing(model, *args, **kwargs))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -92,6 +98,7 @@ def test_a_local_llama_checkpoint_trains_in_4bit_with_gradient_checkpointing(tmp
     adapter_config = json.loads((output / "adapter_config.json").read_text())
     assert set(adapter_config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert json.loads((output / "so8t" / "so8t_adapter.json").read_text())["layer_indices"] == [1, 2]
+    assert enabled == [({"use_reentrant": False},)]  # once, non-reentrant
 
 
 class FlatConfig(PretrainedConfig):

@@ -27,13 +27,11 @@ def add_lora(options: TrainOptions, model, task_type: str = "CAUSAL_LM"):
     # Non-reentrant checkpointing needs no input-grad hook and is the transformers 5 default.
     checkpointing_kwargs = {"use_reentrant": False}
     if options.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=options.gradient_checkpointing,
-            gradient_checkpointing_kwargs=checkpointing_kwargs,
-        )
+        # Checkpointing is enabled below, not by peft, which calls the name transformers 5.20 deprecated.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         # An eval or generation on CPU would otherwise repack the 4-bit weights and zero LoRA gradients.
         keep_4bit_weights_trainable(model)
-    elif options.gradient_checkpointing:
+    if options.gradient_checkpointing:
         # transformers 5.20 renamed gradient_checkpointing_enable (the old name warns there); vLLM's pin is older.
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable(checkpointing_kwargs)

@@ -44,7 +44,8 @@ class SO8TConfig:
             if len(set(self.layers)) != len(self.layers):
                 raise ConfigValueError("", "layers", self.layers, "each layer can be gated once")
         if not 0.0 < self.alpha_target < 1.0:
-            raise ConfigValueError("", "alpha_target", self.alpha_target, "the target gate activation must be in (0, 1)")
+            raise ConfigValueError("", "alpha_target", self.alpha_target,
+                                   "the target gate activation must be in (0, 1)")
         if not math.isfinite(self.alpha_init):
             raise ConfigValueError("", "alpha_init", self.alpha_init, "must be finite")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:

@@ -3,8 +3,8 @@
 With no ``--model`` it adds LoRA to SmolLM2-135M-Instruct's sequence-classification model (the head is
 trained in full) and trains it on the bundled ``data/safety.jsonl``; any other ``--model`` the same way.
 ``--model demo`` trains the random demo Phi-3 with a 3-class head from scratch instead (every weight
-trainable), in seconds on a CPU. The SO8T monitor (``--monitor-*`` options) records the class-logit statistics and the gates
-as for ``--task generate``.
+trainable), in seconds on a CPU. The SO8T monitor (``--monitor-*`` options) records the class-logit
+statistics and the gates as for ``--task generate``.
 The output directory is the judge ``so8t serve --safety-model`` reads (see so8t.judge.judge).
 
 Held-out rows (``--eval-data``, ``--eval-fraction``; for the bundled data by default its
@@ -134,5 +134,6 @@ def train_classifier(options: TrainOptions) -> Path:
     print(f"\nso8t train --task classify: {trainer.state.global_step} steps in {elapsed:.1f} s, "
           f"loss {losses[0]:.3f} → {losses[-1]:.3f}")
     print(held_out_summary(calibrations[-1] if calibrations else None))
-    print(f"safety judge in {output_dir} (labels {', '.join(LABELS)}); serve it with so8t serve --safety-model {output_dir}")
+    print(f"safety judge in {output_dir} (labels {', '.join(LABELS)}); serve it with so8t serve --safety-model "
+          f"{output_dir}")
     return output_dir

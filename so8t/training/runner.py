@@ -52,9 +52,10 @@ def _end_progress_bars(trainer) -> None:
 def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
                  write_final: Callable[[Path, dict | None], None]) -> Path:
     """Trains ``trainer`` into ``options.output_dir`` and publishes ``write_final(directory, trainable)``'s
-    files there (rank 0; ``trainable``: under FSDP the whole trainable tensors to save, else None). Failures a user can act on are SO8TErrors: a full or read-only disk, weights that
-    are not finite; SIGTERM and SIGINT end it with TrainingInterrupted (a KeyboardInterrupt), after a
-    checkpoint when they came while it trained. Returns the output directory."""
+    files there (rank 0; ``trainable``: under FSDP the whole trainable tensors to save, else None).
+    Failures a user can act on are SO8TErrors: a full or read-only disk, weights that are not finite;
+    SIGTERM and SIGINT end it with TrainingInterrupted (a KeyboardInterrupt), after a checkpoint when they
+    came while it trained. Returns the output directory."""
     output_dir = Path(options.output_dir).resolve()
     is_main = trainer.is_world_process_zero()
     resume = options.resume is not None

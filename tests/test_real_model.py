@@ -197,6 +197,7 @@ def so8t_generate(*arguments: str, stdin: str | None = None) -> subprocess.Compl
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tokens/s" in result.stderr
+    assert "Loading weights" not in result.stderr  # no library progress bar in a file
     return result
 
 

@@ -25,6 +25,7 @@ from ..serve.engines.base import (
     TERMINAL_TEMPERATURE,
     sampling_errors,
 )
+from .library_bars import quiet_library_bars_off_terminal
 from .model_options import add_model_arguments, inference_model, set_torch_threads
 
 EXIT_COMMAND = "/exit"
@@ -127,6 +128,7 @@ def _load(args: argparse.Namespace):
 
     model = inference_model(args.model, args.adapter)
     set_torch_threads(args.threads)
+    quiet_library_bars_off_terminal()
     try:
         return HFEngine.load(model, args.adapter, max_batch=1)
     except SO8TError:

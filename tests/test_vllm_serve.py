@@ -25,7 +25,7 @@ from cli_helpers import run_so8t, train
 from so8t.audit.log import read_rows
 from so8t.judge.judge import ALLOW, SafetyJudge
 from so8t.serve.engines.hf import HFEngine
-from so8t.serve.engines.vllm import cpu_kv_cache_bytes
+from so8t.serve.engines.vllm import cpu_kv_cache_bytes, end_token_ids
 from so8t.serve.thinking import parse_thinking, sha256_text
 
 NAN_BYTE = "~"  # the judge's embedding row of this byte is NaN: a prompt with it gets a NaN verdict
@@ -224,6 +224,18 @@ def test_a_cpu_kv_cache_holds_the_batch_within_a_quarter_of_the_memory():
     assert cpu_kv_cache_bytes(smollm2, 16, 2**30) == one_sequence  # a quarter would not hold one sequence
     assert cpu_kv_cache_bytes({**smollm2, "dtype": "bfloat16"}, 1, 64 * 2**30) == one_sequence // 2
     assert cpu_kv_cache_bytes({**smollm2, "head_dim": 32}, 1, 64 * 2**30) == one_sequence // 2
+
+
+@pytest.mark.parametrize("generation_config, expected", [
+    ({"eos_token_id": [32000, 32001, 32007]}, [32000, 32001, 32007]),  # Phi-3-mini: <|end|> ends a turn
+    ({"eos_token_id": 2}, [2, 32000]),
+    ({}, [32000]),
+    (None, [32000]),  # no generation_config.json: the tokenizer's end token
+])
+def test_an_answer_ends_at_every_end_token_of_the_generation_config(generation_config, expected, tmp_path):
+    if generation_config is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation_config))
+    assert end_token_ids(tmp_path, 32000) == expected
 
 
 def test_sigterm_drains_and_every_request_has_a_verified_audit_row(server, capsys):

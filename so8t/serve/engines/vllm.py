@@ -68,6 +68,8 @@ class VLLMEngine(Engine):
         self.gated_layers = sorted(self.sigma_alpha)
         thinking_tags = set(self.tokenizer.convert_tokens_to_ids([THINK_OPEN, THINK_CLOSE])) - {self.tokenizer.unk_token_id}
         self.dropped_ids = set(self.tokenizer.all_special_ids) - thinking_tags
+        self.eos_token_ids = end_token_ids(model_dir, self.tokenizer.eos_token_id)
+        self._running: set[str] = set()
         self._cancelled: set[str] = set()
 
     @classmethod
@@ -126,8 +128,10 @@ class VLLMEngine(Engine):
             logprobs=1,
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
+            stop_token_ids=self.eos_token_ids,
         )
         request_id = request.request_id
+        self._running.add(request_id)
         outputs = self.llm.generate(TokensPrompt(prompt_token_ids=request.prompt.ids), params, request_id)
         ids: list[int] = []
         text, sent, finish_reason = "", "", None
@@ -143,7 +147,10 @@ class VLLMEngine(Engine):
                 if cut != -1:
                     text, finish_reason = text[:cut], STOP
                 elif completion.finish_reason is not None:
-                    finish_reason = FINISH_REASONS.get(completion.finish_reason, STOP)
+                    if completion.finish_reason not in FINISH_REASONS:  # "error": vLLM failed the request
+                        raise RuntimeError(f"vLLM ended request {request_id} with finish reason "
+                                           f"{completion.finish_reason!r}")
+                    finish_reason = FINISH_REASONS[completion.finish_reason]
                 elif request_id in self._cancelled:
                     finish_reason = CANCELLED
                 if finish_reason is not None:
@@ -155,6 +162,7 @@ class VLLMEngine(Engine):
                     sent = complete
         finally:
             await outputs.aclose()  # vLLM aborts the request if it is still running
+            self._running.discard(request_id)
             self._cancelled.discard(request_id)
         if finish_reason is None:  # vLLM ended the stream without a reason (aborted)
             finish_reason = CANCELLED
@@ -169,12 +177,25 @@ class VLLMEngine(Engine):
                                      skip_special_tokens=False)
 
     def cancel(self, request_id: str) -> None:
+        if request_id not in self._running:  # finished (every stream's end cancels), or never started
+            return
         self._cancelled.add(request_id)
         with contextlib.suppress(RuntimeError):  # no running loop: nothing is generating
             asyncio.get_running_loop().create_task(self.llm.abort(request_id))
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+
+
+def end_token_ids(model_dir: Path, tokenizer_eos: int | None) -> list[int]:
+    """The ids that end an answer, as the HF engine stops: the export's generation config's
+    ``eos_token_id`` (one id or a list; Phi-3-mini's ends at ``<|end|>`` 32007 as well as its tokenizer's
+    ``<|endoftext|>`` 32000), else the tokenizer's. vLLM, given ``generation_config="vllm"``, would stop at
+    the tokenizer's alone."""
+    path = model_dir / "generation_config.json"
+    configured = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
+    return sorted({int(token) for token in ids} | ({tokenizer_eos} if tokenizer_eos is not None else set()))
 
 
 def _cpu_memory(config: dict, max_batch: int) -> dict:

@@ -80,6 +80,17 @@ def identity_export(gated_export, base_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def lora_only_export(gated_export, tmp_path_factory):
+    """The gated export with θ = 0: the run's merged LoRA without what its gates do."""
+    target = tmp_path_factory.mktemp("vllm") / "lora-only"
+    shutil.copytree(gated_export, target, dirs_exist_ok=True)
+    weights = load_file(gated_export / "model.safetensors")
+    save_file({name: torch.zeros_like(tensor) if name.endswith(".so8t_gate.theta") else tensor
+               for name, tensor in weights.items()}, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+@pytest.fixture(scope="module")
 def prompts(base_dir):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     return [tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
@@ -108,6 +119,11 @@ def greedy(model, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[
 @pytest.fixture(scope="module")
 def hf_gated(gated_export, prompts):
     return greedy(AutoModelForCausalLM.from_pretrained(gated_export).eval(), prompts)
+
+
+@pytest.fixture(scope="module")
+def hf_lora_only(lora_only_export, prompts):
+    return greedy(AutoModelForCausalLM.from_pretrained(lora_only_export).eval(), prompts)
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +159,15 @@ def test_transformers_on_the_export_gives_the_runs_logits(gated_run, gated_expor
     assert len(json.loads((gated_export / "config.json").read_text())["so8t"]["layers"]) == 28
 
 
-def test_vllm_generates_what_transformers_generates_on_the_gated_export(gated_export, prompts, hf_gated, hf_base,
-                                                                        tmp_path):
+def test_vllm_generates_what_transformers_generates_on_the_gated_export(gated_export, prompts, hf_gated,
+                                                                        hf_lora_only, tmp_path):
     require_vllm()
     result = generate_greedy(gated_export, prompts, NEW_TOKENS, tmp_path)
     assert result["backend"] == "cpp"  # the C++ build of .venv serves .venv-vllm too (same torch)
     assert assert_same_generation(result, hf_gated) >= len(prompts) // 2
-    ungated = sum(tokens == base for tokens, base in zip(result["tokens"], hf_base[0]))
-    assert ungated <= len(prompts) // 2, "vLLM's gated export generates the ungated base's tokens"
+    # The same weights without what the gates do (θ = 0): vLLM dropping the gates would generate these.
+    ungated = sum(tokens == lora_only for tokens, lora_only in zip(result["tokens"], hf_lora_only[0]))
+    assert ungated <= len(prompts) // 2, "vLLM's gated export generates the run's tokens without its gates"
     assert not any(math.isnan(value) for row in result["logprobs"] for value in row)
 
 

@@ -128,6 +128,33 @@ def test_a_judge_exports_as_a_sequence_classifier(tmp_path):
     assert (target / export.CALIBRATION_FILE).is_file()
 
 
+def test_a_lora_judge_whose_base_moved_exports_with_model(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from so8t.models.demo import build_demo_tokenizer
+
+    torch.manual_seed(0)
+    base = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(base)
+    build_demo_tokenizer().save_pretrained(base)
+    output = tmp_path / "judge"
+    assert train(["--task", "classify", "--model", str(base), "--max-steps", "2", "--warmup-steps", "1",
+                  "--theta-init-std", "0.3", "--eval-fraction", "0.2", "--output-dir", str(output)]) == 0
+    moved = base.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert run_so8t("export", [str(output), "--output-dir", str(tmp_path / "refused")]) == 2
+    assert "pass --model" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    target = tmp_path / "model"
+    assert run_so8t("export", [str(output), "--output-dir", str(target), "--model", str(moved)]) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(target)
+    assert type(model).__name__ == "So8tLlamaForSequenceClassification"
+    from so8t.judge.judge import load_classifier
+
+    judge, _ = load_classifier(output, str(moved))
+    torch.testing.assert_close(logits(model), logits(judge), rtol=1e-6, atol=1e-6)
+
+
 def test_import_so8t_before_transformers_registers_the_gated_classes(exported):
     """In a fresh process: ``import so8t`` first (transformers not imported yet), then the Auto classes;
     without so8t transformers refuses the folder loudly instead of loading the base without its gates."""

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         source = inspect_run(args.run, args.model)
         target = check_output_dir(args.output_dir)
         if source.task == CLASSIFY:
-            target = _export_judge(source, target, args.dtype, export_model)
+            target = _export_judge(source, target, args.dtype, args.model, export_model)
         else:
             target = export_run(source.path, target, args.dtype, args.model,
                                 progress=lambda message: print(message, file=sys.stderr))
@@ -51,13 +51,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_judge(source, target, dtype: str, export_model):
+def _export_judge(source, target, dtype: str, model: str | None, export_model):
     from ..gates.placement import find_so8t_handle
     from ..judge.judge import load_classifier
+    from ..models.source import resolve_model_source
 
     if source.checkpoint:
         raise SO8TError(f"{source.path}: export the finished judge, not a checkpoint of it (a judge's tokenizer and "
                         "calibration are written when its run finishes)")
-    model, tokenizer = load_classifier(source.path)
-    return export_model(model, tokenizer, find_so8t_handle(model), target, dtype, source,
+    # --model: where a LoRA judge's base is now (a .gguf file: its converted folder)
+    judge, tokenizer = load_classifier(source.path, resolve_model_source(model) if model is not None else None)
+    return export_model(judge, tokenizer, find_so8t_handle(judge), target, dtype, source,
                         progress=lambda message: print(message, file=sys.stderr))

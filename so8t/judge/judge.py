@@ -154,8 +154,9 @@ def check_judge_dir(directory: str | Path) -> Path:
     return directory
 
 
-def load_classifier(directory: str | Path):
-    """Model (gates attached, eval mode) and tokenizer from a ``so8t train --task classify`` output."""
+def load_classifier(directory: str | Path, base: str | None = None):
+    """Model (gates attached, eval mode) and tokenizer from a ``so8t train --task classify`` output; a LoRA
+    judge's base from ``base`` (a hub id or directory) when given, else the one its adapter names."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -167,7 +168,7 @@ def load_classifier(directory: str | Path):
     if (directory / PEFT_CONFIG_FILE).is_file():
         from peft import PeftConfig, PeftModel
 
-        base_name = PeftConfig.from_pretrained(directory).base_model_name_or_path
+        base_name = base or PeftConfig.from_pretrained(directory).base_model_name_or_path
         base = AutoModelForSequenceClassification.from_pretrained(
             base_name, num_labels=len(LABELS), id2label=id2label, label2id=label2id)
         if base.config.pad_token_id is None:

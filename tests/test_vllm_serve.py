@@ -91,7 +91,7 @@ def server(run, judge, tmp_path_factory):
     del env["VLLM_CPU_KVCACHE_SPACE"]  # the server sizes its KV cache itself
     command = [str(VLLM_SO8T), "serve", "--engine", "vllm", "--adapter", str(run), "--safety-model", str(judge),
                "--safety-threshold", "0", "--port", "0", "--audit-db", str(audit_db), "--enforce-eager",
-               "--max-queue", "8"]
+               "--max-queue", "8", "--max-model-len", "512"]
     with started(command, folder / "logs", env=env) as child:
         url = child.wait_for_stdout(r"^so8t serve: \S+ on (http://127\.0\.0\.1:\d+) ", ENGINE_START_S).group(1)
         wait_for_health(url, process=child.process)
@@ -109,10 +109,11 @@ def chat(prompt: str) -> list[dict]:
 @pytest.mark.parametrize("arguments, message", [
     (["--tensor-parallel-size", "2"], "--tensor-parallel-size is an option of --engine vllm"),
     (["--enforce-eager"], "--enforce-eager is an option of --engine vllm"),
+    (["--max-model-len", "512"], "--max-model-len is an option of --engine vllm"),
     (["--engine", "vllm"], "--engine vllm serves a model folder: --model DIR"),
     (["--engine", "vllm", "--model", "demo"], "--engine vllm serves a model folder"),
     (["--engine", "vllm", "--adapter", "no-such-run"], "no-such-run: no such directory"),
-], ids=["tp-without-vllm", "eager-without-vllm", "default-model", "demo", "missing-run"])
+], ids=["tp-without-vllm", "eager-without-vllm", "max-model-len-without-vllm", "default-model", "demo", "missing-run"])
 def test_engine_options_that_cannot_serve_are_one_line_exit_2(arguments, message, tmp_path, capsys, monkeypatch):
     import importlib.util
 
@@ -211,7 +212,7 @@ def test_a_client_that_hangs_up_cancels_its_generation(server, allowed):
 def test_the_kv_cache_is_sized_for_the_batch_not_for_the_whole_machine(server):
     (config,) = server.cache.glob("exports/**/config.json")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    size = cpu_kv_cache_bytes(json.loads(config.read_text()), 16, memory)  # --max-batch 16, the default
+    size = cpu_kv_cache_bytes(json.loads(config.read_text()), 16, memory, 512)  # --max-batch 16, the default
     assert f"vLLM KV cache on CPU: {size / 2**30:.2f} GiB" in server.child.stderr
 
 
@@ -224,6 +225,7 @@ def test_a_cpu_kv_cache_holds_the_batch_within_a_quarter_of_the_memory():
     assert cpu_kv_cache_bytes(smollm2, 16, 2**30) == one_sequence  # a quarter would not hold one sequence
     assert cpu_kv_cache_bytes({**smollm2, "dtype": "bfloat16"}, 1, 64 * 2**30) == one_sequence // 2
     assert cpu_kv_cache_bytes({**smollm2, "head_dim": 32}, 1, 64 * 2**30) == one_sequence // 2
+    assert cpu_kv_cache_bytes(smollm2, 16, 64 * 2**30, max_model_len=512) == one_sequence  # 16 × 512 tokens
 
 
 @pytest.mark.parametrize("generation_config, expected", [

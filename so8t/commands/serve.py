@@ -71,6 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--engine vllm: GPUs the model is split over (default: %(default)s)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="--engine vllm: no torch.compile or CUDA graphs; starts sooner, generates slower")
+    parser.add_argument("--max-model-len", type=positive_int,
+                        help="--engine vllm: the longest prompt + answer in tokens, which sizes the KV cache "
+                             "(default: the model's context, e.g. 131072 for Phi-3.5-mini)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="of uvicorn's and so8t's loggers (audit anchors are info) (default: %(default)s)")
 
@@ -143,7 +146,8 @@ def check_engine_options(args: argparse.Namespace, model: str) -> None:
     made concrete) or a run."""
     if args.engine != "vllm":
         given = [flag for flag, value in (("--tensor-parallel-size", args.tensor_parallel_size != 1),
-                                          ("--enforce-eager", args.enforce_eager)) if value]
+                                          ("--enforce-eager", args.enforce_eager),
+                                          ("--max-model-len", args.max_model_len is not None)) if value]
         if given:
             raise SO8TError(f"{given[0]} is an option of --engine vllm")
         return
@@ -238,7 +242,7 @@ def _serve(args: argparse.Namespace, sock: socket.socket) -> int:
             from ..serve.engines.vllm import VLLMEngine
 
             engine = VLLMEngine.load(model, args.adapter, args.served_model_name, args.max_batch,
-                                     args.tensor_parallel_size, args.enforce_eager)
+                                     args.tensor_parallel_size, args.enforce_eager, args.max_model_len)
         else:
             engine = HFEngine.load(model, args.adapter, args.served_model_name, args.max_batch)
     except Exception as error:

@@ -36,9 +36,10 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 KV_CACHE_SHARE_OF_RAM = 4  # at most a quarter of the machine's memory, the judge and the server need the rest
 
 
-def cpu_kv_cache_bytes(config: dict, max_batch: int, total_memory: int) -> int:
+def cpu_kv_cache_bytes(config: dict, max_batch: int, total_memory: int, max_model_len: int | None = None) -> int:
     """The KV cache a CPU server gets unless VLLM_CPU_KVCACHE_SPACE says otherwise: ``max_batch`` sequences
-    of the model's whole context, at most a quarter of the memory, never less than one whole sequence.
+    of ``max_model_len`` tokens (default: the model's whole context), at most a quarter of the memory,
+    never less than one whole sequence.
 
     vLLM's own CPU default reserves 92 % of the memory and refuses to start when anything else already
     uses more than 8 % of it (measured: beside a running HF server, "Available memory … is less than
@@ -48,7 +49,7 @@ def cpu_kv_cache_bytes(config: dict, max_batch: int, total_memory: int) -> int:
     kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     per_token = 2 * config["num_hidden_layers"] * kv_heads * head_dim * DTYPE_BYTES.get(dtype, 4)
-    one_sequence = per_token * config["max_position_embeddings"]
+    one_sequence = per_token * (max_model_len or config["max_position_embeddings"])
     return max(one_sequence, min(one_sequence * max_batch, total_memory // KV_CACHE_SHARE_OF_RAM))
 
 
@@ -74,7 +75,8 @@ class VLLMEngine(Engine):
 
     @classmethod
     def load(cls, model: str | None = None, adapter: str | None = None, name: str | None = None,
-             max_batch: int = 16, tensor_parallel_size: int = 1, enforce_eager: bool = False) -> VLLMEngine:
+             max_batch: int = 16, tensor_parallel_size: int = 1, enforce_eager: bool = False,
+             max_model_len: int | None = None) -> VLLMEngine:
         """The engine on ``--model`` (an exported folder, or any model folder vLLM loads), or on the export
         of ``--adapter RUN`` (``--model``: its base, where the recorded one moved), made into so8t's cache
         on first use. ``max_batch`` is vLLM's ``max_num_seqs``."""
@@ -102,13 +104,14 @@ class VLLMEngine(Engine):
             tensor_parallel_size=tensor_parallel_size,
             max_num_seqs=max_batch,
             enforce_eager=enforce_eager,
+            max_model_len=max_model_len,  # None: the model's context
             # Sampling as requested, nothing from generation_config.json (e.g. a repetition penalty the
             # HF engine would not apply either).
             generation_config="vllm",
             max_logprobs=1,
             logprobs_mode="raw_logits",
             disable_log_stats=True,
-            **_cpu_memory(config, max_batch),
+            **_cpu_memory(config, max_batch, max_model_len),
         )
         return cls(AsyncLLM.from_engine_args(args), model_dir, name)
 
@@ -197,12 +200,13 @@ def end_token_ids(model_dir: Path, tokenizer_eos: int | None) -> list[int]:
     return sorted({int(token) for token in ids} | ({tokenizer_eos} if tokenizer_eos is not None else set()))
 
 
-def _cpu_memory(config: dict, max_batch: int) -> dict:
+def _cpu_memory(config: dict, max_batch: int, max_model_len: int | None) -> dict:
     """vLLM's KV cache size on a CPU (cpu_kv_cache_bytes) unless VLLM_CPU_KVCACHE_SPACE (GiB) is set."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu() or "VLLM_CPU_KVCACHE_SPACE" in os.environ:
         return {}
-    size = cpu_kv_cache_bytes(config, max_batch, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    size = cpu_kv_cache_bytes(config, max_batch, memory, max_model_len)
     log.info("vLLM KV cache on CPU: %.2f GiB (VLLM_CPU_KVCACHE_SPACE=GiB sets another size)", size / 2**30)
     return {"kv_cache_memory_bytes": size}

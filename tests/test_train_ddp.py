@@ -1,6 +1,7 @@
 """``so8t train`` as two torchrun processes on CPU (gloo): both ranks end with identical gates; a
 checkpoint is marked complete only once every rank's files are in it; a SIGTERM to one rank stops both
-after the same step, with a checkpoint of it."""
+after the same step, with a checkpoint of it; when rank 0 cannot publish the final files every rank says
+so and ends, none waits."""
 
 import contextlib
 import json
@@ -23,6 +24,7 @@ WORKER = textwrap.dedent("""
     from transformers import TrainerCallback
 
     from so8t import find_so8t_handle
+    from so8t.training.distributed import end_process_group
     from so8t.training.finetune import finetune
     from so8t.training.options import TrainOptions
 
@@ -36,6 +38,7 @@ WORKER = textwrap.dedent("""
 
     finetune(TrainOptions(model="demo", output_dir=sys.argv[1], max_steps=6, warmup_steps=2, batch_size=4, max_length=64,
                           extra_callbacks=[SaveGates()]))
+    end_process_group()
 """)
 
 
@@ -140,3 +143,36 @@ def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_with_its_check
     assert (checkpoint / CHECKPOINT_FILE).is_file() and (checkpoint / "rng_state_1.pth").is_file()
     assert markers(tmp_path)[-1]["checkpoint"] == checkpoint.name
     assert not (output / ".so8t-train.lock").exists()
+
+
+# The final files cannot be written on rank 0 (a full disk); each rank records the train command's status.
+FULL_DISK_ON_RANK_0 = textwrap.dedent("""
+    import errno, os, sys
+    from pathlib import Path
+
+    from so8t.commands.main import main
+    from so8t.training import runner
+
+    def full_disk(output_dir, write_final):
+        raise OSError(errno.ENOSPC, "No space left on device", str(output_dir))
+
+    rank = os.environ["RANK"]
+    if rank == "0":
+        runner.publish = full_disk
+    status = main(["train", *sys.argv[1:]])
+    Path(os.environ["PIDS"], f"status-{rank}").write_text(str(status))
+""")
+
+
+def test_when_rank_0_cannot_publish_every_rank_ends_with_one_line(tmp_path):
+    output = tmp_path / "out"
+    with torchrun(FULL_DISK_ON_RANK_0, [*RUN, "--max-steps", "2", "--output-dir", str(output)], tmp_path) as launcher:
+        assert launcher.wait(timeout=300) == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert [(tmp_path / "pids" / f"status-{rank}").read_text() for rank in (0, 1)] == ["2", "2"], stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("so8t train: error: ")]
+    assert len(errors) == 2, stderr[-3000:]
+    assert any("cannot write the final files" in line and "No space left on device" in line for line in errors)
+    assert any("rank 0 could not publish the final files" in line for line in errors)
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert not (output / "so8t").exists() and not (output / ".so8t-train.lock").exists()

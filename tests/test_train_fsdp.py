@@ -120,6 +120,7 @@ SHARDED_CHECKPOINT = textwrap.dedent("""
     from so8t.gates.placement import find_decoder_layout
     from so8t.models.loading import load_model_and_tokenizer
     from so8t.training.checkpoints import CheckpointCallback
+    from so8t.training.distributed import end_process_group
     from so8t.training.lora import add_lora
     from so8t.training.options import TrainOptions
 
@@ -158,7 +159,8 @@ SHARDED_CHECKPOINT = textwrap.dedent("""
     (output / f"rank-{rank}.json").write_text(json.dumps(report))
     if rank == 0:
         save_file(whole, output / "whole.safetensors")
-    dist.destroy_process_group()
+    dist.barrier()  # rank 1 ends once rank 0 has written: a rank that ends while the other works may abort it
+    end_process_group()
 """)
 
 
@@ -202,7 +204,7 @@ SHARDED_FINAL_OUTPUTS = textwrap.dedent("""
     from so8t import attach_so8t
     from so8t.gates.placement import find_decoder_layout
     from so8t.models.loading import load_model_and_tokenizer
-    from so8t.training.distributed import whole_gates, whole_trainable_state
+    from so8t.training.distributed import end_process_group, whole_gates, whole_trainable_state
     from so8t.training.finetune import Training, save_outputs
     from so8t.training.lora import add_lora
     from so8t.training.options import TrainOptions
@@ -234,7 +236,8 @@ SHARDED_FINAL_OUTPUTS = textwrap.dedent("""
                                 handle=handle, options=options)
             save_outputs(training, output / "final", trainable)
             save_file({"tokens": tokens, "logits": logits, **lora}, output / "expected.safetensors")
-    dist.destroy_process_group()
+    dist.barrier()  # as above
+    end_process_group()
 """)
 
 
@@ -277,6 +280,7 @@ SHARDED_JUDGE = textwrap.dedent("""
 
     from so8t.gates.placement import find_decoder_layout
     from so8t.training import classify
+    from so8t.training.distributed import end_process_group
     from so8t.training.options import TrainOptions
 
 
@@ -294,7 +298,7 @@ SHARDED_JUDGE = textwrap.dedent("""
     dist.init_process_group("gloo")
     classify.build_trainer = sharded_stand_in
     classify.train_classifier(TrainOptions(model="demo", task="classify", output_dir=sys.argv[1], max_length=64))
-    dist.destroy_process_group()
+    end_process_group()
 """)
 
 

@@ -53,6 +53,15 @@ def _run_task(options: TrainOptions) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..training.distributed import end_process_group
+
+    try:
+        return _train(args)
+    finally:
+        end_process_group()
+
+
+def _train(args: argparse.Namespace) -> int:
     from ..training.preflight import preflight
 
     options = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 from ..errors import SO8TError
@@ -49,6 +50,17 @@ def max_over_ranks(value: int, device) -> int:
     tensor = torch.tensor([value], dtype=torch.int32, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return int(tensor.item())
+
+
+def end_process_group() -> None:
+    """Destroys the launcher's process group while the interpreter is whole. Left to the interpreter's exit,
+    gloo's threads may still hold work whose tensors need the GIL, and the process aborts ("terminate called
+    without an active exception", SIGABRT; seen in this project's CPU tests of two ranks), after which torchrun
+    stops the other ranks. The train command calls it however it ends; a program that calls the tasks itself
+    should too. Imports nothing: without torch.distributed loaded there is no group to end."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def wait_for_every_rank() -> None:

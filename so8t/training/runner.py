@@ -93,9 +93,19 @@ def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
         if before_publish is not None:
             before_publish()
         trainable = whole_trainable_state(trainer.model)  # every rank: under FSDP they are gathered
+        failure = None
         with whole_gates(trainer.model, handle):
             if is_main:
-                _publish(output_dir, lambda directory: write_final(directory, trainable))
+                try:
+                    _publish(output_dir, lambda directory: write_final(directory, trainable))
+                except BaseException as error:
+                    failure = error
+        # Every rank leaves together, once rank 0 has published or failed to: a rank that ends while another
+        # still works can take that one down (torchrun stops every rank as soon as one has failed).
+        if max_over_ranks(int(failure is not None), trainer.args.device) and failure is None:
+            raise SO8TError("training finished, but rank 0 could not publish the final files (its error says why)")
+        if failure is not None:
+            raise failure
     return output_dir
 
 

@@ -55,7 +55,8 @@ def run_training(trainer, options: TrainOptions, handle: SO8THandle | None,
     """Trains ``trainer`` into ``options.output_dir`` and publishes ``write_final(directory, trainable)``'s
     files there (rank 0; ``trainable``: under FSDP the whole trainable tensors to save, else None).
     ``before_publish`` runs on every rank after training, before that: a forward pass of a model sharded by
-    FSDP gathers its parameters from every rank, so one on rank 0 alone would wait forever.
+    FSDP gathers its parameters from every rank, so one on rank 0 alone would wait for the others or fail.
+    Every rank returns (or raises) once rank 0 has published.
     Failures a user can act on are SO8TErrors: a full or read-only disk, weights that are not finite;
     SIGTERM and SIGINT end it with TrainingInterrupted (a KeyboardInterrupt), after a checkpoint when they
     came while it trained. Returns the output directory."""

@@ -14,7 +14,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
 
 TWO_RANKS = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     import conftest  # offline hub, Triton interpreter: the tests' environment
     import torch.distributed as dist
     from monitor_helpers import make_trainer, tiny_gated_model
@@ -42,6 +42,8 @@ TWO_RANKS = textwrap.dedent("""
         json.dump({"world_size": dist.get_world_size(), "pairs": reduced_pairs, "latest": latest}, file)
     dist.barrier()  # both ranks end together, with the group destroyed: left to exit, gloo may abort a rank
     end_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)  # past the interpreter's teardown, where gloo now and then aborts a rank (SIGABRT)
 """)
 
 

@@ -18,6 +18,7 @@ from child_processes import run, started
 from so8t.training.checkpoints import CHECKPOINT_FILE
 
 WORKER = textwrap.dedent("""
+    import os
     import sys
 
     import torch
@@ -39,6 +40,8 @@ WORKER = textwrap.dedent("""
     finetune(TrainOptions(model="demo", output_dir=sys.argv[1], max_steps=6, warmup_steps=2, batch_size=4, max_length=64,
                           extra_callbacks=[SaveGates()]))
     end_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)  # past the interpreter's teardown, where gloo now and then aborts a rank (SIGABRT)
 """)
 
 
@@ -92,7 +95,9 @@ LATE_RANK_1 = textwrap.dedent("""
         write_synced(path, text)
 
     Trainer._save_rng_state, checkpoints.write_synced = late_on_rank_1, log_what_the_marker_saw
-    sys.exit(main(["train", *sys.argv[1:]]))
+    status = main(["train", *sys.argv[1:]])
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(status)  # past the interpreter's teardown, where gloo now and then aborts a rank (SIGABRT)
 """)
 RUN = ["--model", "demo", "--save-steps", "2", "--save-total-limit", "0", "--warmup-steps", "1", "--batch-size", "4",
        "--max-length", "64",
@@ -161,6 +166,8 @@ FULL_DISK_ON_RANK_0 = textwrap.dedent("""
         runner.publish = full_disk
     status = main(["train", *sys.argv[1:]])
     Path(os.environ["PIDS"], f"status-{rank}").write_text(str(status))
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)  # past the interpreter's teardown, where gloo now and then aborts a rank (SIGABRT)
 """)
 
 

@@ -108,7 +108,7 @@ def test_fsdp_qlora_keeps_the_gates_identical_on_every_rank_and_saves_them(tmp_p
 # The demo model with LoRA and gates (θ, α drawn alike on both ranks), sharded by torch over gloo, then a
 # checkpoint saved by so8t's callback on both ranks; rank 0 also writes the gates as they were.
 SHARDED_CHECKPOINT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     from pathlib import Path
     from types import SimpleNamespace
 
@@ -161,6 +161,8 @@ SHARDED_CHECKPOINT = textwrap.dedent("""
         save_file(whole, output / "whole.safetensors")
     dist.barrier()  # rank 1 ends once rank 0 has written: a rank that ends while the other works may abort it
     end_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)  # past the interpreter's teardown, where gloo now and then aborts a rank (SIGABRT)
 """)
 
 
@@ -191,6 +193,7 @@ def test_a_checkpoint_of_a_sharded_model_holds_the_whole_gates_gathered_from_eve
 # 0), sharded by FSDP2, its logits for a few tokens, then the final files written as so8t train's runner does:
 # the trainable tensors gathered on every rank, rank 0 writing; rank 0 also writes what it expects.
 SHARDED_FINAL_OUTPUTS = textwrap.dedent("""
+    import os
     import sys
     from pathlib import Path
     from types import SimpleNamespace
@@ -238,6 +241,8 @@ SHARDED_FINAL_OUTPUTS = textwrap.dedent("""
             save_file({"tokens": tokens, "logits": logits, **lora}, output / "expected.safetensors")
     dist.barrier()  # as above
     end_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)  # past the interpreter's teardown, where gloo now and then aborts a rank (SIGABRT)
 """)
 
 
@@ -270,6 +275,7 @@ def test_the_final_files_of_an_fsdp2_run_hold_the_whole_lora_tensors_and_give_it
 # so8t train --task classify on the demo judge (every weight trained) sharded by FSDP2 over gloo, with a
 # stand-in trainer that does not train: the calibration's forward runs on every rank and rank 0 publishes.
 SHARDED_JUDGE = textwrap.dedent("""
+    import os
     import sys
     from types import SimpleNamespace
 
@@ -299,6 +305,8 @@ SHARDED_JUDGE = textwrap.dedent("""
     classify.build_trainer = sharded_stand_in
     classify.train_classifier(TrainOptions(model="demo", task="classify", output_dir=sys.argv[1], max_length=64))
     end_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)  # past the interpreter's teardown, where gloo now and then aborts a rank (SIGABRT)
 """)
 
 

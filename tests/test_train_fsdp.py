@@ -59,6 +59,15 @@ def launch(processes: int, *program: str) -> subprocess.CompletedProcess:
     return run(command, timeout=300, env=env)
 
 
+def two_ranks(worker: str, tmp_path, *argv: str) -> subprocess.CompletedProcess:
+    """``worker`` run as two torchrun processes on CPU (gloo), one thread each."""
+    script = tmp_path / "worker.py"
+    script.write_text(worker)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *argv]
+    return run(command, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU case: this machine has a GPU")
 def test_fsdp_on_cpu_is_refused_with_one_line(tmp_path):
     output = tmp_path / "out"
@@ -172,13 +181,9 @@ SHARDED_CHECKPOINT = textwrap.dedent("""
 def test_a_checkpoint_of_a_sharded_model_holds_the_whole_gates_gathered_from_every_rank(version, tmp_path):
     from safetensors.torch import load_file
 
-    script, output = tmp_path / "worker.py", tmp_path / "out"
-    script.write_text(SHARDED_CHECKPOINT)
+    output = tmp_path / "out"
     output.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), version, str(output)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = run(command, timeout=300, env=env)
+    result = two_ranks(SHARDED_CHECKPOINT, tmp_path, version, str(output))
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
         report = json.loads((output / f"rank-{rank}.json").read_text())
@@ -253,12 +258,9 @@ def test_the_final_files_of_an_fsdp2_run_hold_the_whole_lora_tensors_and_give_it
 
     from so8t.models.inference import load_for_inference
 
-    script, output = tmp_path / "worker.py", tmp_path / "out"
-    script.write_text(SHARDED_FINAL_OUTPUTS)
+    output = tmp_path / "out"
     output.mkdir()
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), str(output)]
-    result = run(command, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = two_ranks(SHARDED_FINAL_OUTPUTS, tmp_path, str(output))
     assert result.returncode == 0, result.stderr[-3000:]
     expected = load_file(output / "expected.safetensors")
     saved = load_file(output / "final" / "adapter_model.safetensors")
@@ -318,11 +320,8 @@ def test_a_sharded_judge_is_calibrated_on_every_rank_and_published_whole(tmp_pat
     from so8t.judge.judge import load_classifier
     from so8t.training.classify import class_logits
 
-    script, output = tmp_path / "worker.py", tmp_path / "judge"
-    script.write_text(SHARDED_JUDGE)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(script), str(output)]
-    result = run(command, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = tmp_path / "judge"
+    result = two_ranks(SHARDED_JUDGE, tmp_path, str(output))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("held-out accuracy") == 1, result.stdout  # rank 0 reports, once
     published = json.loads((output / CALIBRATION_FILE).read_text())
